@@ -1,0 +1,33 @@
+"""bmvae-tf: Bayesian mixture variational autoencoders for multimodal data, on TensorFlow."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bmvae-tf",
+    version="0.1.0",
+    description="Bayesian mixture VAEs (BMVAE_M, BMVAE_P) and multimodal VAE baselines on TensorFlow",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["bmvae_tf", "bmvae_tf.*", "pipeline", "pipeline.*",
+                                    "trainers", "trainers.*"]),
+    package_data={"": ["*.yaml"]},
+    install_requires=[
+        "tensorflow~=2.21.0",
+        "keras>=3.10,<4",
+        "tensorflow-probability~=0.25.0",
+        # TFP's TensorFlow extra: tf-keras matching the TensorFlow release.
+        "tf-keras~=2.21.0",
+        "apache-beam[tfrecord]~=2.77.0",
+        "tensorflow-datasets~=4.9.0",
+        "numpy>=1.26,<3",
+        "scipy>=1.11",
+        "scikit-learn>=1.4",
+        "matplotlib>=3.8",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["bmvae=trainers.cli:main"]},
+)
