@@ -1,0 +1,164 @@
+"""The shared frame of every multimodal VAE: one encoder and decoder per modality, the prior,
+the weighted reconstruction term and the importance-sampled log-likelihood estimator.
+
+A model is a pure function of tensors: it never reads files or flags. Subclasses define
+`loss_terms` (the training objective) and `posterior` (the joint posterior of any subset).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Sequence
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bmvae_tf import distributions
+from bmvae_tf import networks as networks_lib
+from bmvae_tf.schema import ModalitySpec
+
+tfd = tfp.distributions
+
+
+class LossTerms(NamedTuple):
+    """What one training step needs from a model.
+
+    per_example: [B], the negative objective of each example; the loop sums it and divides by the
+        global batch size. global_term: a scalar counted once per step (regularisers on global
+        parameters such as BMVAE_M's mixture logits); the loop divides it by the replica count.
+    metrics: scalar batch means for logging.
+    """
+
+    per_example: tf.Tensor
+    global_term: tf.Tensor
+    metrics: Mapping[str, tf.Tensor]
+
+
+class MultimodalVAE(keras.Model):
+    """Encoders, decoders and shared maths for M >= 1 modalities.
+
+    Args:
+      modalities: the manifest's modality specs, in manifest order.
+      latent_dim: D.
+      posterior: "gaussian" or "laplace": the family of experts and prior.
+      likelihood_scale: the fixed scale of Laplace/Gaussian likelihoods (0.75 in Shi et al.).
+      networks: per-modality network choice ("auto", "mlp", "cnn"); missing names mean "auto".
+      hidden_units, channels, sequence_width: network sizes (Tables 3 and 8 by default).
+    """
+
+    def __init__(self, modalities: Sequence[ModalitySpec], latent_dim: int, *,
+                 posterior: str = "laplace", likelihood_scale: float = 0.75,
+                 networks: Mapping[str, str] | None = None, hidden_units: Sequence[int] = (400,),
+                 channels: Sequence[int] = (32, 64, 128), sequence_width: int = 128, **kwargs):
+        super().__init__(**kwargs)
+        if posterior not in distributions.FAMILIES:
+            raise ValueError(f"posterior {posterior!r} is not one of {distributions.FAMILIES}")
+        self.modalities = tuple(modalities)
+        self.latent_dim = int(latent_dim)
+        self.posterior_family = posterior
+        self.likelihood_scale = float(likelihood_scale)
+        networks = dict(networks or {})
+        sizes = dict(hidden_units=tuple(hidden_units), channels=tuple(channels),
+                     sequence_width=sequence_width)
+        self.encoders = [_build(networks_lib.build_encoder, m, latent_dim, networks, sizes)
+                         for m in self.modalities]
+        self.decoders = [_build(networks_lib.build_decoder, m, latent_dim, networks, sizes)
+                         for m in self.modalities]
+        self.likelihood_weights = [float(m.likelihood_weight) for m in self.modalities]
+
+    # ---------------------------------------------------------------- shared pieces
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def modality_names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    def all_present(self) -> tf.Tensor:
+        return tf.ones([self.num_modalities], tf.bool)
+
+    def encode(self, inputs: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """Every expert's parameters: loc and scale, each [M, B, D]."""
+        locs, scales = [], []
+        for spec, encoder in zip(self.modalities, self.encoders):
+            loc, raw_scale = encoder(inputs[spec.name])
+            locs.append(loc)
+            scales.append(distributions.posterior_scale(self.posterior_family, raw_scale))
+        return tf.stack(locs), tf.stack(scales)
+
+    def prior(self) -> tfd.Distribution:
+        """p(z), batch shape [D]."""
+        return distributions.standard_prior(self.posterior_family, self.latent_dim)
+
+    def decode_params(self, index: int, z: tf.Tensor) -> tf.Tensor:
+        """Decoder `index` on latents [..., D] -> likelihood parameters [..., *param_shape]."""
+        lead = tf.shape(z)[:-1]
+        params = self.decoders[index](tf.reshape(z, [-1, self.latent_dim]))
+        return tf.reshape(params, tf.concat([lead, tf.shape(params)[1:]], 0))
+
+    def reconstruction_log_prob(self, inputs: Mapping[str, tf.Tensor], z: tf.Tensor,
+                                present: tf.Tensor | None = None) -> tf.Tensor:
+        """sum_m w_m log p(x_m | z) over the present modalities: z [..., B, D] -> [..., B].
+
+        One decoder pass per modality for all leading sample dimensions at once.
+        """
+        total = 0.0
+        for index, spec in enumerate(self.modalities):
+            log_prob = self.modality_log_prob(index, inputs[spec.name], z)
+            if present is not None:
+                log_prob = tf.where(present[index], log_prob, tf.zeros_like(log_prob))
+            total += self.likelihood_weights[index] * log_prob
+        return total
+
+    def modality_log_prob(self, index: int, x: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+        """log p(x_m | z) for modality `index`: x [B, *shape], z [..., B, D] -> [..., B]."""
+        spec = self.modalities[index]
+        params = self.decode_params(index, z)
+        x = tf.cast(x, tf.int64 if spec.likelihood == "categorical" else params.dtype)
+        return distributions.likelihood(spec, params, self.likelihood_scale).log_prob(x)
+
+    def generate(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Decoded means (argmax tokens for sequences) of every modality from latents [..., D]."""
+        return {spec.name: distributions.likelihood_mean(spec, self.decode_params(i, z))
+                for i, spec in enumerate(self.modalities)}
+
+    def mixture_weights(self) -> tf.Tensor | None:
+        """[D, M] learned per-dimension weights over modalities, for BMVAE models; else None."""
+        return None
+
+    # ---------------------------------------------------------------- model-specific
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+        raise NotImplementedError
+
+    def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
+        """The joint posterior of the present modalities: batch [B], event [D]."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- evaluation
+    def call(self, inputs, training=False):
+        return self.posterior(inputs, self.all_present()).mean()
+
+    def log_marginal(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor, num_samples: int,
+                     seed: tf.Tensor, chunk_size: int = 100) -> tf.Tensor:
+        """IWAE estimate of log p(x_S) for the present subset S, [B] (Eq. 1, Burda et al.).
+
+        The proposal is the model's subset posterior. Samples are drawn `chunk_size` at a time and
+        folded into a running log-sum-exp, so memory stays bounded for K = 1000 and beyond.
+        """
+        proposal = self.posterior(inputs, present)
+        prior = self.prior()
+        running = None
+        for start in range(0, num_samples, chunk_size):
+            k = min(chunk_size, num_samples - start)
+            z = proposal.sample(k, seed=tf.random.experimental.stateless_fold_in(seed, start))
+            log_w = (self.reconstruction_log_prob(inputs, z, present)
+                     + tf.reduce_sum(prior.log_prob(z), -1) - proposal.log_prob(z))
+            chunk = tf.reduce_logsumexp(log_w, axis=0)
+            running = chunk if running is None else tf.reduce_logsumexp(tf.stack([running, chunk]), 0)
+        return running - tf.math.log(tf.cast(num_samples, running.dtype))
+
+
+
+def _build(builder, spec: ModalitySpec, latent_dim: int, choices: Mapping[str, str], sizes: dict):
+    return builder(spec, latent_dim, choices.get(spec.name, "auto"), **sizes)

@@ -1,0 +1,280 @@
+"""Beam plumbing shared by the dataset jobs (`bmvae data build NAME`).
+
+A dataset job renders its records, then hands `(split, index, serialized tf.train.Example)`
+tuples to `WriteShards` and the shards' `(split, file_name, count)` to `WriteManifest`:
+
+    records | "WriteShards" >> WriteShards(out, num_shards, namespace)
+            | "WriteManifest" >> WriteManifest(out, template, expected_counts, num_shards)
+
+Guarantees:
+- Deterministic output: record `index` goes to shard `index % num_shards[split]` and each shard
+  is written in index order, so the same records give byte-identical files whatever the runner,
+  bundling or worker count. (Beam's WriteToTFRecord assigns records to shards at random.)
+- Complete output: every shard index gets a file, even an empty one, so the manifest's file list
+  matches the SPEC's `<split>-NNNNN-of-MMMMM` naming.
+- Atomic output: shards and the manifest are written under temporary names and renamed; the
+  manifest is written last, by a stage that depends on every shard and checks the counts, so a
+  failed run leaves no manifest.
+All file access goes through tf.io.gfile, so output directories may be gs:// or hdfs:// URLs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import uuid
+from typing import Any, Iterable, Iterator, Mapping
+
+import apache_beam as beam
+import tensorflow as tf
+from apache_beam.metrics.metric import Metrics, MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineResult, PipelineState
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+RECORDS_PER_SHARD = 4096
+# Matches schema.shard_name for any split, and the temporary files WriteShards renames from.
+_SHARD_GLOBS = (f"*-?????-of-?????{schema.SHARD_SUFFIX}", f"*-?????-of-?????{schema.SHARD_SUFFIX}.tmp-*")
+
+
+def default_num_shards(num_records: int, records_per_shard: int = RECORDS_PER_SHARD) -> int:
+    """About one shard per `records_per_shard` records, at least one."""
+    return max(1, math.ceil(num_records / records_per_shard))
+
+
+def balanced_likelihood_weights(sizes: Mapping[str, int]) -> dict[str, float]:
+    """Likelihood weight per modality: largest modality size / this modality's size.
+
+    A log-likelihood sums over a modality's scalars, so unweighted the largest modality would
+    dominate the objective; the paper (after Shi et al.) scales each one up to the largest, e.g.
+    MNIST 3072/784 = 3.92 against SVHN (SPEC sections 4 and 6).
+
+    Args:
+      sizes: modality name -> number of scalars per example (ModalitySpec.size).
+    """
+    largest = max(sizes.values())
+    return {name: largest / size for name, size in sizes.items()}
+
+
+def prepare_output_dir(output_dir: str, *, overwrite: bool) -> None:
+    """Makes `output_dir` ready for a new dataset, or refuses (UserError naming it).
+
+    A directory already holding a manifest or shard files is refused unless `overwrite`, whether
+    or not it is the same dataset: a silent rebuild could mix shards of two runs. With
+    `overwrite` the manifest is deleted first, so a failed rebuild leaves no manifest behind, then
+    every file of the shard naming pattern. Other files are left alone.
+    """
+    if not output_dir:
+        raise UserError("the output directory must not be empty")
+    if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+        raise UserError(f"{output_dir}: exists and is not a directory")
+    manifest = schema.manifest_path(output_dir)
+    has_manifest = tf.io.gfile.exists(manifest)
+    shards = sorted(f for pattern in _SHARD_GLOBS
+                    for f in tf.io.gfile.glob(os.path.join(output_dir, pattern)))
+    if (has_manifest or shards) and not overwrite:
+        held = f"dataset {_dataset_name(manifest)!r}" if has_manifest else f"{len(shards)} shard file(s)"
+        raise UserError(f"{output_dir}: already holds {held}; use an empty directory or pass "
+                        "--overwrite to replace it")
+    if has_manifest:
+        tf.io.gfile.remove(manifest)
+    for path in shards:
+        tf.io.gfile.remove(path)
+    if has_manifest or shards:
+        logger.info("%s: removed the old manifest and %d shard file(s)", output_dir, len(shards))
+    tf.io.gfile.makedirs(output_dir)
+
+
+def _dataset_name(manifest_path: str) -> str:
+    """The name in an existing manifest, read leniently: it is only quoted in an error message."""
+    try:
+        with tf.io.gfile.GFile(manifest_path, "r") as f:
+            return str(json.loads(f.read()).get("name", "?"))
+    except (ValueError, AttributeError, tf.errors.OpError):
+        return "?"
+
+
+def options_to_json(options: PipelineOptions) -> dict[str, Any]:
+    """The options the user set (plus the runner), as JSON-safe values for the manifest."""
+    values = options.get_all_options(drop_default=True, retain_unknown_options=True)
+    values.setdefault("runner", options.view_as(StandardOptions).runner or "DirectRunner")
+    return {key: _json_safe(values[key]) for key in sorted(values)}
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+
+
+class WriteShards(beam.PTransform):
+    """(split, index, serialized example) -> one (split, file_name, count) per shard written.
+
+    Shard files are `schema.shard_name(split, i, n)` in `output_dir`, gzip TFRecords holding the
+    records with index % n == i in ascending index order. Counts the records written per split
+    in the Beam counter `<namespace>/<split>_records`.
+    """
+
+    def __init__(self, output_dir: str, num_shards: Mapping[str, int], namespace: str):
+        super().__init__()
+        if any(n < 1 for n in num_shards.values()):
+            raise UserError(f"every split needs at least one shard, got {dict(num_shards)}")
+        self._output_dir = output_dir
+        self._num_shards = dict(num_shards)
+        self._namespace = namespace
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        num_shards = self._num_shards
+        keyed = records | "KeyByShard" >> beam.Map(
+            lambda r: ((r[0], r[1] % num_shards[r[0]]), (r[1], r[2])))
+        # One marker per shard, so a shard that no record falls into is still written (empty).
+        markers = records.pipeline | "ShardMarkers" >> beam.Create(
+            [((split, i), None) for split, n in sorted(num_shards.items()) for i in range(n)])
+        return ((keyed, markers)
+                | "AddMarkers" >> beam.Flatten()
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.ParDo(_WriteShardFn(self._output_dir, num_shards, self._namespace)))
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, output_dir: str, num_shards: Mapping[str, int], namespace: str):
+        self._output_dir = output_dir
+        self._num_shards = dict(num_shards)
+        self._namespace = namespace
+
+    def process(self, element: tuple[tuple[str, int], Iterable[tuple[int, bytes] | None]]
+                ) -> Iterator[tuple[str, str, int]]:
+        (split, shard), values = element
+        # Sorting by (index, bytes) fixes the order however the runner delivered the group.
+        records = sorted(v for v in values if v is not None)
+        name = schema.shard_name(split, shard, self._num_shards[split])
+        write_tfrecords(os.path.join(self._output_dir, name), [r for _, r in records])
+        Metrics.counter(self._namespace, f"{split}_records").inc(len(records))
+        Metrics.counter(self._namespace, "shards_written").inc()
+        yield split, name, len(records)
+
+
+def write_tfrecords(path: str, records: Iterable[bytes]) -> None:
+    """Writes a gzip TFRecord file under a temporary name, then renames it to `path`.
+
+    A retried or failed writer never leaves a half-written file under the final name.
+    """
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with tf.io.TFRecordWriter(tmp, options=schema.COMPRESSION) as writer:
+        for record in records:
+            writer.write(record)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+class WriteManifest(beam.PTransform):
+    """(split, file_name, count) of every shard -> writes DIR/manifest.json; outputs its path.
+
+    `template` is the finished manifest except its splits. The manifest is written only if every
+    split has all its shards and exactly its expected number of records; otherwise the stage
+    raises and the run fails without a manifest.
+    """
+
+    def __init__(self, output_dir: str, template: schema.Manifest,
+                 expected_counts: Mapping[str, int], num_shards: Mapping[str, int]):
+        super().__init__()
+        if set(expected_counts) != set(num_shards):
+            raise ValueError(f"splits differ: counts for {sorted(expected_counts)}, "
+                             f"shards for {sorted(num_shards)}")
+        self._output_dir = output_dir
+        self._template = template
+        self._expected_counts = dict(expected_counts)
+        self._num_shards = dict(num_shards)
+
+    def expand(self, shards: beam.PCollection) -> beam.PCollection:
+        return (shards
+                | "CollectShards" >> beam.combiners.ToList()
+                | "WriteManifestFile" >> beam.Map(
+                    finish_manifest, output_dir=self._output_dir, template=self._template,
+                    expected_counts=self._expected_counts, num_shards=self._num_shards))
+
+
+def finish_manifest(shards: Iterable[tuple[str, str, int]], *, output_dir: str,
+                    template: schema.Manifest, expected_counts: Mapping[str, int],
+                    num_shards: Mapping[str, int]) -> str:
+    """Checks the written shards against what the job planned and writes the manifest.
+
+    Raises RuntimeError (a pipeline bug, not bad input) on a missing or extra shard or a count
+    that differs from the plan. Returns the manifest's path.
+    """
+    files: dict[str, list[str]] = collections.defaultdict(list)
+    counts: dict[str, int] = collections.Counter()
+    for split, name, count in shards:
+        files[split].append(name)
+        counts[split] += count
+    if set(files) != set(num_shards):
+        raise RuntimeError(f"{output_dir}: wrote shards for splits {sorted(files)}, "
+                           f"planned {sorted(num_shards)}")
+    splits = {}
+    for split, n in num_shards.items():
+        planned = [schema.shard_name(split, i, n) for i in range(n)]
+        if sorted(files[split]) != planned:
+            raise RuntimeError(f"{output_dir}: split {split!r} wrote shards {sorted(files[split])}, "
+                               f"planned {planned}")
+        if counts[split] != expected_counts[split]:
+            raise RuntimeError(f"{output_dir}: split {split!r} wrote {counts[split]} records, "
+                               f"expected {expected_counts[split]}")
+        splits[split] = schema.SplitInfo(files=tuple(planned), count=counts[split])
+    return schema.write_manifest(output_dir, dataclasses.replace(template, splits=splits))
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    """A finished dataset job: the manifest it wrote and its Beam counters (name -> value)."""
+
+    manifest: schema.Manifest
+    counters: Mapping[str, int]
+
+
+def run_build(pipeline: beam.Pipeline, *, output_dir: str, namespace: str) -> BuildResult:
+    """Runs a dataset job to completion and reads back the manifest it wrote.
+
+    Raises RuntimeError if the runner reports anything but DONE; exceptions raised inside the
+    pipeline propagate as the runner raises them.
+    """
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state != PipelineState.DONE:
+        raise RuntimeError(f"{output_dir}: the Beam job ended in state {state}, no manifest written")
+    counters = query_counters(result, namespace)
+    manifest = schema.read_manifest(output_dir)
+    logger.info("%s: wrote dataset %r: %s; counters %s", output_dir, manifest.name,
+                {k: v.count for k, v in manifest.splits.items()}, counters)
+    return BuildResult(manifest=manifest, counters=counters)
+
+
+def query_counters(result: PipelineResult, namespace: str) -> dict[str, int]:
+    """The job's counters in `namespace`, summed over steps (committed where the runner has them)."""
+    totals: dict[str, int] = collections.Counter()
+    for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[counter.key.metric.name] += int(value)
+    return dict(sorted(totals.items()))

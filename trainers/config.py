@@ -1,0 +1,243 @@
+"""Typed, validated run configuration.
+
+Defaults live in these dataclasses; YAML files in configs/ and `--set key=value` only override
+them. Unknown keys and wrong types are UserErrors naming the dotted key. The resolved config is
+written to RUN/config.yaml in full, so a run can be reproduced and resumed from it alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from bmvae_tf.errors import UserError
+from bmvae_tf.models import MODELS
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+
+@dataclasses.dataclass
+class BMVAEMConfig:
+    """BMVAE_M (Sect. 3). The paper reports lambda_c in [10, 15] working; it does not give the
+    temperature range, so l = 0.5 and u = 2 are ours."""
+
+    lambda_c: float = 10.0
+    tau_low: float = 0.5
+    tau_high: float = 2.0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "bmvae_m"
+    latent_dim: int = 20
+    K: int = 1
+    posterior: str = "laplace"  # gaussian | laplace: experts and prior
+    likelihood_scale: float = 0.75
+    hidden_units: list[int] = dataclasses.field(default_factory=lambda: [400])
+    channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
+    sequence_width: int = 128
+    networks: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> auto|mlp|cnn
+    bmvae_m: BMVAEMConfig = dataclasses.field(default_factory=BMVAEMConfig)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128  # the global batch, over all replicas
+    learning_rate: float = 1e-3
+    amsgrad: bool = False
+    strategy: str = "auto"
+    seed: int = 0
+    shuffle_buffer: int = 10000
+    log_every_steps: int = 100
+    checkpoints_to_keep: int = 3
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    batch_size: int = 256
+    classifier_epochs: int = 5
+    random_samples: int = 1000
+    log_likelihood_samples: int = 1000  # K of the IWAE estimate; the paper uses 1000
+    log_likelihood_examples: int = 500  # test examples the estimate averages over
+    max_examples: int = 0  # 0: every example of each split
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dir: str = ""
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        m, t = self.model, self.train
+        if m.name not in MODELS:
+            raise UserError(f"model.name: unknown model {m.name!r}; choose one of {sorted(MODELS)}")
+        _check(m.latent_dim >= 1, "model.latent_dim must be >= 1")
+        _check(m.K >= 1, "model.K must be >= 1")
+        _check(m.posterior in ("gaussian", "laplace"), "model.posterior must be gaussian or laplace")
+        _check(m.likelihood_scale > 0, "model.likelihood_scale must be positive")
+        _check(all(n in ("auto", "mlp", "cnn") for n in m.networks.values()),
+               "model.networks values must be auto, mlp or cnn")
+        _check(0 < m.bmvae_m.tau_low <= m.bmvae_m.tau_high, "need 0 < model.bmvae_m.tau_low <= tau_high")
+        _check(m.bmvae_m.lambda_c >= 0, "model.bmvae_m.lambda_c must be >= 0")
+        _check(t.epochs >= 0, "train.epochs must be >= 0")
+        _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(t.learning_rate > 0, "train.learning_rate must be positive")
+        _check(t.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}")
+        _check(self.eval.log_likelihood_samples >= 1, "eval.log_likelihood_samples must be >= 1")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+# ------------------------------------------------------------------------------------ (de)serialise
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "config") -> Config:
+    config = _build(Config, data, prefix="", source=source)
+    config.validate()
+    return config
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    if not isinstance(data, Mapping):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'the config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"{source}: unknown config key {prefix + unknown[0]!r} "
+                        f"(known under {prefix.rstrip('.') or 'top level'}: {sorted(fields)})")
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(hints[name], value, prefix + name, source)
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str, source: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            raise UserError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(item, v, f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def load_yaml(path: str) -> dict:
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        raise UserError(f"{path}: config file not found")
+    with tf.io.gfile.GFile(path, "r") as f:
+        try:
+            data = yaml.safe_load(f.read())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str]) -> dict:
+    """`key.sub=value` overrides; values are parsed as YAML scalars (so 1e-3, true, [1, 2] work)."""
+    out = copy.deepcopy(dict(data))
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: value is not valid YAML") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
+    """Deep merge: mappings merge key by key, everything else is replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def build_model(model_config: ModelConfig, modalities):
+    """The configured model for the manifest's modalities (constructed, not yet built)."""
+    cls, fixed = MODELS[model_config.name]
+    kwargs = dict(
+        K=model_config.K, posterior=model_config.posterior,
+        likelihood_scale=model_config.likelihood_scale, networks=dict(model_config.networks),
+        hidden_units=tuple(model_config.hidden_units), channels=tuple(model_config.channels),
+        sequence_width=model_config.sequence_width,
+    )
+    if model_config.name.startswith("bmvae_m"):
+        kwargs.update(dataclasses.asdict(model_config.bmvae_m))
+    kwargs.update(fixed)
+    return cls(list(modalities), model_config.latent_dim, name=model_config.name, **kwargs)
