@@ -25,6 +25,8 @@ setup(
         "scikit-learn>=1.4",
         "matplotlib>=3.8",
         "pyyaml>=6.0",
+        # tf.summary needs it; TensorFlow 2.21 no longer installs it.
+        "tensorboard>=2.18",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

@@ -35,7 +35,9 @@ def straight_through_selection(logits: tf.Tensor, temperature: tf.Tensor, sample
     relaxed = tfd.RelaxedOneHotCategorical(temperature=temperature, logits=logits)
     soft = relaxed.sample(sample_shape, seed=seed)
     hard = tf.one_hot(tf.argmax(soft, axis=-1), tf.shape(logits)[-1], dtype=soft.dtype)
-    return hard + soft - tf.stop_gradient(soft)
+    # (soft - sg(soft)) is exactly zero in the forward pass, so the result is exactly one-hot;
+    # `hard + soft - sg(soft)` would round.
+    return hard + (soft - tf.stop_gradient(soft))
 
 
 def dimensionwise_mixture(family: str, loc: tf.Tensor, scale: tf.Tensor,

@@ -21,13 +21,16 @@ All file access goes through tf.io.gfile, so output directories may be gs:// or 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
 import os
+import re
 import uuid
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 RECORDS_PER_SHARD = 4096
 # Matches schema.shard_name for any split, and the temporary files WriteShards renames from.
 _SHARD_GLOBS = (f"*-?????-of-?????{schema.SHARD_SUFFIX}", f"*-?????-of-?????{schema.SHARD_SUFFIX}.tmp-*")
+_SECRET_OPTION = re.compile(r"secret|token|password|credential|connection_string|access_key", re.I)
 
 
 def default_num_shards(num_records: int, records_per_shard: int = RECORDS_PER_SHARD) -> int:
@@ -102,11 +106,35 @@ def _dataset_name(manifest_path: str) -> str:
         return "?"
 
 
+def make_pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
+    """A Pipeline from Beam's command-line arguments (DirectRunner by default).
+
+    Beam reports bad arguments by printing argparse's usage and exiting, or with a ValueError
+    for an unknown runner; both become a one-line UserError here, before any file is touched.
+    """
+    options = PipelineOptions(list(beam_args or []))
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            options.get_all_options(retain_unknown_options=True)
+        return beam.Pipeline(options=options)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or [str(list(beam_args or []))]
+        raise UserError(f"bad Beam pipeline arguments: {lines[-1].split('error: ')[-1]}") from None
+    except ValueError as e:
+        raise UserError(f"bad Beam pipeline arguments: {e}") from None
+
+
 def options_to_json(options: PipelineOptions) -> dict[str, Any]:
-    """The options the user set (plus the runner), as JSON-safe values for the manifest."""
+    """The options the user set (plus the runner), as JSON-safe values for the manifest.
+
+    Values of options that may hold credentials (S3 keys, Azure connection strings, ...) are
+    replaced by "<redacted>": the manifest travels with the data.
+    """
     values = options.get_all_options(drop_default=True, retain_unknown_options=True)
     values.setdefault("runner", options.view_as(StandardOptions).runner or "DirectRunner")
-    return {key: _json_safe(values[key]) for key in sorted(values)}
+    return {key: "<redacted>" if _SECRET_OPTION.search(key) else _json_safe(values[key])
+            for key in sorted(values)}
 
 
 def _json_safe(value: Any) -> Any:
@@ -141,8 +169,7 @@ class WriteShards(beam.PTransform):
 
     def expand(self, records: beam.PCollection) -> beam.PCollection:
         num_shards = self._num_shards
-        keyed = records | "KeyByShard" >> beam.Map(
-            lambda r: ((r[0], r[1] % num_shards[r[0]]), (r[1], r[2])))
+        keyed = records | "KeyByShard" >> beam.Map(_key_by_shard, num_shards=num_shards)
         # One marker per shard, so a shard that no record falls into is still written (empty).
         markers = records.pipeline | "ShardMarkers" >> beam.Create(
             [((split, i), None) for split, n in sorted(num_shards.items()) for i in range(n)])
@@ -150,6 +177,12 @@ class WriteShards(beam.PTransform):
                 | "AddMarkers" >> beam.Flatten()
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteShard" >> beam.ParDo(_WriteShardFn(self._output_dir, num_shards, self._namespace)))
+
+
+def _key_by_shard(record: tuple[str, int, bytes], num_shards: Mapping[str, int]
+                  ) -> tuple[tuple[str, int], tuple[int, bytes]]:
+    split, index, serialized = record
+    return (split, index % num_shards[split]), (index, serialized)
 
 
 class _WriteShardFn(beam.DoFn):

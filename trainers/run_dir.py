@@ -71,6 +71,16 @@ def build_variables(model, manifest: schema.Manifest) -> None:
     model.generate(tf.zeros([1, model.latent_dim]))
 
 
+def model_checkpoint(model, **objects) -> tf.train.Checkpoint:
+    """A checkpoint of every variable of `model`, by position in `model.weights`, plus `objects`.
+
+    Keras 3 keeps sub-layers in wrapped lists that tf.train.Checkpoint does not follow, so
+    `tf.train.Checkpoint(model=model)` would silently save only the top-level weights. Positions
+    are fixed by the architecture, which the run's config pins down; a mismatch fails on restore.
+    """
+    return tf.train.Checkpoint(model_weights=list(model.weights), **objects)
+
+
 def load_trained_model(workdir: str, data_dir: str | None = None):
     """(config, manifest, model) with the latest checkpoint's weights restored."""
     paths = RunPaths(workdir)
@@ -81,5 +91,6 @@ def load_trained_model(workdir: str, data_dir: str | None = None):
     latest = tf.train.latest_checkpoint(paths.checkpoints)
     if latest is None:
         raise UserError(f"{paths.checkpoints}: no checkpoint; train the run first")
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    status = model_checkpoint(model).restore(latest).expect_partial()  # the optimizer is not needed
+    status.assert_existing_objects_matched()
     return config, manifest, model

@@ -136,6 +136,10 @@ class MultimodalVAE(keras.Model):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- evaluation
+    def build(self, input_shape=None):
+        # Sub-layers build themselves on first call; the model's own weights need no shapes.
+        self.built = True
+
     def call(self, inputs, training=False):
         return self.posterior(inputs, self.all_present()).mean()
 

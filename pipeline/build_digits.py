@@ -1,0 +1,164 @@
+"""The Beam job behind `bmvae data build digits`: paired digit / street / text examples.
+
+The driver splits the 1797 sklearn digits into train and test and pairs them (`pipeline.digits`,
+a few milliseconds); the workers render and encode every pair; `pipeline.beam_io` writes the
+deterministic shards and, last, the manifest:
+
+    ReadTrain -> RenderTrain --+
+                               +-> AllSplits -> WriteShards -> WriteManifest
+    ReadTest  -> RenderTest  --+
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import numbers
+from typing import Iterator
+
+import apache_beam as beam
+import numpy as np
+import sklearn
+from sklearn.datasets import load_digits
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+from pipeline import beam_io, digits
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAME = "digits"
+SOURCE_NAME = "sklearn.datasets.load_digits"
+
+
+def build_digits(output_dir: str, *, seed: int = 0, dm: int = 10, test_fraction: float = 0.2,
+                 num_shards: int | None = None, overwrite: bool = False,
+                 beam_args: list[str] | None = None) -> schema.Manifest:
+    """Builds the Digits dataset into `output_dir` and returns its manifest.
+
+    Args:
+      output_dir: local path or URL; must hold no dataset unless `overwrite`.
+      seed: keys every random draw; the same seed gives byte-identical shards.
+      dm: how often each source image appears on each side of the pairs (train: 1437 * dm pairs
+        with the default test_fraction, test: 360 * dm).
+      test_fraction: fraction of the source images held out for the test split.
+      num_shards: shards per split; by default about one per 4096 records.
+      overwrite: replace a dataset already in `output_dir`.
+      beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
+
+    Raises:
+      UserError: on a bad argument or an occupied output directory.
+    """
+    return run_digits_job(output_dir, seed=seed, dm=dm, test_fraction=test_fraction,
+                          num_shards=num_shards, overwrite=overwrite, beam_args=beam_args).manifest
+
+
+def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fraction: float = 0.2,
+                   num_shards: int | None = None, overwrite: bool = False,
+                   beam_args: list[str] | None = None) -> beam_io.BuildResult:
+    """`build_digits`, also returning the job's counters (`digits/<split>_records`, ...)."""
+    _check_arguments(output_dir, seed=seed, dm=dm, test_fraction=test_fraction,
+                     num_shards=num_shards, beam_args=beam_args)
+    seed, dm, test_fraction = int(seed), int(dm), float(test_fraction)
+    images, labels = load_source()
+    sources = digits.split_sources(len(images), test_fraction, seed)
+    pairs = {split: digits.make_pairs(labels, sources[split], dm=dm, seed=seed, split=split)
+             for split in digits.SPLITS}
+    expected_counts = {split: len(p) for split, p in pairs.items()}
+    shards = {split: int(num_shards or beam_io.default_num_shards(n))
+              for split, n in expected_counts.items()}
+    pipeline = beam_io.make_pipeline(beam_args)
+    image_sha256 = array_sha256(images)
+    template = manifest_template(
+        source={"dataset": SOURCE_NAME, "sklearn_version": sklearn.__version__,
+                "num_images": int(len(images)), "sha256": image_sha256,
+                "labels_sha256": array_sha256(labels),
+                "num_source_images": {split: int(len(s)) for split, s in sources.items()},
+                "seed": seed, "dm": dm, "test_fraction": test_fraction},
+        pipeline_options=beam_io.options_to_json(pipeline.options))
+
+    rendered = []
+    for split in digits.SPLITS:
+        title = split.capitalize()
+        rendered.append(pipeline
+                        | f"Read{title}" >> beam.Create(pairs[split])
+                        | f"Render{title}" >> beam.ParDo(RenderPairFn(template, seed, image_sha256)))
+    _ = (rendered
+         | "AllSplits" >> beam.Flatten()
+         | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=DATASET_NAME)
+         | "WriteManifest" >> beam_io.WriteManifest(output_dir, template, expected_counts, shards))
+
+    # Only now that every argument has been checked, so bad input never deletes an old dataset.
+    beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
+    logger.info("%s: building %s pairs in %s shards", output_dir, expected_counts, shards)
+    return beam_io.run_build(pipeline, output_dir=output_dir, namespace=DATASET_NAME)
+
+
+def _check_arguments(output_dir: str, *, seed: int, dm: int, test_fraction: float,
+                     num_shards: int | None, beam_args: list[str] | None) -> None:
+    def is_int(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not isinstance(output_dir, str) or not output_dir:
+        raise UserError(f"output directory must be a non-empty path, got {output_dir!r}")
+    if not is_int(seed) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if not is_int(dm) or dm < 1:
+        raise UserError(f"dm must be an integer of at least 1, got {dm!r}")
+    if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
+            or not 0.0 < test_fraction < 1.0):
+        raise UserError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    if num_shards is not None and (not is_int(num_shards) or num_shards < 1):
+        raise UserError(f"num_shards must be an integer of at least 1, got {num_shards!r}")
+    if beam_args is not None and not all(isinstance(a, str) for a in beam_args):
+        raise UserError(f"Beam arguments must be strings, got {beam_args!r}")
+
+
+def load_source() -> tuple[np.ndarray, np.ndarray]:
+    """The sklearn digits: images [1797, 8, 8] float64 in 0..16 and labels [1797] int64."""
+    data = load_digits()
+    return np.asarray(data.images, np.float64), np.asarray(data.target, np.int64)
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """sha256 of the array's C-order bytes, recorded so a reader can tell what was read."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def manifest_template(*, source: dict, pipeline_options: dict) -> schema.Manifest:
+    """The digits manifest without its splits (WriteManifest fills them in)."""
+    shapes = {"digit": digits.DIGIT_SHAPE, "street": digits.STREET_SHAPE,
+              "text": (digits.TEXT_LENGTH,)}
+    weights = beam_io.balanced_likelihood_weights(
+        {name: int(np.prod(shape)) for name, shape in shapes.items()})
+    modalities = (
+        schema.ModalitySpec("digit", "image", shapes["digit"], "float32", "laplace", weights["digit"]),
+        schema.ModalitySpec("street", "image", shapes["street"], "float32", "laplace", weights["street"]),
+        schema.ModalitySpec("text", "sequence", shapes["text"], "int64", "categorical", weights["text"],
+                            vocab=digits.VOCAB),
+    )
+    return schema.Manifest(
+        name=DATASET_NAME, modalities=modalities, splits={},
+        label=schema.LabelSpec(key="label", num_classes=digits.NUM_CLASSES, names=digits.CLASS_NAMES),
+        metadata_keys=dict(digits.METADATA_SHAPES), source=source, pipeline_options=pipeline_options)
+
+
+class RenderPairFn(beam.DoFn):
+    """digits.Pair -> (split, index, serialized tf.train.Example); the work is `render_pair`."""
+
+    def __init__(self, template: schema.Manifest, seed: int, image_sha256: str):
+        self._template = template
+        self._seed = seed
+        self._image_sha256 = image_sha256
+
+    def setup(self) -> None:
+        self._images, _ = load_source()
+        # A worker with another sklearn could hold other images; fail rather than mix them.
+        if array_sha256(self._images) != self._image_sha256:
+            raise RuntimeError(f"{SOURCE_NAME} on this worker differs from the driver's "
+                               f"(sha256 {array_sha256(self._images)} != {self._image_sha256})")
+
+    def process(self, pair: digits.Pair) -> Iterator[tuple[str, int, bytes]]:
+        # Looked up through the module on every call so tests can substitute a failing renderer.
+        record = digits.render_pair(pair, self._images, self._seed)
+        yield pair.split, pair.index, schema.encode_example(self._template, record)

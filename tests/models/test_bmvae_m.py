@@ -1,0 +1,114 @@
+"""BMVAE_M: decoder passes, straight-through selection, subset inference, temperatures."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bmvae_tf import aggregation
+from bmvae_tf.models import BMVAEM
+from tests import synthetic
+
+SMALL = dict(hidden_units=(16,), channels=(8, 8, 8), sequence_width=8)
+
+
+def _inputs(specs, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        if s.kind == "sequence":
+            out[s.name] = tf.constant(rng.integers(0, s.vocab_size, size=(batch, *s.shape)), tf.int64)
+        else:
+            out[s.name] = tf.constant(rng.uniform(size=(batch, *s.shape)), tf.float32)
+    return out
+
+
+def _count_decoder_rows(model):
+    """Wraps every decoder so each call records how many latent rows it decoded."""
+    calls = []
+    for index, decoder in enumerate(model.decoders):
+        original = decoder.call
+
+        def counted(z, _original=original, _index=index):
+            calls.append((_index, int(z.shape[0])))
+            return _original(z)
+
+        decoder.call = counted
+    return calls
+
+
+@pytest.mark.parametrize("num_modalities,K", [(2, 1), (3, 4), (4, 3)])
+def test_forward_pass_makes_M_decoder_passes_per_latent_sample(num_modalities, K):
+    specs = synthetic.digits_like_modalities(num_modalities)
+    model = BMVAEM(specs, 5, K=K, **SMALL)
+    batch = 6
+    x = _inputs(specs, batch)
+    model.loss_terms(x, tf.constant([1, 2]))  # build
+    calls = _count_decoder_rows(model)
+    model.loss_terms(x, tf.constant([3, 4]))
+    # One call per decoder, each decoding all K*B latent samples once: M passes per sample.
+    assert sorted(i for i, _ in calls) == list(range(num_modalities))
+    assert all(rows == K * batch for _, rows in calls)
+    assert sum(rows for _, rows in calls) == num_modalities * K * batch
+
+
+def test_straight_through_selection_is_one_hot_and_passes_gradients():
+    logits = tf.Variable(tf.random.stateless_normal([7, 3], seed=[0, 1]))
+    temperature = tf.linspace(0.5, 2.0, 7)
+    with tf.GradientTape() as tape:
+        onehot = aggregation.straight_through_selection(logits, temperature, [5, 4], tf.constant([3, 4]))
+        # A loss that depends on which expert is chosen.
+        loss = tf.reduce_sum(onehot * tf.constant([1.0, -2.0, 0.5]))
+    values = onehot.numpy()
+    assert values.shape == (5, 4, 7, 3)
+    assert set(np.unique(values)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(values.sum(-1), 1.0)
+    grad = tape.gradient(loss, logits)
+    assert grad is not None and np.all(np.isfinite(grad.numpy()))
+    assert np.abs(grad.numpy()).sum() > 0
+
+
+def test_gradients_reach_mixture_logits_and_every_network():
+    specs = synthetic.digits_like_modalities(3)
+    model = BMVAEM(specs, 4, K=2, **SMALL)
+    x = _inputs(specs, 8)
+    with tf.GradientTape() as tape:
+        terms = model.loss_terms(x, tf.constant([5, 6]))
+        loss = tf.reduce_mean(terms.per_example) + terms.global_term
+    grads = tape.gradient(loss, model.trainable_variables)
+    missing = [v.path for v, g in zip(model.trainable_variables, grads) if g is None]
+    assert not missing
+    logits_grad = grads[[v.path for v in model.trainable_variables].index(model.mixture_logits.path)]
+    assert np.abs(logits_grad.numpy()).sum() > 0
+
+
+def test_uniform_ablation_has_fixed_weights_and_no_kl():
+    specs = synthetic.digits_like_modalities(3)
+    model = BMVAEM(specs, 4, learn_weights=False, **SMALL)
+    terms = model.loss_terms(_inputs(specs, 4), tf.constant([1, 1]))
+    assert float(terms.global_term) == 0.0
+    assert model.mixture_logits.path not in [v.path for v in model.trainable_variables]
+    np.testing.assert_allclose(model.mixture_weights().numpy(), 1 / 3)
+
+
+def test_subset_posterior_renormalises_alpha_over_given_modalities():
+    specs = synthetic.digits_like_modalities(3)
+    model = BMVAEM(specs, 4, **SMALL)
+    x = _inputs(specs, 5)
+    model(x)
+    logits = np.log(np.array([[0.2, 0.5, 0.3]] * 4, np.float32))
+    model.mixture_logits.assign(logits)
+    loc, _ = model.encode(x)
+    present = tf.constant([True, False, True])
+    mean = model.posterior(x, present).mean().numpy()
+    w = np.array([0.2, 0.3]) / 0.5
+    expected = w[0] * loc[0].numpy() + w[1] * loc[2].numpy()
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-6)
+    # The absent modality's input does not matter.
+    x2 = dict(x, street=tf.random.uniform(x["street"].shape, seed=3))
+    np.testing.assert_allclose(model.posterior(x2, present).mean().numpy(), mean, rtol=1e-6)
+
+
+def test_temperature_schedule_is_linear_from_low_to_high():
+    specs = synthetic.digits_like_modalities(2)
+    model = BMVAEM(specs, 5, tau_low=0.3, tau_high=1.5, **SMALL)
+    np.testing.assert_allclose(model.temperatures().numpy(), [0.3, 0.6, 0.9, 1.2, 1.5], rtol=1e-6)

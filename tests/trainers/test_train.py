@@ -1,0 +1,78 @@
+"""The training loop: the loss falls, and a rerun resumes exactly where the checkpoint left off."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import synthetic
+from trainers import config as config_lib
+from trainers import run_dir, train
+
+SMALL_MODEL = {"latent_dim": 6, "hidden_units": [32], "channels": [8, 16, 16], "sequence_width": 16}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("synthetic"))
+    synthetic.write_dataset(directory, num_train=384, num_test=64)
+    return directory
+
+
+def _config(data_dir, **train_overrides):
+    return config_lib.from_dict({
+        "data": {"dir": data_dir}, "model": SMALL_MODEL,
+        "train": {"epochs": 3, "batch_size": 32, "log_every_steps": 1000, **train_overrides}})
+
+
+def test_loss_falls(dataset, tmp_path):
+    history = train.train(_config(dataset, epochs=4, learning_rate=3e-3), str(tmp_path / "run"))
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.03 * abs(losses[0])
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert [h["step"] for h in history] == [12, 24, 36, 48]
+    for key in ("epoch", "step", "loss", "val_loss", "seconds"):
+        assert key in history[0]
+
+
+def _weights(workdir):
+    _, _, model = run_dir.load_trained_model(workdir)
+    return [v.numpy() for v in model.weights]
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    tf.config.experimental.enable_op_determinism()
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train.train(_config(dataset, epochs=3), straight)
+    train.train(_config(dataset, epochs=2), split)
+    resumed = train.train(_config(dataset, epochs=3), split)
+
+    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    with open(os.path.join(split, "history.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [h["step"] for h in lines] == [12, 24, 36]
+    for a, b in zip(_weights(straight), _weights(split)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_of_a_finished_run_trains_nothing(dataset, tmp_path):
+    workdir = str(tmp_path / "run")
+    first = train.train(_config(dataset, epochs=1), workdir)
+    again = train.train(_config(dataset, epochs=1), workdir)
+    assert again == first
+
+
+def test_resume_with_a_different_model_is_refused(dataset, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = _config(dataset, epochs=1)
+    train.train(config, workdir)
+    with pytest.raises(config_lib.UserError, match="model.latent_dim"):
+        train.resolve_config(workdir, dataset, None, ["model.latent_dim=9"])
+
+
+def test_batch_larger_than_the_data_is_a_user_error(dataset, tmp_path):
+    with pytest.raises(config_lib.UserError, match="batch_size"):
+        train.train(_config(dataset, batch_size=4096), str(tmp_path / "run"))

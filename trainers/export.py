@@ -1,0 +1,189 @@
+"""`bmvae export`: a trained run as a self-contained SavedModel (SPEC section 5).
+
+The SavedModel loads with `tf.saved_model.load` in a process that has only TensorFlow: the
+TensorFlow Probability maths is traced into plain graph ops. Its signatures, with M modalities in
+manifest order and B the batch size:
+
+- `encode`: one tensor per modality, named by modality and batch-first ([B, *shape]; float32 for
+  images and vectors, uint8 images included, as [0, 1] floats; int64 token ids for sequences),
+  plus `present`: bool [M]. Returns `z_mean` [B, D], the mean of the joint posterior of the present
+  modalities, and `z_sample` [B, D], one draw from it.
+- `cross_generate`: the same inputs; returns one output per modality, named by modality: the
+  decoded mean ([B, *shape] float32; [B, L] int64 most likely tokens for sequences) of a
+  posterior sample. It decodes exactly `encode`'s `z_sample`.
+- `sample`: `num` (int32 scalar) and `seed` (int32 scalar); returns one output per modality,
+  decoded from `num` prior samples.
+- `serving_default`: `cross_generate`.
+
+Absent modalities (present[m] = False) are fed as zeros of their shape; they are replaced by zeros
+inside the graph, so whatever values are fed for them cannot change any output.
+
+Determinism: every random draw is stateless. `encode` and `cross_generate` have no seed input and
+draw with the fixed seed POSTERIOR_SEED = (0, 0), so the same batch always gives the same outputs.
+The draw for one example depends on its row and on the batch size, not on the other rows' values.
+`sample` draws with the stateless seed (seed, 0).
+
+The SavedModel also carries `manifest_json` (a tf.string scalar: the dataset manifest, with the
+modality order, shapes and vocabularies) and `modality_names` (tf.string [M]), for servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+from bmvae_tf.models.base import MultimodalVAE
+from trainers import run_dir
+
+tfd = tfp.distributions
+
+POSTERIOR_SEED = (0, 0)
+PRESENT = "present"
+SIGNATURE_NAMES = ("encode", "cross_generate", "sample", "serving_default")
+
+# TensorFlow rewrites signature argument names outside this pattern (e.g. "my-image" becomes
+# "my_image", "_x" becomes "arg__x"), which would break the contract that inputs are named by
+# modality, so such names are refused instead of silently renamed.
+_SIGNATURE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+
+def serving_dtype(spec: schema.ModalitySpec) -> tf.DType:
+    """The dtype a modality is fed in: int64 for token ids, else float32 (uint8 images as [0, 1])."""
+    return tf.int64 if spec.dtype == "int64" else tf.float32
+
+
+class ServingModule(tf.Module):
+    """The tf.Module whose functions become the SavedModel's signatures (see the module docstring).
+
+    Works on an in-memory model as well: `module.signatures()[name](**feed)` takes keyword tensors
+    named as in the SavedModel, and `module.encode(*tensors, present)` takes them positionally in
+    manifest order.
+
+    Args:
+      model: a MultimodalVAE over the manifest's modalities. Its variables are created here first,
+        when it has not been called yet, because tracing must not create variables.
+      manifest: the dataset manifest the model was trained on.
+
+    Raises:
+      UserError: a modality name that cannot be a signature key unchanged, or is `present`.
+    """
+
+    def __init__(self, model: MultimodalVAE, manifest: schema.Manifest):
+        super().__init__(name="bmvae_serving")
+        for name in manifest.modality_names:
+            if not _SIGNATURE_KEY.match(name) or name == PRESENT:
+                raise UserError(f"modality {name!r} cannot name a SavedModel input: export needs names "
+                                f"of ASCII letters, digits and '_', starting with a letter, other "
+                                f"than {PRESENT!r}")
+        if list(model.modality_names) != manifest.modality_names:
+            raise ValueError(f"the model's modalities {model.modality_names} differ from the "
+                             f"manifest's {manifest.modality_names}")
+        run_dir.build_variables(model, manifest)
+        self.model = model
+        self.manifest_json = tf.Variable(json.dumps(manifest.to_json()), trainable=False,
+                                         name="manifest_json")
+        self.modality_names = tf.Variable(manifest.modality_names, trainable=False,
+                                          name="modality_names")
+        self._modalities = tuple(manifest.modalities)
+
+        inputs = [tf.TensorSpec([None, *m.shape], serving_dtype(m), name=m.name)
+                  for m in self._modalities]
+        inputs.append(tf.TensorSpec([len(self._modalities)], tf.bool, name=PRESENT))
+        self.encode = tf.function(self._encode, input_signature=inputs)
+        self.cross_generate = tf.function(self._cross_generate, input_signature=inputs)
+        self.sample = tf.function(self._sample, input_signature=[
+            tf.TensorSpec([], tf.int32, name="num"), tf.TensorSpec([], tf.int32, name="seed")])
+
+    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        """The four signatures, keyed by SIGNATURE_NAMES, for `tf.saved_model.save`."""
+        cross_generate = self.cross_generate.get_concrete_function()
+        return {"encode": self.encode.get_concrete_function(),
+                "cross_generate": cross_generate,
+                "sample": self.sample.get_concrete_function(),
+                "serving_default": cross_generate}
+
+    def _posterior(self, args: tuple[tf.Tensor, ...]) -> tfd.Distribution:
+        """The joint posterior of the present modalities: batch [B], event [D].
+
+        args: one [B, *shape] tensor per modality in manifest order, then present: bool [M].
+        """
+        *values, present = args
+        tf.debugging.Assert(tf.reduce_any(present), ["`present` must mark at least one modality"])
+        # The posterior already gives absent experts zero weight, but 0 * NaN is NaN: zeroing the
+        # absent inputs makes any fed value, non-finite ones included, harmless.
+        inputs = {spec.name: tf.where(present[i], x, tf.zeros_like(x))
+                  for i, (spec, x) in enumerate(zip(self._modalities, values))}
+        return self.model.posterior(inputs, present)
+
+    def _encode(self, *args: tf.Tensor) -> dict[str, tf.Tensor]:
+        """{"z_mean": [B, D], "z_sample": [B, D]}."""
+        posterior = self._posterior(args)
+        return {"z_mean": posterior.mean(),
+                "z_sample": posterior.sample(seed=tf.constant(POSTERIOR_SEED, tf.int32))}
+
+    def _cross_generate(self, *args: tf.Tensor) -> dict[str, tf.Tensor]:
+        """{modality: [B, *shape]}, decoded from the same draw as `encode`'s z_sample."""
+        z = self._posterior(args).sample(seed=tf.constant(POSTERIOR_SEED, tf.int32))  # [B, D]
+        return self.model.generate(z)
+
+    def _sample(self, num: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        """`num` draws from the prior p(z), decoded: {modality: [num, *shape]}."""
+        z = self.model.prior().sample(num, seed=tf.stack([seed, tf.constant(0, tf.int32)]))  # [num, D]
+        return self.model.generate(z)
+
+
+def export_saved_model(workdir: str, output_dir: str, data_dir: str | None = None) -> str:
+    """Writes the latest checkpoint of run `workdir` as a SavedModel at `output_dir`.
+
+    The SavedModel is written to a temporary sibling directory and renamed into place, so
+    `output_dir` either holds a complete export or does not exist (on file systems with atomic
+    directory renames: local and POSIX ones). An existing empty `output_dir` is replaced.
+
+    Args:
+      workdir: a run directory made by `bmvae train` (config.yaml and checkpoints/).
+      output_dir: where to write; must not exist or be an empty directory.
+      data_dir: the dataset directory, if it moved since training (default: the config's).
+
+    Returns:
+      output_dir, without a trailing separator.
+
+    Raises:
+      UserError: output_dir is a file or a non-empty directory; the run or dataset is unusable.
+    """
+    output_dir = output_dir.rstrip("/") or output_dir
+    _check_free(output_dir)  # before the slow load, so a wrong --output fails at once
+    _, manifest, model = run_dir.load_trained_model(workdir, data_dir)
+    module = ServingModule(model, manifest)
+
+    parent = os.path.dirname(output_dir)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    tmp = f"{output_dir}.tmp-{uuid.uuid4().hex}"
+    try:
+        tf.saved_model.save(module, tmp, signatures=module.signatures())
+        _check_free(output_dir)  # something may have been written there while we saved
+        if tf.io.gfile.exists(output_dir):
+            tf.io.gfile.rmtree(output_dir)  # empty; renaming onto a directory fails on some systems
+        tf.io.gfile.rename(tmp, output_dir)
+    except BaseException:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+        raise
+    return output_dir
+
+
+def _check_free(output_dir: str) -> None:
+    if not tf.io.gfile.exists(output_dir):
+        return
+    if not tf.io.gfile.isdir(output_dir):
+        raise UserError(f"{output_dir}: exists and is not a directory; choose another --output")
+    if tf.io.gfile.listdir(output_dir):
+        raise UserError(f"{output_dir}: exists and is not empty; choose another --output or remove it")
+
