@@ -41,6 +41,8 @@ class ModelConfig:
     channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
     sequence_width: int = 128
     networks: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> auto|mlp|cnn
+    # modality -> weight of its log-likelihood; replaces the manifest's likelihood_weight.
+    likelihood_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     bmvae_m: BMVAEMConfig = dataclasses.field(default_factory=BMVAEMConfig)
 
 
@@ -89,6 +91,8 @@ class Config:
         _check(m.likelihood_scale > 0, "model.likelihood_scale must be positive")
         _check(all(n in ("auto", "mlp", "cnn") for n in m.networks.values()),
                "model.networks values must be auto, mlp or cnn")
+        _check(all(w > 0 for w in m.likelihood_weights.values()),
+               "model.likelihood_weights values must be positive")
         _check(0 < m.bmvae_m.tau_low <= m.bmvae_m.tau_high, "need 0 < model.bmvae_m.tau_low <= tau_high")
         _check(m.bmvae_m.lambda_c >= 0, "model.bmvae_m.lambda_c must be >= 0")
         _check(t.epochs >= 0, "train.epochs must be >= 0")
@@ -230,6 +234,12 @@ def dump_yaml(config: Config) -> str:
 
 def build_model(model_config: ModelConfig, modalities):
     """The configured model for the manifest's modalities (constructed, not yet built)."""
+    names = [m.name for m in modalities]
+    unknown = sorted(set(model_config.likelihood_weights) - set(names))
+    if unknown:
+        raise UserError(f"model.likelihood_weights: no modality {unknown[0]!r} in the dataset {names}")
+    modalities = [dataclasses.replace(m, likelihood_weight=model_config.likelihood_weights[m.name])
+                  if m.name in model_config.likelihood_weights else m for m in modalities]
     cls, fixed = MODELS[model_config.name]
     kwargs = dict(
         K=model_config.K, posterior=model_config.posterior,

@@ -51,16 +51,19 @@ def run_demo(workdir: str, epochs: int | None = None, stream=None) -> dict:
 
 def summary_table(metrics: dict, *, data_dir: str, run: str, export_dir: str) -> str:
     """Latent accuracy per subset, cross coherence per target|given, and where each file is."""
+    # Metrics that need labels are null for unlabelled data; print n/a rather than fail.
+    latent = metrics.get("latent_accuracy") or {}
+    coherence = metrics.get("coherence") or {}
     lines = [f"bmvae demo: {metrics.get('model')} on {metrics.get('dataset')}, "
-             f"{metrics.get('epochs')} epochs, {metrics.get('seconds_per_epoch', 0):.1f} s/epoch", ""]
-    lines.append(f"{'latent accuracy (test)':<34}{'':>8}")
-    for subset, value in metrics.get("latent_accuracy", {}).items():
+             f"{metrics.get('epochs')} epochs, {_fmt(metrics.get('seconds_per_epoch'), 1)} s/epoch", ""]
+    lines.append("latent accuracy (test)")
+    for subset, value in latent.items():
         lines.append(f"  {subset:<32}{_fmt(value):>8}")
     lines.append("")
-    lines.append(f"{'coherence (target|given)':<34}")
-    for key, value in metrics.get("coherence", {}).items():
+    lines.append("coherence (target|given)")
+    for key, value in coherence.items():
         lines.append(f"  {key:<32}{_fmt(value):>8}")
-    singles = [v for k, v in metrics.get("coherence", {}).items() if "+" not in k and v is not None]
+    singles = [v for k, v in coherence.items() if "+" not in k and v is not None]
     if singles:
         lines.append(f"  {'mean over single givens':<32}{_fmt(sum(singles) / len(singles)):>8}")
     lines.append(f"  {'random (prior)':<32}{_fmt(metrics.get('random_coherence')):>8}")
@@ -75,5 +78,5 @@ def summary_table(metrics: dict, *, data_dir: str, run: str, export_dir: str) ->
     return "\n".join(lines)
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -109,8 +109,8 @@ def make_eval_step(model):
     return eval_step
 
 
-def validation_loss(model, manifest: schema.Manifest, split: str, batch_size: int, seed: int) -> float:
-    eval_step = make_eval_step(model)
+def validation_loss(eval_step, manifest: schema.Manifest, split: str, batch_size: int, seed: int) -> float:
+    """Mean objective over a split, with `eval_step` from make_eval_step (traced once per run)."""
     total, count = 0.0, 0.0
     for i, batch in enumerate(input_pipeline.make_dataset(manifest, split, batch_size)):
         s, n = eval_step(batch, tf.constant([seed, i], tf.int32))
@@ -160,11 +160,10 @@ def train(config: config_lib.Config, workdir: str, *,
     if global_batch % replicas:
         raise UserError(f"train.batch_size={global_batch} is not divisible by the "
                         f"{replicas} replicas of the {type(strategy).__name__}")
-    steps_per_epoch = manifest.split("train").count // global_batch
-    if steps_per_epoch < 1:
+    input_pipeline.check_shards(manifest, "train")
+    if manifest.split("train").count < global_batch:
         raise UserError(f"train.batch_size={global_batch} exceeds the {manifest.split('train').count} "
                         f"training examples of {config.data.dir}")
-    input_pipeline.check_shards(manifest, "train")
 
     state = build_state(config, manifest, strategy)
     manager = tf.train.CheckpointManager(state.checkpoint, paths.checkpoints,
@@ -183,6 +182,7 @@ def train(config: config_lib.Config, workdir: str, *,
     writer = tf.summary.create_file_writer(paths.logs) if chief else tf.summary.create_noop_writer()
 
     train_step = make_train_step(state, strategy, global_batch)
+    eval_step = make_eval_step(state.model)
     val_split = validation_split(manifest)
     seed = config.train.seed
     for epoch in range(start_epoch + 1, config.train.epochs + 1):
@@ -208,7 +208,7 @@ def train(config: config_lib.Config, workdir: str, *,
         loss = float(tf.reduce_mean(losses)) if losses else float("nan")
         _check_finite(loss, epoch, int(state.step.numpy()), manager)
         seconds = time.perf_counter() - started
-        val_loss = (validation_loss(state.model, manifest, val_split, config.eval.batch_size, seed)
+        val_loss = (validation_loss(eval_step, manifest, val_split, config.eval.batch_size, seed)
                     if val_split else None)
         state.epoch.assign(epoch)
         if chief:
