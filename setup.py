@@ -23,6 +23,7 @@ setup(
         "numpy>=1.26,<3",
         "scipy>=1.11",
         "scikit-learn>=1.4",
+        "threadpoolctl>=3.1",  # evaluation pins BLAS threads for the small sklearn fits
         "matplotlib>=3.8",
         "pyyaml>=6.0",
         # tf.summary needs it; TensorFlow 2.21 no longer installs it.

@@ -51,3 +51,46 @@ def dimensionwise_mixture(family: str, loc: tf.Tensor, scale: tf.Tensor,
     batch = tf.shape(loc)[1]
     mixing = tfd.Categorical(logits=tf.broadcast_to(log_weights[None], [batch, *log_weights.shape]))
     return tfd.Independent(tfd.MixtureSameFamily(mixing, components), reinterpreted_batch_ndims=1)
+
+
+def product_of_gaussians(loc: tf.Tensor, scale: tf.Tensor, weights: tf.Tensor | float,
+                         present: tf.Tensor, *, prior_loc: tf.Tensor | float = 0.0,
+                         prior_scale: tf.Tensor | float = 1.0,
+                         prior_weight: tf.Tensor | float = 0.0) -> tfd.Normal:
+    """The normalised weighted product prod_m N(mu_m, s_m^2)^{w_m} [* N(mu_0, s_0^2)^{w_0}].
+
+    A weighted product of Gaussian densities is Gaussian with
+        precision = sum_m w_m / s_m^2 (+ w_0 / s_0^2),
+        mean      = (sum_m w_m mu_m / s_m^2 (+ w_0 mu_0 / s_0^2)) / precision,
+    which is MVAE's PoE (w = 1 with the prior expert), mmJSD's dynamic prior f_M (Eq. 4, w = 1/(M+1))
+    and BMVAE_P's q_bar (Eq. 14, w = pi, no prior expert).
+
+    Args:
+      loc, scale: the experts, [M, B, D].
+      weights: w_m, broadcastable to [M, B, D] (a scalar, [M, 1, D] or [M, B, D]).
+      present: bool [M]; absent experts get weight zero whatever their loc, scale or weight.
+      prior_loc, prior_scale: the extra prior expert, broadcastable to [B, D]; N(0, 1) by default.
+      prior_weight: w_0, broadcastable to [B, D]; 0 (the default) leaves the prior out.
+
+    Returns:
+      tfd.Normal with batch shape [B, D] (callers wrap it in tfd.Independent). With no present
+      expert and prior_weight = 0 the precision is zero and the result is undefined.
+    """
+    loc = tf.convert_to_tensor(loc)
+    scale = tf.convert_to_tensor(scale, loc.dtype)
+    shape = tf.shape(loc)
+    mask = tf.broadcast_to(tf.reshape(tf.convert_to_tensor(present, tf.bool), [-1, 1, 1]), shape)
+    weights = tf.broadcast_to(tf.cast(weights, loc.dtype), shape)
+    # Absent experts are computed from zeros or garbage (NaN, inf, zero scales). Replacing their
+    # inputs, rather than multiplying their terms by a zero weight, keeps both the values and the
+    # gradients finite: 0 * NaN is NaN, and so is the chain rule through 1 / 0.
+    loc = tf.where(mask, loc, tf.zeros_like(loc))
+    scale = tf.where(mask, scale, tf.ones_like(scale))
+    weights = tf.where(mask, weights, tf.zeros_like(weights))
+
+    expert_precision = weights / tf.square(scale)                                 # [M, B, D]
+    prior_precision = tf.cast(prior_weight, loc.dtype) / tf.square(tf.cast(prior_scale, loc.dtype))
+    precision = tf.reduce_sum(expert_precision, axis=0) + prior_precision         # [B, D]
+    weighted_loc = (tf.reduce_sum(expert_precision * loc, axis=0)
+                    + prior_precision * tf.cast(prior_loc, loc.dtype))
+    return tfd.Normal(loc=weighted_loc / precision, scale=tf.math.rsqrt(precision))

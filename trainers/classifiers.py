@@ -123,8 +123,9 @@ def train_classifiers(specs: Iterable[schema.ModalitySpec], num_classes: int,
     for spec in specs:
         if spec.kind == "vector":
             layer = classifiers[spec.name].get_layer("standardise")
-            flat = make_train_dataset().map(lambda b, n=spec.name: tf.reshape(
-                tf.cast(b[n], tf.float32), [tf.shape(b[n])[0], -1]))
+            # A static feature size: Normalization was built for [None, size].
+            flat = make_train_dataset().map(lambda b, n=spec.name, size=spec.size: tf.reshape(
+                tf.cast(b[n], tf.float32), [-1, size]))
             layer.adapt(flat)
 
     inputs = {spec.name: keras.Input(shape=spec.shape, dtype=classifiers[spec.name].inputs[0].dtype,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import types
 import typing
 from typing import Any, Mapping
 
@@ -31,11 +33,33 @@ class BMVAEMConfig:
 
 
 @dataclasses.dataclass
+class BMVAEPConfig:
+    """BMVAE_P (Sect. 4, Eq. 15). lambda_mq and lambda_mz default (null) to 1/M as in the paper;
+    the paper picks eta from {0.01h, 0.1h, 0.5h}."""
+
+    lambda_zq: float = 1.0
+    lambda_mq: float | None = None
+    lambda_mz: float | None = None
+    eta: float = 1.0
+    beta_prior: float = 0.5
+
+
+@dataclasses.dataclass
+class MMVAEConfig:
+    """MMVAE (Shi et al.). dreg: the doubly reparameterised gradient estimator, which Shi et al.
+    train with (K = 30, looser bound); see bmvae_tf/objectives.py for its bias when M, K > 1."""
+
+    dreg: bool = False
+
+
+@dataclasses.dataclass
 class ModelConfig:
     name: str = "bmvae_m"
     latent_dim: int = 20
     K: int = 1
-    posterior: str = "laplace"  # gaussian | laplace: experts and prior
+    # gaussian | laplace | auto: the family of experts and prior. auto resolves to the model's
+    # default (laplace for mixtures as in Shi et al., gaussian for products of experts).
+    posterior: str = "auto"
     likelihood_scale: float = 0.75
     hidden_units: list[int] = dataclasses.field(default_factory=lambda: [400])
     channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
@@ -44,6 +68,8 @@ class ModelConfig:
     # modality -> weight of its log-likelihood; replaces the manifest's likelihood_weight.
     likelihood_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     bmvae_m: BMVAEMConfig = dataclasses.field(default_factory=BMVAEMConfig)
+    bmvae_p: BMVAEPConfig = dataclasses.field(default_factory=BMVAEPConfig)
+    mmvae: MMVAEConfig = dataclasses.field(default_factory=MMVAEConfig)
 
 
 @dataclasses.dataclass
@@ -87,7 +113,10 @@ class Config:
             raise UserError(f"model.name: unknown model {m.name!r}; choose one of {sorted(MODELS)}")
         _check(m.latent_dim >= 1, "model.latent_dim must be >= 1")
         _check(m.K >= 1, "model.K must be >= 1")
-        _check(m.posterior in ("gaussian", "laplace"), "model.posterior must be gaussian or laplace")
+        families = MODELS[m.name][0].POSTERIOR_FAMILIES
+        m.posterior = resolve_posterior(m)  # written back, so config.yaml names the family used
+        _check(m.posterior in families,
+               f"model.posterior: {m.name} supports {' or '.join(families)} experts, not {m.posterior!r}")
         _check(m.likelihood_scale > 0, "model.likelihood_scale must be positive")
         _check(all(n in ("auto", "mlp", "cnn") for n in m.networks.values()),
                "model.networks values must be auto, mlp or cnn")
@@ -95,11 +124,22 @@ class Config:
                "model.likelihood_weights values must be positive")
         _check(0 < m.bmvae_m.tau_low <= m.bmvae_m.tau_high, "need 0 < model.bmvae_m.tau_low <= tau_high")
         _check(m.bmvae_m.lambda_c >= 0, "model.bmvae_m.lambda_c must be >= 0")
+        p = m.bmvae_p
+        _check(min(p.lambda_zq, p.eta) >= 0 and all(v is None or v >= 0 for v in (p.lambda_mq, p.lambda_mz)),
+               "model.bmvae_p: the lambdas and eta must be >= 0")
+        _check(p.beta_prior > 0, "model.bmvae_p.beta_prior must be positive")
         _check(t.epochs >= 0, "train.epochs must be >= 0")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(t.learning_rate > 0, "train.learning_rate must be positive")
         _check(t.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}")
         _check(self.eval.log_likelihood_samples >= 1, "eval.log_likelihood_samples must be >= 1")
+
+
+def resolve_posterior(model_config: ModelConfig) -> str:
+    """`auto` -> the model's default expert family; any other value is returned as it is."""
+    if model_config.posterior != "auto":
+        return model_config.posterior
+    return MODELS[model_config.name][0].POSTERIOR_FAMILIES[0]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -136,6 +176,12 @@ def _build(cls, data: Any, prefix: str, source: str):
 
 
 def _coerce(hint, value, key: str, source: str):
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, source)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", source)
     origin = typing.get_origin(hint)
@@ -242,12 +288,16 @@ def build_model(model_config: ModelConfig, modalities):
                   if m.name in model_config.likelihood_weights else m for m in modalities]
     cls, fixed = MODELS[model_config.name]
     kwargs = dict(
-        K=model_config.K, posterior=model_config.posterior,
+        posterior=resolve_posterior(model_config),
         likelihood_scale=model_config.likelihood_scale, networks=dict(model_config.networks),
         hidden_units=tuple(model_config.hidden_units), channels=tuple(model_config.channels),
         sequence_width=model_config.sequence_width,
     )
-    if model_config.name.startswith("bmvae_m"):
-        kwargs.update(dataclasses.asdict(model_config.bmvae_m))
+    if "K" in inspect.signature(cls.__init__).parameters:
+        kwargs["K"] = model_config.K
+    # A model family's typed section holds its hyper-parameters (bmvae_m_uniform uses bmvae_m's).
+    for section in ("bmvae_m", "bmvae_p", "mmvae"):
+        if model_config.name.startswith(section):
+            kwargs.update(dataclasses.asdict(getattr(model_config, section)))
     kwargs.update(fixed)
     return cls(list(modalities), model_config.latent_dim, name=model_config.name, **kwargs)

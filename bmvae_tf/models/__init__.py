@@ -2,11 +2,21 @@
 
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
 from bmvae_tf.models.bmvae_m import BMVAEM
+from bmvae_tf.models.bmvae_p import BMVAEP
+from bmvae_tf.models.mmjsd import MMJSD
+from bmvae_tf.models.mmvae import MMVAE
+from bmvae_tf.models.mvae import MVAE
 
 # name -> (class, fixed keyword arguments). The trainer adds the configured hyper-parameters.
 MODELS = {
     "bmvae_m": (BMVAEM, {}),
     "bmvae_m_uniform": (BMVAEM, {"learn_weights": False}),
+    "bmvae_p": (BMVAEP, {}),
+    "bmvae_p_uniform": (BMVAEP, {"learn_weights": False}),
+    "mmvae": (MMVAE, {}),
+    "mmvae_tight": (MMVAE, {"bound": "tight"}),
+    "mvae": (MVAE, {}),
+    "mmjsd": (MMJSD, {}),
 }
 
-__all__ = ["BMVAEM", "LossTerms", "MODELS", "MultimodalVAE"]
+__all__ = ["BMVAEM", "BMVAEP", "LossTerms", "MMJSD", "MMVAE", "MODELS", "MVAE", "MultimodalVAE"]

@@ -46,13 +46,17 @@ class MultimodalVAE(keras.Model):
       hidden_units, channels, sequence_width: network sizes (Tables 3 and 8 by default).
     """
 
+    # Expert families this model supports; the first is the default of `posterior: auto`.
+    POSTERIOR_FAMILIES: tuple[str, ...] = ("laplace", "gaussian")
+
     def __init__(self, modalities: Sequence[ModalitySpec], latent_dim: int, *,
                  posterior: str = "laplace", likelihood_scale: float = 0.75,
                  networks: Mapping[str, str] | None = None, hidden_units: Sequence[int] = (400,),
                  channels: Sequence[int] = (32, 64, 128), sequence_width: int = 128, **kwargs):
         super().__init__(**kwargs)
-        if posterior not in distributions.FAMILIES:
-            raise ValueError(f"posterior {posterior!r} is not one of {distributions.FAMILIES}")
+        if posterior not in self.POSTERIOR_FAMILIES:
+            raise ValueError(f"{type(self).__name__} supports posterior families "
+                             f"{self.POSTERIOR_FAMILIES}, got {posterior!r}")
         self.modalities = tuple(modalities)
         self.latent_dim = int(latent_dim)
         self.posterior_family = posterior
@@ -78,14 +82,25 @@ class MultimodalVAE(keras.Model):
     def all_present(self) -> tf.Tensor:
         return tf.ones([self.num_modalities], tf.bool)
 
-    def encode(self, inputs: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        """Every expert's parameters: loc and scale, each [M, B, D]."""
+    def encode(self, inputs: Mapping[str, tf.Tensor],
+               present: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Every expert's parameters: loc and scale, each [M, B, D].
+
+        With `present` (bool [M]), absent experts get loc 0 and scale 1. They carry zero weight
+        downstream, but 0 * NaN is NaN: whatever was fed for an absent modality must not reach
+        the posterior.
+        """
         locs, scales = [], []
         for spec, encoder in zip(self.modalities, self.encoders):
             loc, raw_scale = encoder(inputs[spec.name])
             locs.append(loc)
             scales.append(distributions.posterior_scale(self.posterior_family, raw_scale))
-        return tf.stack(locs), tf.stack(scales)
+        loc, scale = tf.stack(locs), tf.stack(scales)
+        if present is not None:
+            given = tf.convert_to_tensor(present, tf.bool)[:, None, None]
+            loc = tf.where(given, loc, tf.zeros_like(loc))
+            scale = tf.where(given, scale, tf.ones_like(scale))
+        return loc, scale
 
     def prior(self) -> tfd.Distribution:
         """p(z), batch shape [D]."""

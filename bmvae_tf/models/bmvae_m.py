@@ -87,6 +87,6 @@ class BMVAEM(MultimodalVAE):
                      "reconstruction": tf.reduce_mean(log_lik)})
 
     def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
-        loc, scale = self.encode(inputs)
+        loc, scale = self.encode(inputs, present)
         log_weights = aggregation.masked_log_weights(tf.convert_to_tensor(self.mixture_logits), present)
         return aggregation.dimensionwise_mixture(self.posterior_family, loc, scale, log_weights)

@@ -76,3 +76,19 @@ def test_resume_with_a_different_model_is_refused(dataset, tmp_path):
 def test_batch_larger_than_the_data_is_a_user_error(dataset, tmp_path):
     with pytest.raises(config_lib.UserError, match="batch_size"):
         train.train(_config(dataset, batch_size=4096), str(tmp_path / "run"))
+
+
+def test_train_step_is_traced_once_across_epochs(dataset, tmp_path, monkeypatch):
+    """A new dataset per epoch must not retrace the step (retracing costs seconds per epoch)."""
+    steps = []
+    original = train.make_train_step
+
+    def recording(*args, **kwargs):
+        step = original(*args, **kwargs)
+        steps.append(step)
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", recording)
+    train.train(_config(dataset, epochs=3), str(tmp_path / "run"))
+    assert len(steps) == 1
+    assert steps[0].experimental_get_tracing_count() == 1

@@ -1,0 +1,129 @@
+"""BMVAE_P: the product-of-experts Bayesian mixture VAE (Sect. 4, Eqs. 14-15; SPEC 4)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bmvae_tf import aggregation
+from bmvae_tf.models.base import LossTerms, MultimodalVAE
+
+tfd = tfp.distributions
+
+_CONCENTRATION_FLOOR = 1e-3
+
+
+class BMVAEP(MultimodalVAE):
+    """Every latent dimension d weights the Gaussian experts by pi_d ~ Dir(beta_d) (Eq. 14):
+        q_bar_d(z_d | x) = prod_m q_{m,d}(z_d | x_m)^{pi_{m,d}} / normaliser,
+    a Gaussian with precision sum_m pi_{m,d} / s_{m,d}^2 and mean
+    (sum_m pi_{m,d} mu_{m,d} / s_{m,d}^2) / precision. There is no prior expert.
+
+    beta = softplus(global learnable [D, M]) + 1e-3. Training maximises (Eq. 15)
+        L_P = E_pi[ E_{z ~ q_bar} log p(x | z) - lambda_zq KL(q_bar || p)
+                    - sum_m lambda_mq KL(q_m || q_bar) ]
+              - sum_m lambda_mz KL(q_m || p) - eta sum_d KL(Dir(beta_d) || Dir(beta_prior)).
+    Per step each example draws one pi [D, M], reparameterised through TFP's implicit Dirichlet
+    gradients (Figurnov et al., 2018), and one z from the q_bar built with that pi; the same pi
+    enters KL(q_m || q_bar). The Gaussian KLs are closed form; the Dirichlet KL is a global term
+    (it does not depend on the batch). M decoder passes per step.
+
+    Args:
+      lambda_zq: weight of KL(q_bar || p).
+      lambda_mq, lambda_mz: weights of KL(q_m || q_bar) and KL(q_m || p); None means 1/M.
+      eta: weight of the Dirichlet KL. The paper picks it from {0.01h, 0.1h, 0.5h} with h the mean
+        data size; 1.0 is our default.
+      beta_prior: the concentration of the symmetric Dirichlet prior on every pi_d.
+      learn_weights: False gives the uniform ablation BMVAE_P^u: pi fixed at 1/M, no beta, no
+        Dirichlet KL.
+      posterior: must be "gaussian"; q_bar is a product of Gaussians.
+    """
+
+    POSTERIOR_FAMILIES = ("gaussian",)  # products of Gaussians are Gaussian in closed form
+
+    def __init__(self, modalities, latent_dim: int, *, lambda_zq: float = 1.0,
+                 lambda_mq: float | None = None, lambda_mz: float | None = None, eta: float = 1.0,
+                 beta_prior: float = 0.5, learn_weights: bool = True, posterior: str = "gaussian",
+                 **kwargs):
+        if posterior != "gaussian":
+            raise ValueError(f"BMVAE_P needs Gaussian experts for its product; got posterior={posterior!r}")
+        super().__init__(modalities, latent_dim, posterior=posterior, **kwargs)
+        uniform = 1.0 / self.num_modalities
+        self.lambda_zq = float(lambda_zq)
+        self.lambda_mq = uniform if lambda_mq is None else float(lambda_mq)
+        self.lambda_mz = uniform if lambda_mz is None else float(lambda_mz)
+        self.eta = float(eta)
+        self.beta_prior = float(beta_prior)
+        if min(self.lambda_zq, self.lambda_mq, self.lambda_mz, self.eta) < 0:
+            raise ValueError("lambda_zq, lambda_mq, lambda_mz and eta must be >= 0")
+        if self.beta_prior <= 0:
+            raise ValueError(f"beta_prior must be positive, got {beta_prior}")
+        self.learn_weights = bool(learn_weights)
+        # beta starts at 1 everywhere: the flat Dirichlet, E[pi_d] = 1/M, as BMVAE_M starts at the
+        # uniform alpha.
+        start = float(np.log(np.expm1(1.0 - _CONCENTRATION_FLOOR)))
+        self.concentration_logits = self.add_weight(
+            shape=(self.latent_dim, self.num_modalities),
+            initializer=keras.initializers.Constant(start),
+            name="concentration_logits") if self.learn_weights else None
+
+    def concentration(self) -> tf.Tensor:
+        """beta = softplus(logits) + 1e-3, [D, M]. Only with learn_weights."""
+        return tf.nn.softplus(tf.convert_to_tensor(self.concentration_logits)) + _CONCENTRATION_FLOOR
+
+    def mixture_weights(self) -> tf.Tensor:
+        """E[pi_d] = beta_d / sum_m beta_{m,d}, [D, M]; 1/M for the uniform ablation."""
+        if not self.learn_weights:
+            return tf.fill([self.latent_dim, self.num_modalities], 1.0 / self.num_modalities)
+        beta = self.concentration()
+        return beta / tf.reduce_sum(beta, axis=-1, keepdims=True)
+
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+        pi_seed, z_seed = tfp.random.split_seed(seed, 2)
+        loc, scale = self.encode(inputs)                                   # [M, B, D]
+
+        if self.learn_weights:
+            beta = self.concentration()
+            pi = tfd.Dirichlet(beta).sample(tf.shape(loc)[1], seed=pi_seed)  # [B, D, M]
+            weights = tf.transpose(pi, [2, 0, 1])                          # [M, B, D]
+            kl_dirichlet = tf.reduce_sum(tfd.kl_divergence(
+                tfd.Dirichlet(beta), tfd.Dirichlet(tf.fill(tf.shape(beta), self.beta_prior))))
+        else:
+            weights = 1.0 / self.num_modalities
+            kl_dirichlet = tf.constant(0.0)
+
+        q_bar = aggregation.product_of_gaussians(loc, scale, weights, self.all_present())  # [B, D]
+        reconstruction = self.reconstruction_log_prob(inputs, q_bar.sample(seed=z_seed))  # [B]
+
+        prior = self.prior()
+        experts = tfd.Normal(loc, scale)
+        kl_zq = tf.reduce_sum(tfd.kl_divergence(q_bar, prior), axis=-1)                 # [B]
+        kl_mq = tf.reduce_sum(tfd.kl_divergence(experts, q_bar), axis=[0, 2])          # [B]
+        kl_mz = tf.reduce_sum(tfd.kl_divergence(experts, prior), axis=[0, 2])          # [B]
+        objective = (reconstruction - self.lambda_zq * kl_zq - self.lambda_mq * kl_mq
+                     - self.lambda_mz * kl_mz)
+
+        return LossTerms(
+            per_example=-objective,
+            global_term=self.eta * kl_dirichlet,
+            metrics={"objective": tf.reduce_mean(objective),
+                     "reconstruction": tf.reduce_mean(reconstruction),
+                     "kl_zq": tf.reduce_mean(kl_zq), "kl_mq": tf.reduce_mean(kl_mq),
+                     "kl_mz": tf.reduce_mean(kl_mz), "kl_dirichlet": kl_dirichlet})
+
+    def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
+        """The weighted product over the present experts with weights E[pi_d] renormalised over them.
+
+        The paper samples pi; evaluation (latent probes, `encode`, IWAE proposals) needs one
+        deterministic posterior per input, so this uses the mean weights: posterior(...).mean() is
+        deterministic. For the uniform ablation the weights are 1/|S|.
+        """
+        loc, scale = self.encode(inputs)
+        log_weights = aggregation.masked_log_weights(tf.math.log(self.mixture_weights()), present)
+        weights = tf.exp(tf.transpose(log_weights))[:, None, :]           # [M, 1, D]
+        q_bar = aggregation.product_of_gaussians(loc, scale, weights, present)
+        return tfd.Independent(q_bar, reinterpreted_batch_ndims=1)

@@ -1,0 +1,103 @@
+"""MMVAE: the uniform mixture of unimodal experts of Shi et al. (2019) (Sect. 2.4; SPEC 4)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bmvae_tf import distributions, objectives
+from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.schema import ModalitySpec
+
+tfd = tfp.distributions
+
+BOUNDS = ("looser", "tight")
+
+
+class MMVAE(MultimodalVAE):
+    """Joint posterior q(z | x_{1:M}) = (1/M) sum_m q_m(z | x_m), mixing whole latent vectors.
+
+    Training is stratified: each expert m draws K samples z_m^k ~ q_m, and every one of the M*K
+    samples is decoded by all M decoders (M*M*K decoder passes, against BMVAE_M's M*K). The
+    importance weights use the mixture density (lambda_m' = modality m''s likelihood weight),
+        log w_m^k = sum_m' lambda_m' log p(x_m' | z_m^k) + log p(z_m^k) - log q(z_m^k | x_{1:M}),
+    and the bound is either
+        "looser": L_M = (1/M) sum_m log (1/K) sum_k w_m^k                         (Eq. 2), or
+        "tight":  L_T = log (1/(M K)) sum_m sum_k w_m^k                           (Eq. 3).
+    Eq. 3 takes L = K/M samples per expert to match Eq. 2's sample count; we take L = K, so that
+    both bounds use the same draws and decoder passes and L_T >= L_M holds sample by sample
+    (Jensen's inequality on the outer log).
+
+    Args:
+      K: importance samples per expert (K = 1 with "looser" is the stratified ELBO).
+      bound: "looser" (L_M, as Shi et al. train) or "tight" (L_T, the mmvae_tight model).
+      dreg: use the DReG gradient estimator (Tucker et al. 2018) as Shi et al.'s code does: q is
+        scored with its parameters held fixed, and the encoders get the squared normalised
+        weights through the samples (per stratum for L_M, over all M*K samples for L_T); the
+        decoders keep the plain IWAE gradient, and the reported loss keeps the bound's value.
+        It is exactly unbiased for M = 1 (IWAE's DReG) and for L_M with K = 1. Otherwise it is
+        Shi et al.'s estimator, not an unbiased one: the mixture density in the weights carries
+        every expert's parameters, but a stratum's samples reparameterise only their own expert,
+        so DReG's score-to-pathwise identity does not hold term by term.
+    """
+
+    def __init__(self, modalities: Sequence[ModalitySpec], latent_dim: int, *, K: int = 1,
+                 bound: str = "looser", dreg: bool = False, **kwargs):
+        super().__init__(modalities, latent_dim, **kwargs)
+        if K < 1:
+            raise ValueError(f"K must be >= 1, got {K}")
+        if bound not in BOUNDS:
+            raise ValueError(f"bound {bound!r} is not one of {BOUNDS}")
+        self.K = int(K)
+        self.bound = bound
+        self.dreg = bool(dreg)
+
+    def mixture_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+        """log q(z | x_{1:M}) = log (1/M) sum_m q_m(z | x_m): z [..., B, D], loc/scale [M, B, D]
+        -> [..., B]. Every expert is evaluated at every sample, whichever expert drew it."""
+        experts = distributions.expert(self.posterior_family, loc, scale)
+        per_expert = tf.reduce_sum(experts.log_prob(z[..., None, :, :]), axis=-1)   # [..., M, B]
+        return distributions.log_mean_exp(per_expert, axis=-2)
+
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+        loc, scale = self.encode(inputs)                                           # [M, B, D]
+        experts = distributions.expert(self.posterior_family, loc, scale)
+        z = experts.sample(self.K, seed=seed)                    # [K, M, B, D]: z[k, m] ~ q_m
+        if self.bound == "tight":
+            # L_T pools the M*K samples of all experts into one importance-weighted average.
+            z = tf.reshape(z, tf.concat([[-1], tf.shape(z)[2:]], axis=0))        # [K*M, B, D]
+        if self.dreg:
+            z, dreg_bound = objectives.dreg_latents(z)
+            # DReG removes the score term: q is scored with its parameters held fixed, so the
+            # encoders learn only through the reparameterised samples.
+            loc, scale = tf.stop_gradient(loc), tf.stop_gradient(scale)
+
+        log_lik = self.reconstruction_log_prob(inputs, z)            # one call per decoder
+        log_prior = tf.reduce_sum(self.prior().log_prob(z), axis=-1)
+        log_w = log_lik + log_prior - self.mixture_log_prob(z, loc, scale)  # [K, M, B] | [K*M, B]
+        if self.dreg:
+            bound = dreg_bound(log_w)
+        else:
+            bound = distributions.log_mean_exp(log_w, axis=0)
+        if self.bound == "looser":
+            bound = tf.reduce_mean(bound, axis=0)   # L_M averages the M strata; [M, B] -> [B]
+        return LossTerms(
+            per_example=-bound,
+            global_term=tf.constant(0.0),
+            metrics={"bound": tf.reduce_mean(bound), "reconstruction": tf.reduce_mean(log_lik)})
+
+    def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
+        """Uniform mixture of the present experts; batch [B], event [D]. At least one present."""
+        present = tf.convert_to_tensor(present, tf.bool)
+        loc, scale = self.encode(inputs, present)                                  # [M, B, D]
+        components = tfd.Independent(
+            distributions.expert(self.posterior_family, tf.transpose(loc, [1, 0, 2]),
+                                 tf.transpose(scale, [1, 0, 2])),
+            reinterpreted_batch_ndims=1)                                # batch [B, M], event [D]
+        logits = tf.where(present, tf.constant(0.0, loc.dtype),
+                          tf.constant(-float("inf"), loc.dtype))                   # [M]
+        batch = tf.shape(loc)[1]
+        mixing = tfd.Categorical(logits=tf.broadcast_to(logits, [batch, self.num_modalities]))
+        return tfd.MixtureSameFamily(mixing, components)
