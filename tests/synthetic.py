@@ -15,6 +15,33 @@ from bmvae_tf import schema
 
 VOCAB = ("<pad>", " ") + tuple("abcdefghijklmnopqrstuvwxyz")
 
+# Network sizes small enough for unit tests of the models.
+TINY_NETWORKS = dict(hidden_units=(16,), channels=(8, 8, 8), sequence_width=8)
+
+
+def random_inputs(specs, batch: int, seed: int = 0) -> dict:
+    """Uniform random model inputs {modality: [batch, *shape]}: tokens for sequences, [0, 1) else."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        if s.kind == "sequence":
+            out[s.name] = tf.constant(rng.integers(0, s.vocab_size, size=(batch, *s.shape)), tf.int64)
+        else:
+            out[s.name] = tf.constant(rng.uniform(size=(batch, *s.shape)), tf.float32)
+    return out
+
+
+def record_decoder_calls(model) -> list:
+    """Wraps every decoder of `model` so each call appends (decoder index, latents [N, D])."""
+    calls = []
+    for index, decoder in enumerate(model.decoders):
+        def recorded(z, _original=decoder.call, _index=index):
+            calls.append((_index, z))
+            return _original(z)
+
+        decoder.call = recorded
+    return calls
+
 
 def digits_like_modalities(num_modalities: int = 3) -> list[schema.ModalitySpec]:
     """digit [8,8,1], street [16,16,3], text [8]; with num_modalities > 3, extra vectors [6]."""

@@ -8,32 +8,11 @@ from bmvae_tf import aggregation
 from bmvae_tf.models import BMVAEM
 from tests import synthetic
 
-SMALL = dict(hidden_units=(16,), channels=(8, 8, 8), sequence_width=8)
+SMALL = synthetic.TINY_NETWORKS
 
 
-def _inputs(specs, batch, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        if s.kind == "sequence":
-            out[s.name] = tf.constant(rng.integers(0, s.vocab_size, size=(batch, *s.shape)), tf.int64)
-        else:
-            out[s.name] = tf.constant(rng.uniform(size=(batch, *s.shape)), tf.float32)
-    return out
 
 
-def _count_decoder_rows(model):
-    """Wraps every decoder so each call records how many latent rows it decoded."""
-    calls = []
-    for index, decoder in enumerate(model.decoders):
-        original = decoder.call
-
-        def counted(z, _original=original, _index=index):
-            calls.append((_index, int(z.shape[0])))
-            return _original(z)
-
-        decoder.call = counted
-    return calls
 
 
 @pytest.mark.parametrize("num_modalities,K", [(2, 1), (3, 4), (4, 3)])
@@ -41,14 +20,15 @@ def test_forward_pass_makes_M_decoder_passes_per_latent_sample(num_modalities, K
     specs = synthetic.digits_like_modalities(num_modalities)
     model = BMVAEM(specs, 5, K=K, **SMALL)
     batch = 6
-    x = _inputs(specs, batch)
+    x = synthetic.random_inputs(specs, batch)
     model.loss_terms(x, tf.constant([1, 2]))  # build
-    calls = _count_decoder_rows(model)
+    calls = synthetic.record_decoder_calls(model)
     model.loss_terms(x, tf.constant([3, 4]))
     # One call per decoder, each decoding all K*B latent samples once: M passes per sample.
-    assert sorted(i for i, _ in calls) == list(range(num_modalities))
-    assert all(rows == K * batch for _, rows in calls)
-    assert sum(rows for _, rows in calls) == num_modalities * K * batch
+    rows = [(i, int(z.shape[0])) for i, z in calls]
+    assert sorted(i for i, _ in rows) == list(range(num_modalities))
+    assert all(n == K * batch for _, n in rows)
+    assert sum(n for _, n in rows) == num_modalities * K * batch
 
 
 def test_straight_through_selection_is_one_hot_and_passes_gradients():
@@ -70,7 +50,7 @@ def test_straight_through_selection_is_one_hot_and_passes_gradients():
 def test_gradients_reach_mixture_logits_and_every_network():
     specs = synthetic.digits_like_modalities(3)
     model = BMVAEM(specs, 4, K=2, **SMALL)
-    x = _inputs(specs, 8)
+    x = synthetic.random_inputs(specs, 8)
     with tf.GradientTape() as tape:
         terms = model.loss_terms(x, tf.constant([5, 6]))
         loss = tf.reduce_mean(terms.per_example) + terms.global_term
@@ -84,7 +64,7 @@ def test_gradients_reach_mixture_logits_and_every_network():
 def test_uniform_ablation_has_fixed_weights_and_no_kl():
     specs = synthetic.digits_like_modalities(3)
     model = BMVAEM(specs, 4, learn_weights=False, **SMALL)
-    terms = model.loss_terms(_inputs(specs, 4), tf.constant([1, 1]))
+    terms = model.loss_terms(synthetic.random_inputs(specs, 4), tf.constant([1, 1]))
     assert float(terms.global_term) == 0.0
     assert model.mixture_logits.path not in [v.path for v in model.trainable_variables]
     np.testing.assert_allclose(model.mixture_weights().numpy(), 1 / 3)
@@ -93,7 +73,7 @@ def test_uniform_ablation_has_fixed_weights_and_no_kl():
 def test_subset_posterior_renormalises_alpha_over_given_modalities():
     specs = synthetic.digits_like_modalities(3)
     model = BMVAEM(specs, 4, **SMALL)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     model(x)
     logits = np.log(np.array([[0.2, 0.5, 0.3]] * 4, np.float32))
     model.mixture_logits.assign(logits)

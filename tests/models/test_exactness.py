@@ -20,7 +20,7 @@ from tests import synthetic
 
 tfd = tfp.distributions
 
-SMALL = dict(hidden_units=(16,), channels=(8, 8, 8), sequence_width=8)
+SMALL = synthetic.TINY_NETWORKS
 
 # A linear-Gaussian model x = W z + b + noise, z ~ N(0, I_2), noise ~ N(0, SIGMA^2 I_3). W's
 # columns are orthogonal, so the exact posterior is diagonal and lies in the experts' family.
@@ -56,28 +56,8 @@ def linear_gaussian_log_joint(x, z, w):
     return log_lik + tf.reduce_sum(tfd.Normal(0.0, 1.0).log_prob(z), -1)
 
 
-def _inputs(specs, batch, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        if s.kind == "sequence":
-            tokens = rng.integers(0, s.vocab_size, size=(batch, *s.shape))
-            out[s.name] = tf.constant(tokens, tf.int64)
-        else:
-            out[s.name] = tf.constant(rng.uniform(size=(batch, *s.shape)), tf.float32)
-    return out
 
 
-def _record_decoder_inputs(model):
-    """Wraps every decoder so each call records (decoder index, latents it decoded)."""
-    calls = []
-    for index, decoder in enumerate(model.decoders):
-        def recorded(z, _original=decoder.call, _index=index):
-            calls.append((_index, z))
-            return _original(z)
-
-        decoder.call = recorded
-    return calls
 
 
 def _vector_specs(num, size):
@@ -210,7 +190,7 @@ def test_straight_through_selection_frequencies_match_alpha():
 def test_bmvae_m_subset_posterior_samples_renormalised_alpha():
     """Ancestral sampling of Eq. 7 over the present modalities only (SPEC 4)."""
     model = BMVAEM(_vector_specs(3, 2), 3, posterior="gaussian", hidden_units=())
-    x = _inputs(model.modalities, 1)
+    x = synthetic.random_inputs(model.modalities, 1)
     model.loss_terms(x, tf.constant([0, 0]))
     # Expert m sits at 10 (m + 1) with a tiny scale, so a sample names the expert it came from.
     for m, encoder in enumerate(model.encoders):
@@ -241,7 +221,7 @@ def test_bmvae_m_with_one_modality_is_iwae(family):
                    hidden_units=(8,))
     x = {"v0": tf.constant(np.random.default_rng(1).normal(size=(batch, 3)), tf.float32)}
     model.loss_terms(x, tf.constant([0, 0]))
-    calls = _record_decoder_inputs(model)
+    calls = synthetic.record_decoder_calls(model)
     terms = model.loss_terms(x, tf.constant([8, 1]))
     (_, z), = calls
     z = z.numpy().reshape(K, batch, 2)
@@ -275,9 +255,9 @@ def test_mmvae_bounds_match_a_hand_computation(bound, family):
                                    likelihood_weight=2.5)
     model = MMVAE(specs, 2, K=K, bound=bound, posterior=family, likelihood_scale=SIGMA,
                   hidden_units=(8,))
-    x = _inputs(specs, batch)
+    x = synthetic.random_inputs(specs, batch)
     model.loss_terms(x, tf.constant([0, 0]))
-    calls = _record_decoder_inputs(model)
+    calls = synthetic.record_decoder_calls(model)
     per_example = model.loss_terms(x, tf.constant([2, 7])).per_example.numpy()
     z = calls[0][1].numpy()                                                         # [K*M*B, D]
     np.testing.assert_array_equal(calls[1][1].numpy(), z)  # every decoder sees every sample
@@ -303,14 +283,14 @@ def test_mmvae_bounds_match_a_hand_computation(bound, family):
 
 def test_tight_bound_is_above_looser_bound_on_the_same_samples():
     specs = synthetic.digits_like_modalities(3)
-    x = _inputs(specs, 6)
+    x = synthetic.random_inputs(specs, 6)
     looser = MMVAE(specs, 4, K=3, bound="looser", **SMALL)
     tight = MMVAE(specs, 4, K=3, bound="tight", **SMALL)
     looser.loss_terms(x, tf.constant([0, 0]))
     tight.loss_terms(x, tf.constant([0, 0]))
     tight.set_weights(looser.get_weights())
     seed = tf.constant([9, 9])
-    looser_calls, tight_calls = _record_decoder_inputs(looser), _record_decoder_inputs(tight)
+    looser_calls, tight_calls = synthetic.record_decoder_calls(looser), synthetic.record_decoder_calls(tight)
     l_m = -looser.loss_terms(x, seed).per_example.numpy()
     l_t = -tight.loss_terms(x, seed).per_example.numpy()
     # Same draws: the decoders saw the same latents.
@@ -330,9 +310,9 @@ def test_decoder_rows_per_step(num_modalities, model_class, kwargs, passes):
     K, batch = 3, 5
     specs = synthetic.digits_like_modalities(num_modalities)
     model = model_class(specs, 4, K=K, **kwargs, **SMALL)
-    x = _inputs(specs, batch)
+    x = synthetic.random_inputs(specs, batch)
     model.loss_terms(x, tf.constant([1, 2]))
-    calls = _record_decoder_inputs(model)
+    calls = synthetic.record_decoder_calls(model)
     model.loss_terms(x, tf.constant([3, 4]))
     assert sorted(i for i, _ in calls) == list(range(num_modalities))  # one call per decoder
     assert sum(int(z.shape[0]) for _, z in calls) == passes(num_modalities, K, batch)
@@ -451,7 +431,7 @@ def test_mmvae_losses_are_finite_and_gradients_reach_every_variable(num_modaliti
                                                                     family):
     specs = synthetic.digits_like_modalities(num_modalities)
     model = MMVAE(specs, 4, K=2, bound=bound, dreg=dreg, posterior=family, **SMALL)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     with tf.GradientTape() as tape:
         terms = model.loss_terms(x, tf.constant([1, 2]))
         loss = tf.reduce_mean(terms.per_example) + terms.global_term
@@ -466,7 +446,7 @@ def test_mmvae_losses_are_finite_and_gradients_reach_every_variable(num_modaliti
 
 def test_mmvae_dreg_reports_the_plain_bound():
     specs = synthetic.digits_like_modalities(2)
-    x = _inputs(specs, 4)
+    x = synthetic.random_inputs(specs, 4)
     plain, dreg = (MMVAE(specs, 4, K=3, dreg=d, **SMALL) for d in (False, True))
     plain.loss_terms(x, tf.constant([0, 0]))
     dreg.loss_terms(x, tf.constant([0, 0]))
@@ -479,7 +459,7 @@ def test_mmvae_dreg_reports_the_plain_bound():
 def test_mmvae_subset_posterior_is_the_mixture_of_present_experts():
     specs = synthetic.digits_like_modalities(3)
     model = MMVAE(specs, 4, posterior="gaussian", **SMALL)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     present = tf.constant([True, False, True])
     posterior = model.posterior(x, present)
     assert posterior.batch_shape == (5,) and posterior.event_shape == (4,)
@@ -499,7 +479,7 @@ def test_mmvae_subset_posterior_is_the_mixture_of_present_experts():
 def test_mmvae_adam_steps_lower_the_loss():
     specs = synthetic.digits_like_modalities(2)
     model = MMVAE(specs, 4, K=2, **SMALL)
-    x = _inputs(specs, 8)
+    x = synthetic.random_inputs(specs, 8)
     seed = tf.constant([4, 4])  # the same draws every step: only the weights change the loss
     optimizer = keras.optimizers.Adam(1e-2)
     losses = []

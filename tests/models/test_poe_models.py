@@ -13,7 +13,7 @@ from tests import synthetic
 
 tfd = tfp.distributions
 
-SMALL = dict(hidden_units=(16,), channels=(8, 8, 8), sequence_width=8, posterior="gaussian")
+SMALL = dict(synthetic.TINY_NETWORKS, posterior="gaussian")
 LATENT = 4
 MODELS = {
     "mvae": (MVAE, {}),
@@ -23,15 +23,6 @@ MODELS = {
 }
 
 
-def _inputs(specs, batch, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        if s.kind == "sequence":
-            out[s.name] = tf.constant(rng.integers(0, s.vocab_size, size=(batch, *s.shape)), tf.int64)
-        else:
-            out[s.name] = tf.constant(rng.uniform(size=(batch, *s.shape)), tf.float32)
-    return out
 
 
 def _normal_kl(mu1, s1, mu2, s2):
@@ -170,7 +161,7 @@ def test_model_trains_and_ignores_absent_modalities(name, num_modalities):
     specs = synthetic.digits_like_modalities(num_modalities)
     model = _build(name, specs)
     batch = 6
-    x = _inputs(specs, batch)
+    x = synthetic.random_inputs(specs, batch)
     seed = tf.constant([5, 6])
 
     with tf.GradientTape() as tape:
@@ -219,7 +210,7 @@ def test_only_gaussian_posteriors(name):
 def test_mvae_single_expert_with_the_prior_has_precision_one_over_s2_plus_one():
     specs = synthetic.digits_like_modalities(3)
     model = _build("mvae", specs)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     loc, scale = (t.numpy() for t in model.encode(x))
     for m in range(3):
         posterior = model.posterior(x, tf.constant([i == m for i in range(3)]))
@@ -232,7 +223,7 @@ def test_mvae_single_expert_with_the_prior_has_precision_one_over_s2_plus_one():
 def test_mvae_loss_is_the_joint_plus_single_modality_kls_without_reconstruction():
     specs = synthetic.digits_like_modalities(3)
     model = _build("mvae", specs)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
     _zero_reconstruction(model)
     terms = model.loss_terms(x, tf.constant([1, 2]))
@@ -249,7 +240,7 @@ def test_mvae_loss_is_the_joint_plus_single_modality_kls_without_reconstruction(
 def test_mmjsd_dynamic_prior_weights_prior_and_experts_equally():
     specs = synthetic.digits_like_modalities(3)
     model = _build("mmjsd", specs)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
     for present in ([True, True, True], [True, False, True]):
         idx = [i for i, p in enumerate(present) if p]
@@ -264,7 +255,7 @@ def test_mmjsd_dynamic_prior_weights_prior_and_experts_equally():
 def test_mmjsd_loss_is_the_js_divergence_without_reconstruction():
     specs = synthetic.digits_like_modalities(3)
     model = _build("mmjsd", specs)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     f = model.posterior(x, model.all_present()).distribution
     f_mean, f_std = f.mean().numpy().astype(np.float64), f.stddev().numpy().astype(np.float64)
     loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
@@ -278,7 +269,7 @@ def test_mmjsd_loss_is_the_js_divergence_without_reconstruction():
 def test_bmvae_p_uniform_loss_is_eq15_with_fixed_weights_and_no_dirichlet_kl():
     specs = synthetic.digits_like_modalities(3)
     model = _build("bmvae_p_uniform", specs, lambda_zq=0.7, lambda_mq=0.2)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
     _zero_reconstruction(model)
     terms = model.loss_terms(x, tf.constant([1, 2]))
@@ -297,7 +288,7 @@ def test_bmvae_p_uniform_loss_is_eq15_with_fixed_weights_and_no_dirichlet_kl():
 def test_bmvae_p_dirichlet_kl_is_the_global_term():
     specs = synthetic.digits_like_modalities(2)
     model = _build("bmvae_p", specs, eta=0.3, beta_prior=0.5)
-    x = _inputs(specs, 3)
+    x = synthetic.random_inputs(specs, 3)
     beta = np.array([[0.2, 2.0], [1.0, 1.0], [5.0, 0.5], [0.7, 0.9]])
     model.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
     terms = model.loss_terms(x, tf.constant([1, 2]))
@@ -310,7 +301,7 @@ def test_bmvae_p_dirichlet_kl_is_the_global_term():
 def test_bmvae_p_posterior_uses_mean_weights_renormalised_over_the_present_experts():
     specs = synthetic.digits_like_modalities(3)
     model = _build("bmvae_p", specs)
-    x = _inputs(specs, 5)
+    x = synthetic.random_inputs(specs, 5)
     beta = np.random.default_rng(2).uniform(0.1, 3.0, size=(LATENT, 3))
     model.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
     loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
