@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("arguments after `--` are for Beam and only `bmvae data build` takes them")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # TensorFlow logs through absl at INFO on every distributed dataset; keep progress readable.
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
     import tensorflow as tf
 
