@@ -69,10 +69,12 @@ def build_state(config: config_lib.Config, manifest: schema.Manifest,
     return TrainState(model, optimizer, step, epoch, checkpoint)
 
 
-def make_train_step(state: TrainState, strategy: tf.distribute.Strategy, global_batch: int):
+def make_train_step(state: TrainState, strategy: tf.distribute.Strategy, global_batch: int,
+                    seed: int):
     """A tf.function running one optimisation step on a distributed batch.
 
-    seed: int32 [2], stateless; each replica folds in its replica id so replicas draw
+    Randomness is stateless: the step's seed is (seed, global step), read in the graph so the
+    host never waits on the step counter; each replica folds in its replica id so replicas draw
     independent noise.
     """
     model, optimizer = state.model, state.optimizer
@@ -89,8 +91,9 @@ def make_train_step(state: TrainState, strategy: tf.distribute.Strategy, global_
         return loss
 
     @tf.function
-    def train_step(batch, seed):
-        per_replica = strategy.run(replica_step, args=(batch, seed))
+    def train_step(batch):
+        step_seed = tf.stack([tf.constant(seed, tf.int32), tf.cast(state.step, tf.int32)])
+        per_replica = strategy.run(replica_step, args=(batch, step_seed))
         state.step.assign_add(1)
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
@@ -181,10 +184,10 @@ def train(config: config_lib.Config, workdir: str, *,
         _write_history(paths, history)
     writer = tf.summary.create_file_writer(paths.logs) if chief else tf.summary.create_noop_writer()
 
-    train_step = make_train_step(state, strategy, global_batch)
+    seed = config.train.seed
+    train_step = make_train_step(state, strategy, global_batch, seed)
     eval_step = make_eval_step(state.model)
     val_split = validation_split(manifest)
-    seed = config.train.seed
     for epoch in range(start_epoch + 1, config.train.epochs + 1):
         dataset = strategy.distribute_datasets_from_function(
             lambda ctx, e=epoch: input_pipeline.make_dataset(
@@ -194,15 +197,16 @@ def train(config: config_lib.Config, workdir: str, *,
         started = time.perf_counter()
         interval_start, interval_steps = started, 0
         losses = []
+        first_step = int(state.step.numpy())
         for batch in dataset:
-            step = int(state.step.numpy())
-            losses.append(train_step(batch, tf.constant([seed, step], tf.int32)))
+            losses.append(train_step(batch))
             interval_steps += 1
             if interval_steps == config.train.log_every_steps:
+                step = first_step + len(losses)
                 recent = float(tf.reduce_mean(losses[-interval_steps:]))
-                _check_finite(recent, epoch, step + 1, manager)
+                _check_finite(recent, epoch, step, manager)
                 elapsed = time.perf_counter() - interval_start
-                log.info("epoch %d step %d loss %.4f  %.1f steps/s  %.0f examples/s", epoch, step + 1,
+                log.info("epoch %d step %d loss %.4f  %.1f steps/s  %.0f examples/s", epoch, step,
                          recent, interval_steps / elapsed, interval_steps * global_batch / elapsed)
                 interval_start, interval_steps = time.perf_counter(), 0
         loss = float(tf.reduce_mean(losses)) if losses else float("nan")
