@@ -192,10 +192,10 @@ def build_encoder(spec: ModalitySpec, latent_dim: int, network: str = "auto",
     return MLPEncoder(latent_dim, hidden_units, name=name)
 
 
-def build_decoder(spec: ModalitySpec, latent_dim: int, network: str = "auto",
+def build_decoder(spec: ModalitySpec, network: str = "auto",
                   hidden_units: Sequence[int] = (400,), channels: Sequence[int] = (32, 64, 128),
                   sequence_width: int = 128) -> keras.layers.Layer:
-    del latent_dim  # decoders infer their input width on first call
+    """The decoder of one modality; it takes its latent width from its first call."""
     kind = resolve_network(spec, network)
     name = f"decoder_{spec.name}"
     if kind == "sequence":

@@ -208,8 +208,10 @@ class Manifest:
                 raise SchemaError(f"missing key {key!r}")
         if not isinstance(obj["modalities"], list):
             raise SchemaError("'modalities' must be a list")
-        modalities = tuple(ModalitySpec.from_json(m, f"modalities[{i}]") if isinstance(m, Mapping)
-                           else _raise(f"modalities[{i}] must be an object")
+        for i, m in enumerate(obj["modalities"]):
+            if not isinstance(m, Mapping):
+                raise SchemaError(f"modalities[{i}] must be an object")
+        modalities = tuple(ModalitySpec.from_json(m, f"modalities[{i}]")
                            for i, m in enumerate(obj["modalities"]))
         label = None
         if obj.get("label") is not None:
@@ -241,10 +243,6 @@ class Manifest:
                        extras={k: v for k, v in obj.items() if k not in known}, directory=directory)
         manifest.validate()
         return manifest
-
-
-def _raise(message: str):
-    raise SchemaError(message)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 from bmvae_tf.errors import UserError  # noqa: E402  (after the environment is set)
 
-DATASETS = ("digits",)
-
 
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="build datasets with Apache Beam")

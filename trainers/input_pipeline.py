@@ -61,18 +61,3 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
 
-
-def read_split_arrays(manifest: schema.Manifest, split: str, keys: list[str] | None = None,
-                      batch_size: int = 1024, take: int = 0) -> dict:
-    """A whole split (or its first `take` records) as numpy arrays, for evaluation."""
-    import numpy as np
-
-    parts: dict[str, list] = {}
-    try:
-        for batch in make_dataset(manifest, split, batch_size, take=take):
-            for key, value in batch.items():
-                if keys is None or key in keys:
-                    parts.setdefault(key, []).append(value.numpy())
-    except tf.errors.DataLossError as e:
-        raise UserError(f"{manifest.directory}: corrupt shard in split {split!r} ({e.message.splitlines()[0]})") from None
-    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -64,9 +64,9 @@ class MultimodalVAE(keras.Model):
         networks = dict(networks or {})
         sizes = dict(hidden_units=tuple(hidden_units), channels=tuple(channels),
                      sequence_width=sequence_width)
-        self.encoders = [_build(networks_lib.build_encoder, m, latent_dim, networks, sizes)
+        self.encoders = [networks_lib.build_encoder(m, latent_dim, networks.get(m.name, "auto"), **sizes)
                          for m in self.modalities]
-        self.decoders = [_build(networks_lib.build_decoder, m, latent_dim, networks, sizes)
+        self.decoders = [networks_lib.build_decoder(m, networks.get(m.name, "auto"), **sizes)
                          for m in self.modalities]
         self.likelihood_weights = [float(m.likelihood_weight) for m in self.modalities]
 
@@ -176,8 +176,3 @@ class MultimodalVAE(keras.Model):
             chunk = tf.reduce_logsumexp(log_w, axis=0)
             running = chunk if running is None else tf.reduce_logsumexp(tf.stack([running, chunk]), 0)
         return running - tf.math.log(tf.cast(num_samples, running.dtype))
-
-
-
-def _build(builder, spec: ModalitySpec, latent_dim: int, choices: Mapping[str, str], sizes: dict):
-    return builder(spec, latent_dim, choices.get(spec.name, "auto"), **sizes)
