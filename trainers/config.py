@@ -53,6 +53,14 @@ class MMVAEConfig:
 
 
 @dataclasses.dataclass
+class ModalitySpecificConfig:
+    """The *_ms variants (Eq. 5): z = [c, s_1..s_M] with c of model.latent_dim dimensions and
+    each s_m of private_dim. Neither paper fixes D_s for these datasets; 4 is ours."""
+
+    private_dim: int = 4
+
+
+@dataclasses.dataclass
 class ModelConfig:
     name: str = "bmvae_m"
     latent_dim: int = 20
@@ -70,6 +78,7 @@ class ModelConfig:
     bmvae_m: BMVAEMConfig = dataclasses.field(default_factory=BMVAEMConfig)
     bmvae_p: BMVAEPConfig = dataclasses.field(default_factory=BMVAEPConfig)
     mmvae: MMVAEConfig = dataclasses.field(default_factory=MMVAEConfig)
+    ms: ModalitySpecificConfig = dataclasses.field(default_factory=ModalitySpecificConfig)
 
 
 @dataclasses.dataclass
@@ -128,6 +137,7 @@ class Config:
         _check(min(p.lambda_zq, p.eta) >= 0 and all(v is None or v >= 0 for v in (p.lambda_mq, p.lambda_mz)),
                "model.bmvae_p: the lambdas and eta must be >= 0")
         _check(p.beta_prior > 0, "model.bmvae_p.beta_prior must be positive")
+        _check(m.ms.private_dim >= 1, "model.ms.private_dim must be >= 1")
         _check(t.epochs >= 0, "train.epochs must be >= 0")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(t.learning_rate > 0, "train.learning_rate must be positive")
@@ -299,5 +309,7 @@ def build_model(model_config: ModelConfig, modalities):
     for section in ("bmvae_m", "bmvae_p", "mmvae"):
         if model_config.name.startswith(section):
             kwargs.update(dataclasses.asdict(getattr(model_config, section)))
+    if model_config.name.endswith("_ms"):
+        kwargs.update(dataclasses.asdict(model_config.ms))
     kwargs.update(fixed)
     return cls(list(modalities), model_config.latent_dim, name=model_config.name, **kwargs)

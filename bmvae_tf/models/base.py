@@ -106,10 +106,16 @@ class MultimodalVAE(keras.Model):
         """p(z), batch shape [D]."""
         return distributions.standard_prior(self.posterior_family, self.latent_dim)
 
+    def decoder_latents(self, index: int, z: tf.Tensor) -> tf.Tensor:
+        """The part of z [..., D] that decoder `index` reads: all of it, unless a model splits z."""
+        del index
+        return z
+
     def decode_params(self, index: int, z: tf.Tensor) -> tf.Tensor:
         """Decoder `index` on latents [..., D] -> likelihood parameters [..., *param_shape]."""
+        z = self.decoder_latents(index, z)
         lead = tf.shape(z)[:-1]
-        params = self.decoders[index](tf.reshape(z, [-1, self.latent_dim]))
+        params = self.decoders[index](tf.reshape(z, [-1, z.shape[-1]]))
         return tf.reshape(params, tf.concat([lead, tf.shape(params)[1:]], 0))
 
     def reconstruction_log_prob(self, inputs: Mapping[str, tf.Tensor], z: tf.Tensor,

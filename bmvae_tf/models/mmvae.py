@@ -61,10 +61,17 @@ class MMVAE(MultimodalVAE):
         per_expert = tf.reduce_sum(experts.log_prob(z[..., None, :, :]), axis=-1)   # [..., M, B]
         return distributions.log_mean_exp(per_expert, axis=-2)
 
+    def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """K reparameterised samples from each expert: [K, M, B, D], z[k, m] ~ q_m."""
+        return distributions.expert(self.posterior_family, loc, scale).sample(self.K, seed=seed)
+
+    def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+        """log q(z | x_{1:M}) of the joint posterior the samples are weighted against."""
+        return self.mixture_log_prob(z, loc, scale)
+
     def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
         loc, scale = self.encode(inputs)                                           # [M, B, D]
-        experts = distributions.expert(self.posterior_family, loc, scale)
-        z = experts.sample(self.K, seed=seed)                    # [K, M, B, D]: z[k, m] ~ q_m
+        z = self.sample_strata(loc, scale, seed)                                   # [K, M, B, D]
         if self.bound == "tight":
             # L_T pools the M*K samples of all experts into one importance-weighted average.
             z = tf.reshape(z, tf.concat([[-1], tf.shape(z)[2:]], axis=0))        # [K*M, B, D]
@@ -76,7 +83,7 @@ class MMVAE(MultimodalVAE):
 
         log_lik = self.reconstruction_log_prob(inputs, z)            # one call per decoder
         log_prior = tf.reduce_sum(self.prior().log_prob(z), axis=-1)
-        log_w = log_lik + log_prior - self.mixture_log_prob(z, loc, scale)  # [K, M, B] | [K*M, B]
+        log_w = log_lik + log_prior - self.joint_log_prob(z, loc, scale)    # [K, M, B] | [K*M, B]
         if self.dreg:
             bound = dreg_bound(log_w)
         else:
@@ -92,6 +99,10 @@ class MMVAE(MultimodalVAE):
         """Uniform mixture of the present experts; batch [B], event [D]. At least one present."""
         present = tf.convert_to_tensor(present, tf.bool)
         loc, scale = self.encode(inputs, present)                                  # [M, B, D]
+        return self.uniform_mixture(loc, scale, present)
+
+    def uniform_mixture(self, loc: tf.Tensor, scale: tf.Tensor, present: tf.Tensor) -> tfd.Distribution:
+        """(1/|S|) sum_{m in S} q_m of the present experts [M, B, D]: batch [B], event [D]."""
         components = tfd.Independent(
             distributions.expert(self.posterior_family, tf.transpose(loc, [1, 0, 2]),
                                  tf.transpose(scale, [1, 0, 2])),

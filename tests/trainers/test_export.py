@@ -66,12 +66,14 @@ class Run(NamedTuple):
     model: MultimodalVAE
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
+# BMVAE_M, and an MS model whose posterior is a Blockwise of shared and private latents.
+@pytest.fixture(scope="module", params=["bmvae_m", "mmjsd_ms"])
+def run(tmp_path_factory, request) -> Run:
     """A run directory as `bmvae train` leaves it, holding a model with non-initial weights."""
     root = tmp_path_factory.mktemp("export")
     manifest = synthetic.write_dataset(str(root / "data"), num_train=8, num_test=8, shards=1)
-    config = config_lib.from_dict({"data": {"dir": str(root / "data")}, "model": MODEL})
+    config = config_lib.from_dict({"data": {"dir": str(root / "data")},
+                                   "model": {**MODEL, "name": request.param}})
     model = config_lib.build_model(config.model, manifest.modalities)
     run_dir.build_variables(model, manifest)
     rng = np.random.default_rng(0)

@@ -1,0 +1,37 @@
+"""MMVAE with shared and modality-specific latents (Eq. 5 with a mixture of experts for c)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bmvae_tf import distributions
+from bmvae_tf.models.mmvae import MMVAE
+from bmvae_tf.models.modality_specific import ModalitySpecificLatents
+
+tfd = tfp.distributions
+
+
+class MMVAEMS(ModalitySpecificLatents, MMVAE):
+    """MMVAE's stratified bound (L_M, or L_T with bound="tight") on z = [c, s_1..s_M] with
+        q(z | x_{1:M}) = [(1/M) sum_m q_m(c | x_m)] prod_m q(s_m | x_m).
+    Stratum m draws c from expert m and every s_m' from its own modality, so each of the M*K
+    samples is a full z; the importance weights score it against the density above. The private
+    factors are reparameterised, so DReG applies to them as to c.
+    """
+
+    def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
+        return self.uniform_mixture(loc, scale, present)
+
+    def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        seeds = tfp.random.split_seed(seed, 2)
+        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(loc, scale)
+        c = distributions.expert(self.posterior_family, c_loc, c_scale).sample(self.K, seed=seeds[0])
+        s = self.private_posterior(s_loc, s_scale).sample([self.K, self.num_modalities], seed=seeds[1])
+        return self.join(c, s)                                                   # [K, M, B, D]
+
+    def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(loc, scale)
+        c, s = z[..., :self.shared_dim], z[..., self.shared_dim:]
+        return (self.mixture_log_prob(c, c_loc, c_scale)
+                + self.private_posterior(s_loc, s_scale).log_prob(s))

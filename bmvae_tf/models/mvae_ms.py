@@ -1,0 +1,51 @@
+"""MVAE with shared and modality-specific latents (Eq. 5 with a product of experts for c)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bmvae_tf.models.base import LossTerms
+from bmvae_tf.models.modality_specific import ModalitySpecificLatents
+from bmvae_tf.models.mvae import MVAE
+
+tfd = tfp.distributions
+
+
+class MVAEMS(ModalitySpecificLatents, MVAE):
+    """MVAE's sub-sampled objective on z = [c, s_1..s_M]: for S in {1..M}, {1}, ..., {M},
+        E[sum_{m in S} w_m log p(x_m | c, s_m)] - KL(q(c | x_S) || p(c)) - sum_{m in S} KL(q(s_m | x_m) || p(s_m)),
+    with q(c | x_S) the PoE of the shared experts in S and the prior. Each term is the ELBO of x_S
+    on the latents x_S's decoders read. One draw of the private factors serves every term.
+    """
+
+    def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
+        return tfd.Independent(self._product(loc, scale, present), reinterpreted_batch_ndims=1)
+
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+        seeds = tfp.random.split_seed(seed, self.num_modalities + 2)
+        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs))
+        s = self.private_posterior(s_loc, s_scale).sample(seed=seeds[0])        # [B, M * D_s]
+        kl_private = self.private_kl(s_loc, s_scale)                             # [M, B]
+
+        joint = self._product(c_loc, c_scale, self.all_present())                # [B, D_c]
+        reconstruction = self.reconstruction_log_prob(inputs, self.join(joint.sample(seed=seeds[1]), s))
+        kl_joint = self.shared_kl(joint) + tf.reduce_sum(kl_private, axis=0)
+        objective = reconstruction - kl_joint
+
+        for index, spec in enumerate(self.modalities):
+            only = tf.constant([m == index for m in range(self.num_modalities)])
+            single = self._product(c_loc, c_scale, only)
+            z = self.join(single.sample(seed=seeds[index + 2]), s)
+            log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
+            objective += log_lik - self.shared_kl(single) - kl_private[index]
+
+        return LossTerms(
+            per_example=-objective,
+            global_term=tf.constant(0.0),
+            metrics={"objective": tf.reduce_mean(objective),
+                     "elbo_joint": tf.reduce_mean(reconstruction - kl_joint),
+                     "reconstruction": tf.reduce_mean(reconstruction),
+                     "kl_private": tf.reduce_mean(tf.reduce_sum(kl_private, axis=0))})
