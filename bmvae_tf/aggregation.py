@@ -25,15 +25,16 @@ def masked_log_weights(logits: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
     return tf.nn.log_softmax(masked, axis=-1)
 
 
-def straight_through_selection(logits: tf.Tensor, temperature: tf.Tensor, sample_shape,
-                               seed: tf.Tensor) -> tf.Tensor:
+def straight_through_selection(logits: tf.Tensor, temperature: tf.Tensor,
+                               gumbel: tf.Tensor) -> tf.Tensor:
     """One expert per latent dimension by straight-through Gumbel-Softmax (Eq. 9).
 
-    logits: [D, M] (log alpha up to a constant); temperature: [D]. Returns [*sample_shape, D, M]
-    whose forward values are exactly one-hot while the gradient is that of the relaxed sample.
+    logits: [D, M] (log alpha up to a constant); temperature: [D]; gumbel: Gumbel(0, 1) noise
+    [..., D, M]. Returns [..., D, M] whose forward values are exactly one-hot (the argmax of
+    logits + gumbel, a draw from Categorical(alpha_d)) while the gradient is that of the relaxed
+    sample softmax((logits + gumbel) / tau_d).
     """
-    relaxed = tfd.RelaxedOneHotCategorical(temperature=temperature, logits=logits)
-    soft = relaxed.sample(sample_shape, seed=seed)
+    soft = tf.nn.softmax((logits + gumbel) / temperature[:, None], axis=-1)
     hard = tf.one_hot(tf.argmax(soft, axis=-1), tf.shape(logits)[-1], dtype=soft.dtype)
     # (soft - sg(soft)) is exactly zero in the forward pass, so the result is exactly one-hot;
     # `hard + soft - sg(soft)` would round.

@@ -92,6 +92,19 @@ class TrainConfig:
     shuffle_buffer: int = 10000
     log_every_steps: int = 100
     checkpoints_to_keep: int = 3
+    # A checkpoint every N steps as well as at each epoch's end (0: epochs only); a rerun after
+    # a crash or kill -9 resumes from the exact step and loses at most N steps.
+    checkpoint_every_steps: int = 500
+    # Early stopping on the validation loss: stop after this many epochs without an improvement
+    # of more than min_delta (0: off); evaluate and export then use the best epoch's weights.
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    # Without a `validation` split, hold out this fraction of the training records (chosen by a
+    # hash of each record, so the choice does not depend on sharding or order) for validation.
+    validation_fraction: float = 0.0
+    deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
+    mixed_precision: bool = False  # mixed_float16 with dynamic loss scaling (for GPUs)
+    jit_compile: bool = False  # XLA-compile the loss and gradient computation
 
 
 @dataclasses.dataclass
@@ -142,6 +155,12 @@ class Config:
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(t.learning_rate > 0, "train.learning_rate must be positive")
         _check(t.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}")
+        _check(t.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+        _check(t.checkpoints_to_keep >= 1, "train.checkpoints_to_keep must be >= 1")
+        _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
+        _check(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta must be >= 0")
+        _check(0 <= t.validation_fraction < 1, "train.validation_fraction must be in [0, 1)")
         _check(self.eval.log_likelihood_samples >= 1, "eval.log_likelihood_samples must be >= 1")
 
 

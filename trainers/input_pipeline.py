@@ -22,16 +22,31 @@ def check_shards(manifest: schema.Manifest, split: str) -> list[str]:
     return paths
 
 
+HOLDOUT_BUCKETS = 10_000
+
+
+def in_holdout(serialized: tf.Tensor, fraction: float) -> tf.Tensor:
+    """Whether a record belongs to the held-out validation fraction: a hash of its bytes, so the
+    choice is the same whatever the sharding, the order or the number of input pipelines."""
+    bucket = tf.strings.to_hash_bucket_fast(serialized, HOLDOUT_BUCKETS)
+    return bucket < int(round(fraction * HOLDOUT_BUCKETS))
+
+
 def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, repeat: bool = False, drop_remainder: bool = False,
                  shuffle_buffer: int = 10000, input_context: tf.distribute.InputContext | None = None,
-                 take: int = 0) -> tf.data.Dataset:
+                 take: int = 0, holdout_fraction: float = 0.0, holdout: bool = False,
+                 skip_batches: int = 0) -> tf.data.Dataset:
     """Batches {modality: [B, *shape], "label": [B], metadata: [B, *shape]} of one split.
 
     batch_size is per input pipeline (per replica when called from
     `distribute_datasets_from_function`). With an `input_context` the shards are divided between
     input pipelines when there are enough of them, else the records are.
     take: keep only the first `take` records (0 = all), for quick evaluations.
+    holdout_fraction: with holdout=False drop that fraction of records (see `in_holdout`), with
+        holdout=True keep only them: a validation set carved out of a split.
+    skip_batches: start this many batches in, without parsing the skipped records (a
+        mid-epoch resume replays the epoch's order up to where it stopped).
     """
     paths = check_shards(manifest, split)
     files = tf.data.Dataset.from_tensor_slices(paths)
@@ -49,12 +64,16 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
         cycle_length=min(len(paths), 4), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if record_sharded:
         records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if holdout_fraction > 0:
+        records = records.filter(lambda r: in_holdout(r, holdout_fraction) == holdout)
     if take:
         records = records.take(take)
     if shuffle:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         records = records.repeat()
+    if skip_batches:
+        records = records.skip(skip_batches * batch_size)
     spec = schema.feature_spec(manifest)
     batches = records.batch(batch_size, drop_remainder=drop_remainder)
     batches = batches.map(lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),

@@ -13,6 +13,10 @@ from bmvae_tf.errors import UserError
 from trainers import config as config_lib
 
 
+# RUN/checkpoints/best holds the best validation epoch's weights when early stopping is on.
+BEST = "best"
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
     root: str
@@ -32,6 +36,11 @@ class RunPaths:
     @property
     def history(self) -> str:
         return os.path.join(self.root, "history.jsonl")
+
+    @property
+    def progress(self) -> str:
+        """One JSON line per `train.log_every_steps` steps: step, loss, steps and examples per second."""
+        return os.path.join(self.root, "progress.jsonl")
 
     @property
     def metrics(self) -> str:
@@ -88,7 +97,10 @@ def load_trained_model(workdir: str, data_dir: str | None = None):
     manifest = schema.read_manifest(data_dir or config.data.dir)
     model = config_lib.build_model(config.model, manifest.modalities)
     build_variables(model, manifest)
-    latest = tf.train.latest_checkpoint(paths.checkpoints)
+    # With early stopping the best validation epoch is the model; else the last one.
+    best = (tf.train.latest_checkpoint(os.path.join(paths.checkpoints, BEST))
+            if config.train.early_stopping_patience else None)
+    latest = best or tf.train.latest_checkpoint(paths.checkpoints)
     if latest is None:
         raise UserError(f"{paths.checkpoints}: no checkpoint; train the run first")
     status = model_checkpoint(model).restore(latest).expect_partial()  # the optimizer is not needed

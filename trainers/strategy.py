@@ -50,6 +50,12 @@ def check_tf_config(raw: str | None) -> dict:
     return value
 
 
+def task_id(strategy: tf.distribute.Strategy) -> int:
+    """This worker's index in a multi-worker cluster; 0 otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(resolver.task_id or 0) if resolver is not None and resolver.task_id is not None else 0
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Only the chief writes checkpoints, logs and metrics."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -3,7 +3,14 @@
 The step is a single-replica view (as in Orbit / official.core): each replica computes its
 examples' losses, sums them and divides by the GLOBAL batch size; global regularisers (the
 mixture-weight KL) are divided by the replica count, so the all-reduced gradient equals the
-single-device gradient of the mean objective.
+single-device gradient of the mean objective. Random draws are keyed by each example's row in
+the global batch (bmvae_tf.noise), so a step on R replicas computes what one device would.
+
+Fault tolerance: a checkpoint every `train.checkpoint_every_steps` steps and at each epoch's end
+holds the weights, the optimizer, the step and the position in the epoch. Each epoch's input
+order is a pure function of (seed, epoch), so a rerun replays the epoch up to the checkpoint
+and continues from the exact step. A non-finite loss stops training before any checkpoint of
+the diverged weights is written.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 
 import keras
@@ -20,6 +29,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
+from bmvae_tf.noise import Noise
 from trainers import config as config_lib
 from trainers import input_pipeline, run_dir, strategy as strategy_lib
 
@@ -34,18 +44,41 @@ class TrainingDiverged(RuntimeError):
 class TrainState:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    step: tf.Variable
-    epoch: tf.Variable
+    step: tf.Variable          # optimisation steps done
+    epoch: tf.Variable         # epochs finished
+    epoch_step: tf.Variable    # steps done in the unfinished epoch
+    best_val_loss: tf.Variable  # for early stopping
+    bad_epochs: tf.Variable    # epochs since the best validation loss
+    stopped: tf.Variable       # 1 once early stopping ended the run
     checkpoint: tf.train.Checkpoint
 
 
-def validation_split(manifest: schema.Manifest) -> str | None:
-    """`validation` when the dataset has one, else `test` (monitoring only; never for selection
-    of reported numbers)."""
-    for name in ("validation", "test"):
-        if name in manifest.splits:
-            return name
-    return None
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Where validation examples come from: a split, or a held-out fraction of `train`."""
+
+    split: str
+    holdout_fraction: float = 0.0
+
+    @property
+    def description(self) -> str:
+        if self.holdout_fraction:
+            return f"{self.holdout_fraction:g} of the train split held out"
+        return f"the {self.split} split"
+
+
+def choose_validation(manifest: schema.Manifest, train_config: config_lib.TrainConfig) -> Validation | None:
+    """`validation` when the dataset has it; else a held-out fraction of train when configured;
+    else `test` for monitoring only. Early stopping never selects on the test split."""
+    if "validation" in manifest.splits:
+        return Validation("validation")
+    if train_config.validation_fraction > 0:
+        return Validation("train", train_config.validation_fraction)
+    if train_config.early_stopping_patience:
+        raise UserError(
+            f"train.early_stopping_patience: {manifest.directory} has no validation split; set "
+            f"train.validation_fraction (e.g. 0.1) to hold out part of the train split")
+    return Validation("test") if "test" in manifest.splits else None
 
 
 def build_state(config: config_lib.Config, manifest: schema.Manifest,
@@ -57,45 +90,74 @@ def build_state(config: config_lib.Config, manifest: schema.Manifest,
     """
     # Seeds the initial weights, so a run is reproducible from its config alone.
     keras.utils.set_random_seed(config.train.seed)
-    with strategy.scope():
-        model = config_lib.build_model(config.model, manifest.modalities)
-        run_dir.build_variables(model, manifest)
-        optimizer = keras.optimizers.Adam(learning_rate=config.train.learning_rate,
-                                          amsgrad=config.train.amsgrad)
-        optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = run_dir.model_checkpoint(model, optimizer=optimizer, step=step, epoch=epoch)
-    return TrainState(model, optimizer, step, epoch, checkpoint)
+    previous_policy = keras.mixed_precision.global_policy()
+    if config.train.mixed_precision:
+        # Layers take their policy when they are built; the maths outside them stays float32.
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            model = config_lib.build_model(config.model, manifest.modalities)
+            run_dir.build_variables(model, manifest)
+            optimizer = keras.optimizers.Adam(learning_rate=config.train.learning_rate,
+                                              amsgrad=config.train.amsgrad)
+            if config.train.mixed_precision:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(model.trainable_variables)
+            counter = lambda name: tf.Variable(0, dtype=tf.int64, trainable=False, name=name)
+            step, epoch, epoch_step, bad_epochs, stopped = (
+                counter(n) for n in ("global_step", "epoch", "epoch_step", "bad_epochs", "stopped"))
+            best_val_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name="best_val_loss")
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    checkpoint = run_dir.model_checkpoint(
+        model, optimizer=optimizer, step=step, epoch=epoch, epoch_step=epoch_step,
+        best_val_loss=best_val_loss, bad_epochs=bad_epochs, stopped=stopped)
+    return TrainState(model, optimizer, step, epoch, epoch_step, best_val_loss, bad_epochs, stopped,
+                      checkpoint)
 
 
 def make_train_step(state: TrainState, strategy: tf.distribute.Strategy, global_batch: int,
-                    seed: int):
+                    seed: int, *, jit_compile: bool = False):
     """A tf.function running one optimisation step on a distributed batch.
 
     Randomness is stateless: the step's seed is (seed, global step), read in the graph so the
-    host never waits on the step counter; each replica folds in its replica id so replicas draw
-    independent noise.
+    host never waits on the step counter. Replica r holds global rows [r b, (r + 1) b) of the
+    batch and draws their noise (bmvae_tf.noise), so the step does not depend on the split.
+    With jit_compile the loss and gradients are XLA-compiled; the optimizer update, which
+    all-reduces across replicas, stays outside the compiled function.
     """
     model, optimizer = state.model, state.optimizer
     replicas = strategy.num_replicas_in_sync
+    per_replica = global_batch // replicas
+    scales_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+    def loss_and_grads(batch, seed, offset):
+        noise = Noise(seed, offset=offset, global_batch=global_batch)
+        with tf.GradientTape() as tape:
+            terms = model.loss_terms(batch, noise)
+            loss = tf.reduce_sum(terms.per_example) / global_batch + terms.global_term / replicas
+            # mixed_float16: scale the loss so float16 gradients do not underflow; the
+            # LossScaleOptimizer unscales them and skips steps whose gradients overflow.
+            scaled = optimizer.scale_loss(loss) if scales_loss else loss
+        return loss, tape.gradient(scaled, model.trainable_variables)
+
+    if jit_compile:
+        loss_and_grads = tf.function(loss_and_grads, jit_compile=True)
 
     def replica_step(batch, seed):
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-        replica_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(replica_id, tf.int32))
-        with tf.GradientTape() as tape:
-            terms = model.loss_terms(batch, replica_seed)
-            loss = tf.reduce_sum(terms.per_example) / global_batch + terms.global_term / replicas
-        grads = tape.gradient(loss, model.trainable_variables)
+        offset = tf.cast(replica_id, tf.int32) * per_replica
+        loss, grads = loss_and_grads(batch, seed, offset)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
     @tf.function
     def train_step(batch):
         step_seed = tf.stack([tf.constant(seed, tf.int32), tf.cast(state.step, tf.int32)])
-        per_replica = strategy.run(replica_step, args=(batch, step_seed))
+        per_replica_loss = strategy.run(replica_step, args=(batch, step_seed))
         state.step.assign_add(1)
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        state.epoch_step.assign_add(1)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
 
     return train_step
 
@@ -112,17 +174,39 @@ def make_eval_step(model):
     return eval_step
 
 
-def validation_loss(eval_step, manifest: schema.Manifest, split: str, batch_size: int, seed: int) -> float:
-    """Mean objective over a split, with `eval_step` from make_eval_step (traced once per run)."""
+def validation_loss(eval_step, manifest: schema.Manifest, validation: Validation, batch_size: int,
+                    seed: int) -> float:
+    """Mean objective over the validation examples, with `eval_step` from make_eval_step."""
     total, count = 0.0, 0.0
-    for i, batch in enumerate(input_pipeline.make_dataset(manifest, split, batch_size)):
+    dataset = input_pipeline.make_dataset(manifest, validation.split, batch_size,
+                                          holdout_fraction=validation.holdout_fraction, holdout=True)
+    for i, batch in enumerate(dataset):
         s, n = eval_step(batch, tf.constant([seed, i], tf.int32))
         total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+    if count == 0:
+        raise UserError(f"{manifest.directory}: no validation examples in {validation.description}")
+    return total / count
 
 
-def _write_history(paths: run_dir.RunPaths, history: list[dict]) -> None:
-    schema.write_text_atomic(paths.history, "".join(json.dumps(h) + "\n" for h in history))
+def steps_per_epoch(manifest: schema.Manifest, validation: Validation | None, global_batch: int) -> int:
+    """Full global batches per epoch; a held-out fraction is taken out of the count (its exact
+    size depends on record hashes, so this is the expected size; epochs repeat the data and
+    take exactly this many steps)."""
+    count = manifest.split("train").count
+    if validation is not None and validation.split == "train":
+        count = int(count * (1.0 - validation.holdout_fraction))
+    return count // global_batch
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    schema.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not tf.io.gfile.exists(path):
+        return []
+    with tf.io.gfile.GFile(path) as f:
+        return [json.loads(line) for line in f.read().splitlines() if line.strip()]
 
 
 def resolve_config(workdir: str, data_dir: str | None, config_file: str | None,
@@ -151,94 +235,204 @@ def resolve_config(workdir: str, data_dir: str | None, config_file: str | None,
     return config
 
 
+class _Checkpoints:
+    """Checkpoint managers. Under MultiWorkerMirroredStrategy every worker must take part in a
+    save; only the chief writes RUN/checkpoints, the others write to a scratch directory that
+    is deleted after each save."""
+
+    def __init__(self, state: TrainState, paths: run_dir.RunPaths, chief: bool, task_id: int,
+                 keep: int):
+        self.chief = chief
+        directory = paths.checkpoints if chief else os.path.join(paths.root, f".worker-{task_id}")
+        self.directory = directory
+        self.latest = tf.train.CheckpointManager(state.checkpoint, directory, max_to_keep=keep)
+        self.best = tf.train.CheckpointManager(
+            state.checkpoint, os.path.join(directory, run_dir.BEST), max_to_keep=1)
+        self.restore_from = tf.train.latest_checkpoint(paths.checkpoints)
+
+    def save(self, step: int, best: bool = False) -> None:
+        (self.best if best else self.latest).save(checkpoint_number=step)
+        if not self.chief:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    @property
+    def last_good(self) -> str:
+        return tf.train.latest_checkpoint(self.latest.directory) or "none"
+
+
+class _Progress:
+    """A progress bar on a terminal, plain log lines otherwise; steps and examples per second."""
+
+    def __init__(self, steps: int, global_batch: int, every: int, epoch: int, epochs: int, done: int):
+        self.bar = keras.utils.Progbar(steps, unit_name="step") if sys.stderr.isatty() else None
+        self.global_batch, self.every, self.epoch, self.epochs = global_batch, every, epoch, epochs
+        self.done = done
+        self.mark, self.mark_step = time.perf_counter(), done
+
+    def update(self, done: int, step: int, loss: float) -> dict:
+        elapsed = time.perf_counter() - self.mark
+        rate = (done - self.mark_step) / max(elapsed, 1e-9)
+        record = {"epoch": self.epoch, "step": step, "loss": loss, "steps_per_second": rate,
+                  "examples_per_second": rate * self.global_batch}
+        if self.bar is not None:
+            self.bar.update(done, values=[("loss", loss)], finalize=False)
+        else:
+            log.info("epoch %d/%d step %d loss %.4f  %.1f steps/s  %.0f examples/s", self.epoch,
+                     self.epochs, step, loss, rate, rate * self.global_batch)
+        self.mark, self.mark_step = time.perf_counter(), done
+        return record
+
+
 def train(config: config_lib.Config, workdir: str, *,
           strategy: tf.distribute.Strategy | None = None) -> list[dict]:
     """Trains (or resumes) the run in `workdir`; returns the whole history, one dict per epoch."""
+    t = config.train
+    if t.deterministic:
+        tf.config.experimental.enable_op_determinism()
     paths = run_dir.RunPaths(workdir)
     manifest = schema.read_manifest(config.data.dir)
-    strategy = strategy or strategy_lib.make_strategy(config.train.strategy)
+    strategy = strategy or strategy_lib.make_strategy(t.strategy)
     chief = strategy_lib.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
-    global_batch = config.train.batch_size
+    global_batch = t.batch_size
     if global_batch % replicas:
         raise UserError(f"train.batch_size={global_batch} is not divisible by the "
                         f"{replicas} replicas of the {type(strategy).__name__}")
     input_pipeline.check_shards(manifest, "train")
-    if manifest.split("train").count < global_batch:
+    validation = choose_validation(manifest, t)
+    steps = steps_per_epoch(manifest, validation, global_batch)
+    if steps < 1:
         raise UserError(f"train.batch_size={global_batch} exceeds the {manifest.split('train').count} "
                         f"training examples of {config.data.dir}")
 
     state = build_state(config, manifest, strategy)
-    manager = tf.train.CheckpointManager(state.checkpoint, paths.checkpoints,
-                                         max_to_keep=config.train.checkpoints_to_keep)
-    if manager.latest_checkpoint:
-        state.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        log.info("resumed %s at epoch %d, step %d", manager.latest_checkpoint,
-                 int(state.epoch.numpy()), int(state.step.numpy()))
-    start_epoch = int(state.epoch.numpy())
-    # History lines past the checkpoint belong to work that was lost; drop them.
-    history = [h for h in run_dir.read_history(paths) if h["epoch"] <= start_epoch]
+    checkpoints = _Checkpoints(state, paths, chief, strategy_lib.task_id(strategy), t.checkpoints_to_keep)
+    if checkpoints.restore_from:
+        state.checkpoint.restore(checkpoints.restore_from).assert_existing_objects_matched()
+        log.info("resumed %s at epoch %d, step %d", checkpoints.restore_from,
+                 int(state.epoch.numpy()) + 1, int(state.step.numpy()))
+    finished, restored_step = int(state.epoch.numpy()), int(state.step.numpy())
+    # Records past the checkpoint belong to work that was lost; drop them.
+    history = [h for h in run_dir.read_history(paths) if h["epoch"] <= finished]
+    progress_log = [p for p in _read_jsonl(paths.progress) if p["step"] <= restored_step]
     if chief:
         tf.io.gfile.makedirs(paths.root)
         schema.write_text_atomic(paths.config, config_lib.dump_yaml(config))
-        _write_history(paths, history)
+        _write_jsonl(paths.history, history)
+        _write_jsonl(paths.progress, progress_log)
     writer = tf.summary.create_file_writer(paths.logs) if chief else tf.summary.create_noop_writer()
 
-    seed = config.train.seed
-    train_step = make_train_step(state, strategy, global_batch, seed)
+    seed = t.seed
+    train_step = make_train_step(state, strategy, global_batch, seed, jit_compile=t.jit_compile)
     eval_step = make_eval_step(state.model)
-    val_split = validation_split(manifest)
-    for epoch in range(start_epoch + 1, config.train.epochs + 1):
+    if validation is not None:
+        log.info("validation on %s", validation.description)
+
+    def check_finite(losses: list, epoch: int) -> float:
+        """The mean of `losses`; stops training, before anything is saved, if one is not finite."""
+        value = float(tf.reduce_mean(losses))
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss is {value} in epoch {epoch} at or before step {int(state.step.numpy())}; "
+                f"training stopped. The last good checkpoint is {checkpoints.last_good}; lower "
+                f"train.learning_rate or check the data")
+        return value
+
+    for epoch in range(finished + 1, t.epochs + 1):
+        if int(state.stopped.numpy()):
+            break
+        done = int(state.epoch_step.numpy())
         dataset = strategy.distribute_datasets_from_function(
-            lambda ctx, e=epoch: input_pipeline.make_dataset(
-                manifest, "train", ctx.get_per_replica_batch_size(global_batch), shuffle=True,
-                seed=seed * 100003 + e, drop_remainder=True,
-                shuffle_buffer=config.train.shuffle_buffer, input_context=ctx))
+            lambda ctx, e=epoch, d=done: _epoch_dataset(ctx, manifest, config, validation, e, d, steps))
         started = time.perf_counter()
-        interval_start, interval_steps = started, 0
-        losses = []
-        first_step = int(state.step.numpy())
+        progress = _Progress(steps, global_batch, t.log_every_steps, epoch, t.epochs, done)
+        losses, unchecked = [], []
         for batch in dataset:
-            losses.append(train_step(batch))
-            interval_steps += 1
-            if interval_steps == config.train.log_every_steps:
-                step = first_step + len(losses)
-                recent = float(tf.reduce_mean(losses[-interval_steps:]))
-                _check_finite(recent, epoch, step, manager)
-                elapsed = time.perf_counter() - interval_start
-                log.info("epoch %d step %d loss %.4f  %.1f steps/s  %.0f examples/s", epoch, step,
-                         recent, interval_steps / elapsed, interval_steps * global_batch / elapsed)
-                interval_start, interval_steps = time.perf_counter(), 0
-        loss = float(tf.reduce_mean(losses)) if losses else float("nan")
-        _check_finite(loss, epoch, int(state.step.numpy()), manager)
+            loss = train_step(batch)
+            losses.append(loss)
+            unchecked.append(loss)
+            done += 1
+            step = int(state.step.numpy())
+            if done % t.log_every_steps == 0 or (progress.bar is not None and done % 10 == 0):
+                value = check_finite(unchecked, epoch)
+                unchecked = []
+                record = progress.update(done, step, value)
+                if done % t.log_every_steps == 0:
+                    progress_log.append(record)
+                    if chief:
+                        _write_jsonl(paths.progress, progress_log)
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and done < steps:
+                if unchecked:
+                    check_finite(unchecked, epoch)
+                    unchecked = []
+                checkpoints.save(step)
+        loss = check_finite(losses, epoch) if losses else float("nan")
+        if progress.bar is not None:
+            progress.bar.update(done, values=[("loss", loss)], finalize=True)
         seconds = time.perf_counter() - started
-        val_loss = (validation_loss(eval_step, manifest, val_split, config.eval.batch_size, seed)
-                    if val_split else None)
+        val_loss = (validation_loss(eval_step, manifest, validation, config.eval.batch_size, seed)
+                    if validation is not None else None)
+        improved = _early_stopping_update(state, t, val_loss, validation)
         state.epoch.assign(epoch)
-        if chief:
-            manager.save(checkpoint_number=state.step)
-        record = {"epoch": epoch, "step": int(state.step.numpy()), "loss": loss,
-                  "val_loss": val_loss, "seconds": seconds}
+        state.epoch_step.assign(0)
+        step = int(state.step.numpy())
+        if improved:
+            checkpoints.save(step, best=True)
+        checkpoints.save(step)
+        record = {"epoch": epoch, "step": step, "loss": loss, "val_loss": val_loss, "seconds": seconds}
+        if int(state.stopped.numpy()):
+            record["stopped_early"] = True
         history.append(record)
         if chief:
-            _write_history(paths, history)
-            with writer.as_default(step=int(state.step.numpy())):
+            _write_jsonl(paths.history, history)
+            with writer.as_default(step=step):
                 tf.summary.scalar("loss", loss)
                 if val_loss is not None:
                     tf.summary.scalar("val_loss", val_loss)
             writer.flush()
-        log.info("epoch %d/%d  loss %.4f  val_loss %s  %.1fs (%.0f examples/s)", epoch,
-                 config.train.epochs, loss, "n/a" if val_loss is None else f"{val_loss:.4f}", seconds,
-                 len(losses) * global_batch / max(seconds, 1e-9))
-    if start_epoch >= config.train.epochs:
-        log.info("%s is already trained for %d epochs", workdir, start_epoch)
+        log.info("epoch %d/%d  loss %.4f  val_loss %s  %.1fs (%.0f examples/s)", epoch, t.epochs, loss,
+                 "n/a" if val_loss is None else f"{val_loss:.4f}", seconds,
+                 (steps - progress.done) * global_batch / max(seconds, 1e-9))
+        if record.get("stopped_early"):
+            log.info("early stopping: no improvement of the validation loss for %d epochs; best %.4f",
+                     t.early_stopping_patience, float(state.best_val_loss.numpy()))
+    if len(history) == finished:
+        log.info("%s is already trained (%d epochs%s)", workdir, finished,
+                 ", stopped early" if int(state.stopped.numpy()) else "")
     return history
 
 
-def _check_finite(loss: float, epoch: int, step: int, manager: tf.train.CheckpointManager) -> None:
-    if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f"loss is {loss} at epoch {epoch}, step {step}; training stopped. The last good "
-            f"checkpoint is {manager.latest_checkpoint or 'none (no epoch finished)'}; lower "
-            f"train.learning_rate or check the data")
+def _early_stopping_update(state: TrainState, t: config_lib.TrainConfig, val_loss: float | None,
+                           validation: Validation | None) -> bool:
+    """Tracks the best validation loss; returns whether this epoch is the new best. Sets
+    `stopped` after `patience` epochs without an improvement larger than min_delta."""
+    if not t.early_stopping_patience or val_loss is None or validation.split == "test":
+        return False
+    if val_loss < float(state.best_val_loss.numpy()) - t.early_stopping_min_delta:
+        state.best_val_loss.assign(val_loss)
+        state.bad_epochs.assign(0)
+        return True
+    state.bad_epochs.assign_add(1)
+    if int(state.bad_epochs.numpy()) >= t.early_stopping_patience:
+        state.stopped.assign(1)
+    return False
 
+
+def _epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
+                   config: config_lib.Config, validation: Validation | None, epoch: int, done: int,
+                   steps: int) -> tf.data.Dataset:
+    """Epoch `epoch`'s batches for one input pipeline, from global step `done` of the epoch on.
+
+    The order is a pure function of (seed, epoch). Each pipeline feeds
+    num_replicas / num_input_pipelines replicas, one batch each per step; the data repeat and
+    every pipeline takes exactly `steps` steps' worth, so workers with unequal shards stay in
+    lockstep.
+    """
+    t = config.train
+    per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    holdout = validation.holdout_fraction if validation is not None and validation.split == "train" else 0.0
+    dataset = input_pipeline.make_dataset(
+        manifest, "train", ctx.get_per_replica_batch_size(t.batch_size), shuffle=True,
+        seed=t.seed * 100003 + epoch, repeat=True, drop_remainder=True, shuffle_buffer=t.shuffle_buffer,
+        input_context=ctx, holdout_fraction=holdout, holdout=False, skip_batches=done * per_pipeline)
+    return dataset.take((steps - done) * per_pipeline)

@@ -149,7 +149,9 @@ class MultimodalVAE(keras.Model):
         return None
 
     # ---------------------------------------------------------------- model-specific
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: "Noise | tf.Tensor") -> LossTerms:
+        """The objective of a batch. noise: a bmvae_tf.noise.Noise, keyed by example, or a plain
+        int32 [2] seed for a batch that is the whole global batch."""
         raise NotImplementedError
 
     def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:

@@ -9,6 +9,7 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import aggregation, distributions
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -57,17 +58,18 @@ class BMVAEM(MultimodalVAE):
     def mixture_weights(self) -> tf.Tensor:
         return tf.nn.softmax(tf.convert_to_tensor(self.mixture_logits), axis=-1)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
-        z_seed, select_seed = tfp.random.split_seed(seed, 2)
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+        z_noise, select_noise = Noise.of(noise).split(2)
         loc, scale = self.encode(inputs)                                   # [M, B, D]
         experts = distributions.expert(self.posterior_family, loc, scale)
-        z_all = experts.sample(self.K, seed=z_seed)                        # [K, M, B, D]
+        z_all = reparameterized_sample(self.posterior_family, loc, scale, z_noise,
+                                       [self.K], batch_axis=1)             # [K, M, B, D]
         log_q_all = experts.log_prob(z_all)                                # [K, M, B, D]
 
         batch = tf.shape(loc)[1]
         logits = tf.convert_to_tensor(self.mixture_logits)
-        onehot = aggregation.straight_through_selection(
-            logits, self.temperatures(), [self.K, batch], select_seed)    # [K, B, D, M]
+        gumbel = select_noise.gumbel([self.K], batch, logits.shape)        # [K, B, D, M]
+        onehot = aggregation.straight_through_selection(logits, self.temperatures(), gumbel)
         selection = tf.transpose(onehot, [0, 3, 1, 2])                     # [K, M, B, D]
 
         z = tf.reduce_sum(selection * z_all, axis=1)                       # [K, B, D]

@@ -11,6 +11,7 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import aggregation
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -82,13 +83,13 @@ class BMVAEP(MultimodalVAE):
         beta = self.concentration()
         return beta / tf.reduce_sum(beta, axis=-1, keepdims=True)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
-        pi_seed, z_seed = tfp.random.split_seed(seed, 2)
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+        pi_noise, z_noise = Noise.of(noise).split(2)
         loc, scale = self.encode(inputs)                                   # [M, B, D]
 
         if self.learn_weights:
             beta = self.concentration()
-            pi = tfd.Dirichlet(beta).sample(tf.shape(loc)[1], seed=pi_seed)  # [B, D, M]
+            pi = pi_noise.dirichlet(tf.shape(loc)[1], beta)                # [B, D, M]
             weights = tf.transpose(pi, [2, 0, 1])                          # [M, B, D]
             kl_dirichlet = tf.reduce_sum(tfd.kl_divergence(
                 tfd.Dirichlet(beta), tfd.Dirichlet(tf.fill(tf.shape(beta), self.beta_prior))))
@@ -97,7 +98,8 @@ class BMVAEP(MultimodalVAE):
             kl_dirichlet = tf.constant(0.0)
 
         q_bar = aggregation.product_of_gaussians(loc, scale, weights, self.all_present())  # [B, D]
-        reconstruction = self.reconstruction_log_prob(inputs, q_bar.sample(seed=z_seed))  # [B]
+        z = reparameterized_sample("gaussian", q_bar.loc, q_bar.scale, z_noise)       # [B, D]
+        reconstruction = self.reconstruction_log_prob(inputs, z)                        # [B]
 
         prior = self.prior()
         experts = tfd.Normal(loc, scale)

@@ -9,6 +9,7 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import aggregation
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -42,10 +43,11 @@ class MMJSD(MultimodalVAE):
         weight = 1.0 / (tf.reduce_sum(tf.cast(present, loc.dtype)) + 1.0)
         return aggregation.product_of_gaussians(loc, scale, weight, present, prior_weight=weight)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
         loc, scale = self.encode(inputs)                                   # [M, B, D]
         f_m = self.dynamic_prior(loc, scale, self.all_present())           # [B, D]
-        reconstruction = self.reconstruction_log_prob(inputs, f_m.sample(seed=seed))  # [B]
+        z = reparameterized_sample("gaussian", f_m.loc, f_m.scale, Noise.of(noise))
+        reconstruction = self.reconstruction_log_prob(inputs, z)           # [B]
 
         kl_experts = tf.reduce_sum(tfd.kl_divergence(tfd.Normal(loc, scale), f_m), axis=-1)  # [M, B]
         kl_prior = tf.reduce_sum(tfd.kl_divergence(self.prior(), f_m), axis=-1)              # [B]

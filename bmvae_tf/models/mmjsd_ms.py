@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 from bmvae_tf.models.base import LossTerms
 from bmvae_tf.models.mmjsd import MMJSD
 from bmvae_tf.models.modality_specific import ModalitySpecificLatents
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -24,12 +25,12 @@ class MMJSDMS(ModalitySpecificLatents, MMJSD):
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
         return tfd.Independent(self.dynamic_prior(loc, scale, present), reinterpreted_batch_ndims=1)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
-        seeds = tfp.random.split_seed(seed, 2)
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+        c_noise, s_noise = Noise.of(noise).split(2)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs))
         f_m = self.dynamic_prior(c_loc, c_scale, self.all_present())             # [B, D_c]
-        z = self.join(f_m.sample(seed=seeds[0]),
-                      self.private_posterior(s_loc, s_scale).sample(seed=seeds[1]))
+        z = self.join(reparameterized_sample("gaussian", f_m.loc, f_m.scale, c_noise),
+                      self.sample_private(s_loc, s_scale, s_noise))
         reconstruction = self.reconstruction_log_prob(inputs, z)                 # [B]
 
         kl_experts = tf.reduce_sum(tfd.kl_divergence(tfd.Normal(c_loc, c_scale), f_m), axis=-1)  # [M, B]

@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 from bmvae_tf import distributions, objectives
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
 from bmvae_tf.schema import ModalitySpec
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -61,17 +62,17 @@ class MMVAE(MultimodalVAE):
         per_expert = tf.reduce_sum(experts.log_prob(z[..., None, :, :]), axis=-1)   # [..., M, B]
         return distributions.log_mean_exp(per_expert, axis=-2)
 
-    def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, noise: Noise) -> tf.Tensor:
         """K reparameterised samples from each expert: [K, M, B, D], z[k, m] ~ q_m."""
-        return distributions.expert(self.posterior_family, loc, scale).sample(self.K, seed=seed)
+        return reparameterized_sample(self.posterior_family, loc, scale, noise, [self.K], batch_axis=1)
 
     def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
         """log q(z | x_{1:M}) of the joint posterior the samples are weighted against."""
         return self.mixture_log_prob(z, loc, scale)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
         loc, scale = self.encode(inputs)                                           # [M, B, D]
-        z = self.sample_strata(loc, scale, seed)                                   # [K, M, B, D]
+        z = self.sample_strata(loc, scale, Noise.of(noise))                        # [K, M, B, D]
         if self.bound == "tight":
             # L_T pools the M*K samples of all experts into one importance-weighted average.
             z = tf.reshape(z, tf.concat([[-1], tf.shape(z)[2:]], axis=0))        # [K*M, B, D]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import distributions
 from bmvae_tf.models.mmvae import MMVAE
 from bmvae_tf.models.modality_specific import ModalitySpecificLatents
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -23,11 +23,11 @@ class MMVAEMS(ModalitySpecificLatents, MMVAE):
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
         return self.uniform_mixture(loc, scale, present)
 
-    def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        seeds = tfp.random.split_seed(seed, 2)
+    def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, noise: Noise) -> tf.Tensor:
+        c_noise, s_noise = noise.split(2)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(loc, scale)
-        c = distributions.expert(self.posterior_family, c_loc, c_scale).sample(self.K, seed=seeds[0])
-        s = self.private_posterior(s_loc, s_scale).sample([self.K, self.num_modalities], seed=seeds[1])
+        c = reparameterized_sample(self.posterior_family, c_loc, c_scale, c_noise, [self.K], batch_axis=1)
+        s = self.sample_private(s_loc, s_scale, s_noise, [self.K, self.num_modalities])
         return self.join(c, s)                                                   # [K, M, B, D]
 
     def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:

@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bmvae_tf import distributions
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -69,6 +70,14 @@ class ModalitySpecificLatents:
         flat = lambda t: tf.reshape(tf.transpose(t, [1, 0, 2]), [batch, self.num_modalities * self.private_dim])
         return tfd.Independent(distributions.expert(self.posterior_family, flat(loc), flat(scale)),
                                reinterpreted_batch_ndims=1)
+
+    def sample_private(self, loc: tf.Tensor, scale: tf.Tensor, noise: Noise,
+                       sample_shape=()) -> tf.Tensor:
+        """Reparameterised draws of [s_1..s_M] from the private parts [M, B, D_s]: [..., B, M * D_s]."""
+        s = reparameterized_sample(self.posterior_family, loc, scale, noise, sample_shape, batch_axis=1)
+        n = len(sample_shape)
+        s = tf.transpose(s, [*range(n), n + 1, n, n + 2])                        # [..., B, M, D_s]
+        return tf.reshape(s, tf.concat([tf.shape(s)[:-2], [self.num_modalities * self.private_dim]], 0))
 
     def private_kl(self, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
         """KL(q(s_m | x_m) || p(s_m)) summed over D_s, in closed form: [M, B]."""

@@ -9,6 +9,7 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import aggregation
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -42,19 +43,20 @@ class MVAE(MultimodalVAE):
         """KL(q || p) summed over the latent dimensions: [B, D] -> [B]."""
         return tf.reduce_sum(tfd.kl_divergence(q, self.prior()), axis=-1)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
-        seeds = tfp.random.split_seed(seed, self.num_modalities + 1)
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+        noises = Noise.of(noise).split(self.num_modalities + 1)
         loc, scale = self.encode(inputs)                                   # [M, B, D]
 
         joint = self._product(loc, scale, self.all_present())
-        reconstruction = self.reconstruction_log_prob(inputs, joint.sample(seed=seeds[0]))  # [B]
+        z = reparameterized_sample("gaussian", joint.loc, joint.scale, noises[0])      # [B, D]
+        reconstruction = self.reconstruction_log_prob(inputs, z)                        # [B]
         kl_joint = self._kl_to_prior(joint)
         objective = reconstruction - kl_joint
 
         for index, spec in enumerate(self.modalities):
             only = tf.constant([m == index for m in range(self.num_modalities)])
             single = self._product(loc, scale, only)
-            z = single.sample(seed=seeds[index + 1])                       # [B, D]
+            z = reparameterized_sample("gaussian", single.loc, single.scale, noises[index + 1])
             log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
             objective += log_lik - self._kl_to_prior(single)
 

@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 from bmvae_tf.models.base import LossTerms
 from bmvae_tf.models.modality_specific import ModalitySpecificLatents
 from bmvae_tf.models.mvae import MVAE
+from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
@@ -24,21 +25,23 @@ class MVAEMS(ModalitySpecificLatents, MVAE):
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
         return tfd.Independent(self._product(loc, scale, present), reinterpreted_batch_ndims=1)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], seed: tf.Tensor) -> LossTerms:
-        seeds = tfp.random.split_seed(seed, self.num_modalities + 2)
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+        noises = Noise.of(noise).split(self.num_modalities + 2)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs))
-        s = self.private_posterior(s_loc, s_scale).sample(seed=seeds[0])        # [B, M * D_s]
+        s = self.sample_private(s_loc, s_scale, noises[0])                       # [B, M * D_s]
         kl_private = self.private_kl(s_loc, s_scale)                             # [M, B]
 
         joint = self._product(c_loc, c_scale, self.all_present())                # [B, D_c]
-        reconstruction = self.reconstruction_log_prob(inputs, self.join(joint.sample(seed=seeds[1]), s))
+        c = reparameterized_sample("gaussian", joint.loc, joint.scale, noises[1])
+        reconstruction = self.reconstruction_log_prob(inputs, self.join(c, s))
         kl_joint = self.shared_kl(joint) + tf.reduce_sum(kl_private, axis=0)
         objective = reconstruction - kl_joint
 
         for index, spec in enumerate(self.modalities):
             only = tf.constant([m == index for m in range(self.num_modalities)])
             single = self._product(c_loc, c_scale, only)
-            z = self.join(single.sample(seed=seeds[index + 2]), s)
+            c = reparameterized_sample("gaussian", single.loc, single.scale, noises[index + 2])
+            z = self.join(c, s)
             log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
             objective += log_lik - self.shared_kl(single) - kl_private[index]
 

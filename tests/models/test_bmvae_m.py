@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from bmvae_tf import aggregation
 from bmvae_tf.models import BMVAEM
+from bmvae_tf.noise import Noise
 from tests import synthetic
 
 SMALL = synthetic.TINY_NETWORKS
@@ -35,7 +36,8 @@ def test_straight_through_selection_is_one_hot_and_passes_gradients():
     logits = tf.Variable(tf.random.stateless_normal([7, 3], seed=[0, 1]))
     temperature = tf.linspace(0.5, 2.0, 7)
     with tf.GradientTape() as tape:
-        onehot = aggregation.straight_through_selection(logits, temperature, [5, 4], tf.constant([3, 4]))
+        gumbel = Noise(tf.constant([3, 4])).gumbel([5], 4, [7, 3])                 # [5, 4, 7, 3]
+        onehot = aggregation.straight_through_selection(logits, temperature, gumbel)
         # A loss that depends on which expert is chosen.
         loss = tf.reduce_sum(onehot * tf.constant([1.0, -2.0, 0.5]))
     values = onehot.numpy()

@@ -16,6 +16,7 @@ import tensorflow_probability as tfp
 from bmvae_tf import aggregation, distributions, objectives, schema
 from bmvae_tf.models.bmvae_m import BMVAEM
 from bmvae_tf.models.mmvae import MMVAE
+from bmvae_tf.noise import Noise
 from tests import synthetic
 
 tfd = tfp.distributions
@@ -177,9 +178,9 @@ def _chisquare_p(counts, probs):
 def test_straight_through_selection_frequencies_match_alpha():
     """argmax of Gumbel-perturbed log alpha is Cat(alpha) at any temperature (Eq. 9)."""
     n = 20_000
+    gumbel = Noise(tf.constant([6, 0])).gumbel([], n, ALPHA.shape)                  # [n, D, M]
     onehot = aggregation.straight_through_selection(
-        tf.constant(np.log(ALPHA), tf.float32), tf.constant([0.5, 1.25, 2.0]), [n],
-        tf.constant([6, 0])).numpy()                                                # [n, D, M]
+        tf.constant(np.log(ALPHA), tf.float32), tf.constant([0.5, 1.25, 2.0]), gumbel).numpy()
     counts = onehot.sum(0)
     wrong = np.roll(ALPHA, 1, axis=1)
     for d in range(3):
@@ -227,8 +228,8 @@ def test_bmvae_m_with_one_modality_is_iwae(family):
     z = z.numpy().reshape(K, batch, 2)
 
     # The selection is trivially the one expert, exactly.
-    onehot = aggregation.straight_through_selection(tf.zeros([2, 1]), model.temperatures(),
-                                                    [K, batch], tf.constant([0, 1]))
+    onehot = aggregation.straight_through_selection(
+        tf.zeros([2, 1]), model.temperatures(), Noise(tf.constant([0, 1])).gumbel([K], batch, [2, 1]))
     np.testing.assert_array_equal(onehot.numpy(), 1.0)
 
     loc, scale = (t.numpy()[0] for t in model.encode(x))                           # [B, D]

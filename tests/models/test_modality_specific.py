@@ -8,6 +8,7 @@ import tensorflow_probability as tfp
 
 from bmvae_tf.models import MODELS
 from bmvae_tf.models.mmvae_ms import MMVAEMS
+from bmvae_tf.noise import Noise
 from tests import synthetic
 
 tfd = tfp.distributions
@@ -136,7 +137,7 @@ def test_mmvae_ms_weights_samples_by_the_density_of_its_joint_posterior(family):
     model, specs = _build("mmvae_ms", K=4000, posterior=family)
     x = synthetic.random_inputs(specs, 2)
     loc, scale = model.encode(x)
-    z = model.sample_strata(loc, scale, tf.constant([7, 8]))                     # [K, M, B, D]
+    z = model.sample_strata(loc, scale, Noise(tf.constant([7, 8])))                   # [K, M, B, D]
     assert z.shape == (4000, 3, 2, model.latent_dim)
     np.testing.assert_allclose(model.joint_log_prob(z, loc, scale).numpy(),
                                model.posterior(x, model.all_present()).log_prob(z).numpy(),

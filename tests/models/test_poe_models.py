@@ -9,6 +9,7 @@ from bmvae_tf import aggregation
 from bmvae_tf.models.bmvae_p import BMVAEP
 from bmvae_tf.models.mmjsd import MMJSD
 from bmvae_tf.models.mvae import MVAE
+from bmvae_tf.noise import Noise
 from tests import synthetic
 
 tfd = tfp.distributions
@@ -136,7 +137,7 @@ def test_dirichlet_reparameterised_gradient_matches_finite_differences():
     # One copy of beta per group gives `groups` independent gradient estimates in one tape call.
     beta = tf.Variable(np.tile(beta0, (groups, 1)))
     with tf.GradientTape() as tape:
-        pi = tfd.Dirichlet(beta).sample(per_group, seed=tf.constant([3, 9]))     # [n, G, M]
+        pi = Noise(tf.constant([3, 9])).dirichlet(per_group, beta)               # [n, G, M]
         value = tf.reduce_sum(tf.reduce_mean(tf.reduce_sum(c * pi ** 2, -1), 0))
     estimates = tape.gradient(value, beta).numpy()                               # [G, M]
     mean, stderr = estimates.mean(0), estimates.std(0, ddof=1) / np.sqrt(groups)

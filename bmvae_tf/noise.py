@@ -1,0 +1,115 @@
+"""Stateless randomness keyed by each example's row in the global batch.
+
+Under tf.distribute every replica holds a slice of the global batch. Were each replica to draw
+from a seed of its own, a step on two replicas would use other random numbers than the same
+step on one device, and the two could not be compared. So every draw here is made for the whole
+global batch from the step's seed, and each replica keeps the rows of its own examples: example
+g of the global batch sees the same noise however the batch is split. The price is that each
+replica generates R times the noise it uses; noise is a few numbers per latent dimension, small
+next to the networks' activations.
+
+Everything is reparameterised: samples are deterministic, differentiable functions of the
+parameters and of this noise (Gamma draws through TensorFlow's implicit gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+Shape = Sequence["int | tf.Tensor"]
+
+
+class Noise:
+    """A stream of keyed noise.
+
+    Args:
+      seed: int32 [2], a stateless seed.
+      offset: the global row of this replica's first example (0 on one device).
+      global_batch: the rows of the global batch; None means this batch is the global batch.
+    """
+
+    def __init__(self, seed, *, offset: "int | tf.Tensor" = 0, global_batch: int | None = None):
+        self.seed = tf.cast(seed, tf.int32)
+        self.offset = offset
+        self.global_batch = global_batch
+
+    @classmethod
+    def of(cls, seed_or_noise: "Noise | tf.Tensor") -> "Noise":
+        """A Noise as it is, or a one-device Noise from a plain seed."""
+        return seed_or_noise if isinstance(seed_or_noise, Noise) else cls(seed_or_noise)
+
+    def split(self, n: int) -> list["Noise"]:
+        """n independent streams with the same keying."""
+        seeds = tf.random.experimental.stateless_split(self.seed, n)
+        return [Noise(seeds[i], offset=self.offset, global_batch=self.global_batch) for i in range(n)]
+
+    # ---------------------------------------------------------------- draws
+    def _rows(self, draw, sample_shape: Shape, batch: "int | tf.Tensor", event_shape: Shape) -> tf.Tensor:
+        """draw(shape, seed) for all global rows, cut to this replica's: [*sample_shape, batch, *event]."""
+        rows = batch if self.global_batch is None else self.global_batch
+        sample_shape, event_shape = list(sample_shape), list(event_shape)
+        full = draw(tf.stack([rows, *sample_shape, *event_shape]), self.seed)
+        mine = full[self.offset:self.offset + batch] if self.global_batch is not None else full
+        n = len(sample_shape)
+        if n == 0:
+            return mine
+        rank = 1 + n + len(event_shape)
+        return tf.transpose(mine, [*range(1, n + 1), 0, *range(n + 1, rank)])
+
+    def normal(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
+        """N(0, 1) noise, [*sample_shape, batch, *event_shape]."""
+        return self._rows(lambda shape, seed: tf.random.stateless_normal(shape, seed),
+                          sample_shape, batch, event_shape)
+
+    def laplace(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
+        """Laplace(0, 1) noise by inversion of a uniform on (-1, 1), as TFP draws it."""
+        def draw(shape, seed):
+            u = tf.random.stateless_uniform(shape, seed, minval=np.nextafter(np.float32(-1), 0), maxval=1.0)
+            return -tf.sign(u) * tf.math.log1p(-tf.abs(u))
+        return self._rows(draw, sample_shape, batch, event_shape)
+
+    def standard(self, family: str, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
+        """Standard noise of an expert family: gaussian -> N(0, 1), laplace -> Laplace(0, 1)."""
+        if family == "gaussian":
+            return self.normal(sample_shape, batch, event_shape)
+        if family == "laplace":
+            return self.laplace(sample_shape, batch, event_shape)
+        raise ValueError(f"unknown family {family!r}")
+
+    def gumbel(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
+        """Gumbel(0, 1) noise, -log(-log u) with u uniform on (0, 1)."""
+        def draw(shape, seed):
+            u = tf.random.stateless_uniform(shape, seed, minval=np.finfo(np.float32).tiny, maxval=1.0)
+            return -tf.math.log(-tf.math.log(u))
+        return self._rows(draw, sample_shape, batch, event_shape)
+
+    def dirichlet(self, batch, concentration: tf.Tensor) -> tf.Tensor:
+        """One Dirichlet(concentration) draw per example, [batch, *concentration.shape].
+
+        The concentration is shared by all examples (a global parameter), so the whole global
+        batch can be drawn from it. Normalised Gamma draws; the gradient with respect to the
+        concentration is TensorFlow's implicit reparameterisation of the Gamma sampler.
+        """
+        concentration = tf.convert_to_tensor(concentration)
+        dtype = concentration.dtype
+        gamma = self._rows(
+            lambda shape, seed: tf.random.stateless_gamma(shape, seed, alpha=concentration, dtype=dtype),
+            [], batch, concentration.shape)
+        # Tiny concentrations can underflow every Gamma to 0; keep the simplex finite.
+        gamma = tf.maximum(gamma, np.finfo(dtype.as_numpy_dtype).tiny)
+        return gamma / tf.reduce_sum(gamma, axis=-1, keepdims=True)
+
+
+def reparameterized_sample(family: str, loc: tf.Tensor, scale: tf.Tensor, noise: Noise,
+                           sample_shape: Shape = (), batch_axis: int = 0) -> tf.Tensor:
+    """loc + scale * eps, eps keyed by example: [*sample_shape, *loc.shape].
+
+    batch_axis: which axis of loc is the example axis ([M, B, D] experts have it at 1).
+    """
+    lead = [loc.shape[i] for i in range(batch_axis)]
+    event = [loc.shape[i] for i in range(batch_axis + 1, loc.shape.rank)]
+    eps = noise.standard(family, [*sample_shape, *lead], tf.shape(loc)[batch_axis], event)
+    return loc + scale * eps
