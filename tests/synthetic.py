@@ -81,8 +81,12 @@ def _example(spec, proto, rng):
 
 def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
                   num_modalities: int = 3, num_classes: int = 10, seed: int = 0,
-                  shards: int = 2, name: str = "synthetic") -> schema.Manifest:
-    """Writes DIR/manifest.json and gzip TFRecord shards; returns the manifest."""
+                  shards: int = 2, name: str = "synthetic",
+                  nan_train_example: int | None = None) -> schema.Manifest:
+    """Writes DIR/manifest.json and gzip TFRecord shards; returns the manifest.
+
+    nan_train_example: that train example's first image is all NaN (a corrupt record).
+    """
     rng = np.random.default_rng(seed)
     specs = digits_like_modalities(num_modalities)
     protos = _prototypes(specs, num_classes, rng)
@@ -101,7 +105,14 @@ def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
             record = {spec.name: _example(spec, protos[spec.name][c], rng) for spec in specs}
             record["label"] = c
             record["noise_seed"] = [float(i)]
-            writers[i % shards].write(schema.encode_example(stub, record))
+            serialized = schema.encode_example(stub, record)
+            if split == "train" and i == nan_train_example:
+                # encode_example refuses NaN, as the Beam writers do; forge the corrupt record.
+                example = tf.train.Example.FromString(serialized)
+                values = example.features.feature[specs[0].name].float_list.value
+                values[:] = [float("nan")] * len(values)
+                serialized = example.SerializeToString()
+            writers[i % shards].write(serialized)
         for w in writers:
             w.close()
         splits[split] = schema.SplitInfo(tuple(files), count)

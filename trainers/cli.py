@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
 
     from bmvae_tf.models import MODELS
+    from trainers.config import STRATEGIES
 
     train = commands.add_parser("train", help="train a model; rerunning the same --workdir resumes")
     train.add_argument("--data", required=True, help="dataset directory (holds manifest.json)")
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Validated with the config, so an unknown name gets the same one-line error as --set.
     train.add_argument("--model", metavar="NAME", help=f"sets model.name: {', '.join(sorted(MODELS))}")
     train.add_argument("--epochs", type=int, help="sets train.epochs")
+    train.add_argument("--strategy", choices=STRATEGIES, help="sets train.strategy (default auto: "
+                       "MirroredStrategy over the local GPUs if there are several)")
+    train.add_argument("--simulate-devices", type=int, metavar="N",
+                       help="testing aid: split the CPU into N logical devices before TensorFlow "
+                            "starts, so --strategy mirrored runs without GPUs")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.K=30 --set train.batch_size=64")
     train.set_defaults(func=_cmd_train)
@@ -89,6 +95,8 @@ def _cmd_train(args, beam_args: list[str]) -> int:
         overrides.append(f"model.name={args.model}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
+    if args.strategy:
+        overrides.append(f"train.strategy={args.strategy}")
     config = train.resolve_config(args.workdir, args.data, args.config, overrides)
     history = train.train(config, args.workdir)
     if history:
@@ -120,6 +128,19 @@ def _cmd_demo(args, beam_args: list[str]) -> int:
     return 0
 
 
+def simulate_cpu_devices(n: int) -> None:
+    """Splits the CPU into n logical devices; must run before TensorFlow initialises its runtime."""
+    import tensorflow as tf
+
+    if n < 1:
+        raise UserError(f"--simulate-devices: need N >= 1, got {n}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError as e:  # the runtime is already up
+        raise UserError(f"--simulate-devices: too late, TensorFlow is already initialised ({e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
@@ -140,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.train import TrainingDiverged
 
     try:
+        if getattr(args, "simulate_devices", None):
+            simulate_cpu_devices(args.simulate_devices)
         return args.func(args, beam_args)
     except UserError as e:
         print(f"bmvae: error: {e}", file=sys.stderr)

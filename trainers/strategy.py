@@ -16,6 +16,10 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     mirrored: MirroredStrategy over the local GPUs (or logical CPUs when no GPU is present).
     multi_worker: MultiWorkerMirroredStrategy configured from the TF_CONFIG environment variable.
     """
+    if name == "multi_worker":
+        # Before anything else touches the runtime: collectives are configured at start-up.
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
@@ -23,10 +27,12 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        if len(devices) < 2:
+            raise UserError(
+                "train.strategy=mirrored: this machine has no GPU and one CPU device, so there is "
+                "nothing to mirror over; use --strategy default, or --simulate-devices N to test "
+                "mirrored training on the CPU")
         return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        check_tf_config(os.environ.get("TF_CONFIG"))
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise UserError(f"train.strategy: unknown strategy {name!r}")
 
 

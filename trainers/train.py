@@ -286,12 +286,19 @@ class _Progress:
 def train(config: config_lib.Config, workdir: str, *,
           strategy: tf.distribute.Strategy | None = None) -> list[dict]:
     """Trains (or resumes) the run in `workdir`; returns the whole history, one dict per epoch."""
+    return run_training(config, workdir, strategy=strategy)[0]
+
+
+def run_training(config: config_lib.Config, workdir: str, *,
+                 strategy: tf.distribute.Strategy | None = None) -> tuple[list[dict], TrainState]:
+    """`train`, also returning the in-memory state (each worker's own copy of the weights)."""
     t = config.train
+    # First: MultiWorkerMirroredStrategy must be made before the runtime starts.
+    strategy = strategy or strategy_lib.make_strategy(t.strategy)
     if t.deterministic:
         tf.config.experimental.enable_op_determinism()
     paths = run_dir.RunPaths(workdir)
     manifest = schema.read_manifest(config.data.dir)
-    strategy = strategy or strategy_lib.make_strategy(t.strategy)
     chief = strategy_lib.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
     global_batch = t.batch_size
@@ -399,7 +406,7 @@ def train(config: config_lib.Config, workdir: str, *,
     if len(history) == finished:
         log.info("%s is already trained (%d epochs%s)", workdir, finished,
                  ", stopped early" if int(state.stopped.numpy()) else "")
-    return history
+    return history, state
 
 
 def _early_stopping_update(state: TrainState, t: config_lib.TrainConfig, val_loss: float | None,

@@ -93,6 +93,8 @@ class MultimodalVAE(keras.Model):
         locs, scales = [], []
         for spec, encoder in zip(self.modalities, self.encoders):
             loc, raw_scale = encoder(inputs[spec.name])
+            # Under mixed_float16 the networks compute in float16; distributions stay float32.
+            loc, raw_scale = tf.cast(loc, tf.float32), tf.cast(raw_scale, tf.float32)
             locs.append(loc)
             scales.append(distributions.posterior_scale(self.posterior_family, raw_scale))
         loc, scale = tf.stack(locs), tf.stack(scales)
@@ -115,7 +117,7 @@ class MultimodalVAE(keras.Model):
         """Decoder `index` on latents [..., D] -> likelihood parameters [..., *param_shape]."""
         z = self.decoder_latents(index, z)
         lead = tf.shape(z)[:-1]
-        params = self.decoders[index](tf.reshape(z, [-1, z.shape[-1]]))
+        params = tf.cast(self.decoders[index](tf.reshape(z, [-1, z.shape[-1]])), tf.float32)
         return tf.reshape(params, tf.concat([lead, tf.shape(params)[1:]], 0))
 
     def reconstruction_log_prob(self, inputs: Mapping[str, tf.Tensor], z: tf.Tensor,
