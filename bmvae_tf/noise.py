@@ -9,7 +9,9 @@ replica generates R times the noise it uses; noise is a few numbers per latent d
 next to the networks' activations.
 
 Everything is reparameterised: samples are deterministic, differentiable functions of the
-parameters and of this noise (Gamma draws through TensorFlow's implicit gradient).
+parameters and of this noise (Gamma draws through TFP's implicit gradient). Normal, Laplace and
+Gumbel noise are inversions of uniforms built from Philox integers (`_open_uniform`), so an
+XLA-compiled step draws the same numbers as a plain one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
 
 Shape = Sequence["int | tf.Tensor"]
 
@@ -43,7 +48,9 @@ class Noise:
 
     def split(self, n: int) -> list["Noise"]:
         """n independent streams with the same keying."""
-        seeds = tf.random.experimental.stateless_split(self.seed, n)
+        # stateless_split's default algorithm differs under XLA; name Philox so it does not.
+        seeds = tf.random.stateless_uniform([n, 2], self.seed, minval=None, maxval=None,
+                                            dtype=tf.int32, alg="philox")
         return [Noise(seeds[i], offset=self.offset, global_batch=self.global_batch) for i in range(n)]
 
     # ---------------------------------------------------------------- draws
@@ -59,15 +66,19 @@ class Noise:
         rank = 1 + n + len(event_shape)
         return tf.transpose(mine, [*range(1, n + 1), 0, *range(n + 1, rank)])
 
+    def uniform(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
+        """Uniform noise on the open interval (0, 1)."""
+        return self._rows(_open_uniform, sample_shape, batch, event_shape)
+
     def normal(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
-        """N(0, 1) noise, [*sample_shape, batch, *event_shape]."""
-        return self._rows(lambda shape, seed: tf.random.stateless_normal(shape, seed),
+        """N(0, 1) noise by inversion, [*sample_shape, batch, *event_shape]."""
+        return self._rows(lambda shape, seed: tf.math.ndtri(_open_uniform(shape, seed)),
                           sample_shape, batch, event_shape)
 
     def laplace(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
         """Laplace(0, 1) noise by inversion of a uniform on (-1, 1), as TFP draws it."""
         def draw(shape, seed):
-            u = tf.random.stateless_uniform(shape, seed, minval=np.nextafter(np.float32(-1), 0), maxval=1.0)
+            u = 2.0 * _open_uniform(shape, seed) - 1.0
             return -tf.sign(u) * tf.math.log1p(-tf.abs(u))
         return self._rows(draw, sample_shape, batch, event_shape)
 
@@ -81,26 +92,40 @@ class Noise:
 
     def gumbel(self, sample_shape: Shape, batch, event_shape: Shape = ()) -> tf.Tensor:
         """Gumbel(0, 1) noise, -log(-log u) with u uniform on (0, 1)."""
-        def draw(shape, seed):
-            u = tf.random.stateless_uniform(shape, seed, minval=np.finfo(np.float32).tiny, maxval=1.0)
-            return -tf.math.log(-tf.math.log(u))
-        return self._rows(draw, sample_shape, batch, event_shape)
+        return self._rows(lambda shape, seed: -tf.math.log(-tf.math.log(_open_uniform(shape, seed))),
+                          sample_shape, batch, event_shape)
 
     def dirichlet(self, batch, concentration: tf.Tensor) -> tf.Tensor:
         """One Dirichlet(concentration) draw per example, [batch, *concentration.shape].
 
         The concentration is shared by all examples (a global parameter), so the whole global
-        batch can be drawn from it. Normalised Gamma draws; the gradient with respect to the
-        concentration is TensorFlow's implicit reparameterisation of the Gamma sampler.
+        batch can be drawn from it. Normalised Gamma draws from TFP's sampler, whose gradient
+        with respect to the concentration is an implicit reparameterisation and which, unlike
+        tf.random.stateless_gamma, compiles under XLA. Under XLA it draws other numbers than
+        without (its uniform algorithm is chosen per device); the distribution is the same.
         """
         concentration = tf.convert_to_tensor(concentration)
         dtype = concentration.dtype
         gamma = self._rows(
-            lambda shape, seed: tf.random.stateless_gamma(shape, seed, alpha=concentration, dtype=dtype),
+            lambda shape, seed: tfd.Gamma(concentration, tf.ones([], dtype)).sample(shape[:1], seed=seed),
             [], batch, concentration.shape)
         # Tiny concentrations can underflow every Gamma to 0; keep the simplex finite.
         gamma = tf.maximum(gamma, np.finfo(dtype.as_numpy_dtype).tiny)
         return gamma / tf.reduce_sum(gamma, axis=-1, keepdims=True)
+
+
+def _open_uniform(shape, seed: tf.Tensor) -> tf.Tensor:
+    """float32 uniform on (0, 1): (k + 1/2) / 2^24 for 24 random bits k.
+
+    Made from Philox integers because those are the one stateless draw that XLA and the
+    TensorFlow kernels produce alike when the seed is a runtime value (as a step's seed is):
+    their float and normal draws differ. The grid of 2^24 values bounds normal noise to
+    |z| < 5.4, far in the tails for a VAE's reparameterisation.
+    """
+    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.int32,
+                                       alg="philox")
+    k = tf.bitwise.right_shift(tf.bitcast(bits, tf.uint32), 8)
+    return (tf.cast(k, tf.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def reparameterized_sample(family: str, loc: tf.Tensor, scale: tf.Tensor, noise: Noise,

@@ -53,6 +53,10 @@ class MultimodalVAE(keras.Model):
                  posterior: str = "laplace", likelihood_scale: float = 0.75,
                  networks: Mapping[str, str] | None = None, hidden_units: Sequence[int] = (400,),
                  channels: Sequence[int] = (32, 64, 128), sequence_width: int = 128, **kwargs):
+        # The model's own maths (distributions, mixture weights) is float32 under any global dtype
+        # policy; only its networks, which take the global policy, compute in float16 under
+        # mixed_float16.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if posterior not in self.POSTERIOR_FAMILIES:
             raise ValueError(f"{type(self).__name__} supports posterior families "
