@@ -111,6 +111,10 @@ def test_compare_puts_runs_side_by_side_with_normalised_robustness(tmp_path):
         page = f.read()
     assert page.count("data:image/png;base64,") == 4 and _external_references(page) == []
 
+    assert cli.main(["compare", first, second, "--output", str(tmp_path / "again")]) == 0
+    with open(tmp_path / "again" / "report.md") as f:
+        assert f.read() == markdown
+
 
 def test_compare_needs_evaluated_runs(tmp_path, capsys):
     os.makedirs(tmp_path / "fresh")
