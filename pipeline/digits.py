@@ -52,6 +52,14 @@ METADATA_SHAPES: Mapping[str, tuple[int, ...]] = {
     "digit_source": (1,), "street_source": (1,),
 }
 
+# The metadata that are ground-truth private factors, and the modality each belongs to: the street
+# style (colours and shift) and the text padding carry nothing of the class. `bmvae analyze`
+# checks that the latent dimensions the mixture weights call private carry them. The source
+# indices are identities, not factors.
+PRIVATE_FACTORS: Mapping[str, str] = {
+    "street_fg": "street", "street_bg": "street", "street_shift": "street", "text_pad": "text",
+}
+
 # Random streams. numpy's SeedSequence treats entropy lists that differ only by trailing zeros as
 # equal ([s] == [s, 0]), so each stream gets a non-zero tag in the second position; the split
 # permutation uses default_rng(seed) itself.

@@ -6,6 +6,7 @@ noise, so a working model can recover the class from any modality.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -122,3 +123,28 @@ def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
                                directory=directory)
     schema.write_manifest(directory, manifest)
     return schema.read_manifest(directory)
+
+
+def write_untrained_run(data_dir: str, workdir: str, *, model: dict, eval_settings: dict | None = None,
+                        history: list[dict] | None = None, prepare=None):
+    """A run directory (config.yaml, a checkpoint, history.jsonl) of an untrained model on the
+    dataset in `data_dir`, for tests of the commands that read runs. `prepare(model)` may set
+    weights before the checkpoint is written. Returns (config, model)."""
+    from trainers import config as config_lib
+    from trainers import run_dir
+
+    manifest = schema.read_manifest(data_dir)
+    config = config_lib.from_dict({"data": {"dir": data_dir}, "model": model,
+                                   "eval": dict(eval_settings or {})})
+    vae = config_lib.build_model(config.model, manifest.modalities)
+    run_dir.build_variables(vae, manifest)
+    if prepare is not None:
+        prepare(vae)
+    paths = run_dir.RunPaths(workdir)
+    run_dir.model_checkpoint(vae).save(os.path.join(paths.checkpoints, "ckpt"))
+    with open(paths.config, "w") as f:
+        f.write(config_lib.dump_yaml(config))
+    with open(paths.history, "w") as f:
+        for record in history or []:
+            f.write(json.dumps(record) + "\n")
+    return config, vae

@@ -63,7 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="write RUN/metrics.json and RUN/plots/")
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--data", help="dataset directory (default: the one the run trained on)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                          help="override an eval setting for this evaluation, e.g. "
+                               "--set eval.log_likelihood_samples=1000")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    analyze = commands.add_parser(
+        "analyze", help="mixture-weight analysis of a BMVAE run (paper Sect. 7) -> RUN/analysis/")
+    analyze.add_argument("--workdir", required=True)
+    analyze.add_argument("--data", help="dataset directory (default: the one the run trained on)")
+    analyze.add_argument("--threshold", type=float, default=0.5,
+                         help="normalised weight (w - 1/M) / (1 - 1/M) at or above which a dimension "
+                              "is private to its top modality (default 0.5)")
+    analyze.add_argument("--r2-threshold", type=float, default=0.1,
+                         help="R^2 at or above which a dimension carries a ground-truth factor (default 0.1)")
+    analyze.add_argument("--factor", action="append", default=None, metavar="KEY=MODALITY",
+                         help="a metadata key that is a private factor of MODALITY (repeatable); "
+                              "default: the dataset's known ones (digits: street_*, text_pad)")
+    analyze.add_argument("--swap-examples", type=int, default=6, help="rows of each swap grid")
+    analyze.add_argument("--swap-samples", type=int, default=8, help="resampled columns of each swap grid")
+    analyze.set_defaults(func=_cmd_analyze)
+
+    compare = commands.add_parser("compare", help="Markdown and HTML report of several evaluated runs")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.json)")
+    compare.add_argument("--output", required=True, help="directory for report.md, report.html, images/")
+    compare.set_defaults(func=_cmd_compare)
 
     export = commands.add_parser("export", help="export a SavedModel with serving signatures")
     export.add_argument("--workdir", required=True)
@@ -108,9 +132,45 @@ def _cmd_train(args, beam_args: list[str]) -> int:
 def _cmd_evaluate(args, beam_args: list[str]) -> int:
     from trainers import evaluate, run_dir
 
-    evaluate.evaluate(args.workdir, args.data)
-    print(f"wrote {run_dir.RunPaths(args.workdir).metrics}")
+    evaluate.evaluate(args.workdir, args.data, overrides=args.set)
+    print(f"wrote {run_dir.RunPaths(args.workdir).metrics} and {args.workdir}/report.html")
     return 0
+
+
+def _cmd_analyze(args, beam_args: list[str]) -> int:
+    from bmvae_tf import schema
+    from trainers import analysis, run_dir
+
+    factors = None
+    if args.factor is not None:
+        config = run_dir.read_config(run_dir.RunPaths(args.workdir))
+        manifest = schema.read_manifest(args.data or config.data.dir)
+        factors = analysis.parse_factors(args.factor, manifest)
+    result = analysis.analyze(args.workdir, args.data, threshold=args.threshold,
+                              r2_threshold=args.r2_threshold, factors=factors,
+                              swap_examples=args.swap_examples, swap_samples=args.swap_samples)
+    for modality, dims in result["dimensions"]["private"].items():
+        line = f"private to {modality}: {dims or 'none'}"
+        match = (result.get("private_vs_factors") or {}).get(modality)
+        if match:
+            line += f"; precision {_fmt(match['precision'])}, recall {_fmt(match['recall'])} " \
+                    f"against the dimensions carrying its factors {match['carrying']}"
+        print(line)
+    print(f"shared: {result['dimensions']['shared'] or 'none'}")
+    print(f"wrote {args.workdir}/analysis/ and {args.workdir}/report.html")
+    return 0
+
+
+def _cmd_compare(args, beam_args: list[str]) -> int:
+    from trainers import report
+
+    markdown, page = report.compare(args.runs, args.output)
+    print(f"wrote {markdown} and {page}")
+    return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _cmd_export(args, beam_args: list[str]) -> int:

@@ -115,6 +115,12 @@ class EvalConfig:
     log_likelihood_samples: int = 1000  # K of the IWAE estimate; the paper uses 1000
     log_likelihood_examples: int = 500  # test examples the estimate averages over
     max_examples: int = 0  # 0: every example of each split
+    # Robustness (trainers/robustness.py): MultiBench's noise levels 0, 0.1, ..., 1.0, and how many
+    # train examples the raw-input baseline probe is fitted on (0: no baseline, no effective
+    # robustness).
+    robustness_noise_levels: list[float] = dataclasses.field(
+        default_factory=lambda: [i / 10 for i in range(11)])
+    robustness_baseline_examples: int = 5000
 
 
 @dataclasses.dataclass
@@ -162,6 +168,10 @@ class Config:
         _check(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta must be >= 0")
         _check(0 <= t.validation_fraction < 1, "train.validation_fraction must be in [0, 1)")
         _check(self.eval.log_likelihood_samples >= 1, "eval.log_likelihood_samples must be >= 1")
+        levels = self.eval.robustness_noise_levels
+        _check(len(levels) >= 2 and levels[0] >= 0 and all(b > a for a, b in zip(levels, levels[1:])),
+               "eval.robustness_noise_levels must be at least two increasing levels >= 0")
+        _check(self.eval.robustness_baseline_examples >= 0, "eval.robustness_baseline_examples must be >= 0")
 
 
 def resolve_posterior(model_config: ModelConfig) -> str:

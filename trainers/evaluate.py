@@ -12,7 +12,12 @@ The metrics follow the paper's protocol (Sects. 6.1.1, 6.1.2, 6.3) with the choi
   latents from a 10-component diagonal GMM fitted on the train latents: the ex-post density
   estimate the paper uses for Table 10 (SPEC 4).
 - log_likelihood: the IWAE estimate of log p(x_S) for every subset, averaged over the first
-  test examples.
+  test examples, with K = eval.log_likelihood_samples importance samples.
+- robustness: every subset's latent probe scored on latents of test inputs with increasing noise,
+  summarised as MultiBench's relative and effective robustness (`trainers.robustness`).
+- num_examples: how many examples (and samples) each of the numbers above rests on.
+
+RUN/report.html (`trainers.report`) shows the training curves, these tables and the plots.
 
 The maths lives in small functions that take arrays (`latent_accuracy`, `cross_coherence`,
 `joint_coherence`, `fit_latent_gmm`, `sample_gmm`) or a model and batches (`encode_split`,
@@ -26,26 +31,24 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from sklearn.linear_model import LogisticRegression
 from sklearn.mixture import GaussianMixture
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from trainers import classifiers as classifiers_lib
-from trainers import input_pipeline, plots, run_dir
+from trainers import config as config_lib
+from trainers import input_pipeline, plots, report, robustness, run_dir
 
 logger = logging.getLogger(__name__)
 
 GMM_COMPONENTS = 10  # the paper's ex-post estimate (Sect. 6.3.2)
-PROBE_MAX_ITER = 5000
 CLASSIFIER_BATCH_SIZE = 128
 PLOT_EXAMPLES = 3
 # Latents decoded per log_marginal call (importance samples x examples): bounds the memory of the
@@ -73,13 +76,20 @@ def latent_accuracy(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray
     magnitude between dimensions and models) is fitted on z_train [N, D] with labels [N] and
     scored on z_test [N', D] against y_test [N'].
     """
-    for name, z in (("train", z_train), ("test", z_test)):
-        if not np.all(np.isfinite(z)):
-            raise UserError(f"the model produced non-finite {name} latents; has training diverged?")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_MAX_ITER))
-    with threadpool_limits(limits=_SKLEARN_BLAS_THREADS):
-        probe.fit(z_train, y_train)
-        return float(probe.score(z_test, y_test))
+    probe = fit_latent_probe(z_train, y_train)
+    _check_finite_latents(z_test, "test")
+    return robustness.probe_accuracy(probe, z_test, y_test)
+
+
+def fit_latent_probe(z_train: np.ndarray, y_train: np.ndarray):
+    """The fitted probe of `latent_accuracy` (kept to score noisy latents for robustness)."""
+    _check_finite_latents(z_train, "train")
+    return robustness.fit_probe(z_train, y_train)
+
+
+def _check_finite_latents(z: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(z)):
+        raise UserError(f"the model produced non-finite {name} latents; has training diverged?")
 
 
 def cross_coherence(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -290,12 +300,14 @@ def cross_generations(model, inputs: Mapping[str, tf.Tensor],
 # ------------------------------------------------------------------------------------ the run
 
 
-def evaluate(workdir: str, data_dir: str | None = None) -> dict:
-    """Computes the metrics of a trained run, writes RUN/metrics.json and RUN/plots/*.png.
+def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Computes the metrics of a trained run, writes RUN/metrics.json, RUN/plots/*.png and
+    RUN/report.html.
 
     Args:
       workdir: the run directory RUN (config.yaml, checkpoints/, history.jsonl).
       data_dir: the dataset; defaults to the one the run was trained on (config data.dir).
+      overrides: `eval.key=value` settings for this evaluation only (RUN/config.yaml is kept).
 
     Returns:
       The metrics dict as written (SPEC section 3). Without labels in the manifest the
@@ -307,6 +319,7 @@ def evaluate(workdir: str, data_dir: str | None = None) -> dict:
     started = time.perf_counter()
     paths = run_dir.RunPaths(workdir)
     config, manifest, model = run_dir.load_trained_model(workdir, data_dir)
+    config = with_eval_overrides(config, overrides)
     eval_config, seed = config.eval, config.train.seed
     names = manifest.modality_names
     subsets = schema.subset_names(names)
@@ -325,7 +338,7 @@ def evaluate(workdir: str, data_dir: str | None = None) -> dict:
         "epochs": int(history[-1]["epoch"]) if history else 0,
         "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
         "latent_accuracy": None, "coherence": None, "random_coherence": None,
-        "random_coherence_gmm": None, "log_likelihood": None,
+        "random_coherence_gmm": None, "log_likelihood": None, "robustness": None,
         "mixture_weights": None if weights is None else weights.tolist(),
         "classifier_accuracy": None, "num_examples": {}, "skipped": {},
     }
@@ -334,7 +347,7 @@ def evaluate(workdir: str, data_dir: str | None = None) -> dict:
     if manifest.label is None:
         reason = f"dataset {manifest.name!r} declares no label"
         for key in ("latent_accuracy", "coherence", "random_coherence", "random_coherence_gmm",
-                    "classifier_accuracy"):
+                    "classifier_accuracy", "robustness"):
             metrics["skipped"][key] = reason
         logger.warning("%s: skipping the label-based metrics", reason)
     else:
@@ -359,11 +372,27 @@ def evaluate(workdir: str, data_dir: str | None = None) -> dict:
         paths.plots, manifest.modalities, weights=weights, history=history,
         inputs={n: v.numpy() for n, v in inputs.items()},
         generated=cross_generations(model, inputs, seed))
+    if metrics["robustness"] is not None:
+        written.append(os.path.join(paths.plots, plots.ROBUSTNESS))
+        plots.save_figure(plots.robustness_figure(metrics["robustness"]), written[-1])
     logger.info("wrote %s", ", ".join(written))
 
     schema.write_text_atomic(paths.metrics, json.dumps(metrics, indent=2) + "\n")
     logger.info("wrote %s in %.1f s", paths.metrics, time.perf_counter() - started)
+    logger.info("wrote %s", report.write_run_report(workdir))
     return metrics
+
+
+def with_eval_overrides(config: config_lib.Config, overrides: Sequence[str]) -> config_lib.Config:
+    """`config` with `eval.key=value` overrides applied and validated; other keys are errors,
+    because the model and data of a trained run are fixed."""
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith("eval."):
+            raise UserError(f"--set {item!r}: evaluate takes only eval.* keys")
+    if not overrides:
+        return config
+    data = config_lib.apply_overrides(config_lib.to_dict(config), list(overrides))
+    return config_lib.from_dict(data, source="--set")
 
 
 def _label_metrics(metrics: dict, manifest: schema.Manifest, model, paths: run_dir.RunPaths,
@@ -395,10 +424,12 @@ def _label_metrics(metrics: dict, manifest: schema.Manifest, model, paths: run_d
                 train.num_examples, test.num_examples, len(subsets), time.perf_counter() - stage)
 
     stage = time.perf_counter()
-    metrics["latent_accuracy"] = {
-        schema.subset_key(s): latent_accuracy(train.means[schema.subset_key(s)], train.labels,
-                                              test.means[schema.subset_key(s)], test.labels)
-        for s in subsets}
+    probes = {schema.subset_key(s): fit_latent_probe(train.means[schema.subset_key(s)], train.labels)
+              for s in subsets}
+    metrics["latent_accuracy"] = {}
+    for key, probe in probes.items():
+        _check_finite_latents(test.means[key], "test")
+        metrics["latent_accuracy"][key] = robustness.probe_accuracy(probe, test.means[key], test.labels)
     metrics["coherence"] = {key: cross_coherence(predicted, test.labels)
                             for key, predicted in test.cross_predictions.items()}
     num_examples["latent_accuracy"] = {"train": train.num_examples, "test": test.num_examples}
@@ -419,3 +450,32 @@ def _label_metrics(metrics: dict, manifest: schema.Manifest, model, paths: run_d
     num_examples["random_coherence"] = count
     num_examples["random_coherence_gmm"] = {"samples": count, "gmm_fit": train.num_examples}
     logger.info("random coherence (prior and GMM): %.1f s", time.perf_counter() - stage)
+
+    stage = time.perf_counter()
+    metrics["robustness"], num_examples["robustness"] = _robustness(
+        manifest, model, probes, batches, eval_config, seed, train_examples=train.num_examples)
+    logger.info("robustness at %d noise levels: %.1f s", len(eval_config.robustness_noise_levels),
+                time.perf_counter() - stage)
+
+
+def _robustness(manifest: schema.Manifest, model, probes: dict, batches: Callable[..., tf.data.Dataset],
+                eval_config, seed: int, *, train_examples: int) -> tuple[dict, dict]:
+    """metrics["robustness"] (see trainers.robustness) and the example counts it rests on."""
+    names = manifest.modality_names
+    baselines = {}
+    baseline_examples = eval_config.robustness_baseline_examples
+    if baseline_examples:
+        features, labels = robustness.collect_features(
+            manifest.modalities, batches("train", limit=min(baseline_examples, eval_config.max_examples
+                                                            or baseline_examples)))
+        baselines = {schema.subset_key(s): robustness.fit_probe(robustness.subset_features(features, s),
+                                                                labels)
+                     for s in schema.subset_names(names)}
+        baseline_examples = len(labels)
+    scales = robustness.noise_scales(manifest.modalities, batches("test"))
+    result = robustness.noisy_accuracy(model, batches("test"), probes, baselines,
+                                       levels=eval_config.robustness_noise_levels, scales=scales,
+                                       seed=seed)
+    counts = {"train": train_examples, "test": result.num_test, "baseline_train": baseline_examples,
+              "levels": len(result.levels)}
+    return result.to_json(), counts

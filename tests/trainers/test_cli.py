@@ -85,6 +85,11 @@ def test_evaluate_of_a_missing_run(tmp_path, capsys):
     assert code == 2 and len(errors) == 1 and "config.yaml" in errors[0]
 
 
+def test_analyze_of_a_missing_run(tmp_path, capsys):
+    code, errors, _ = _run(["analyze", "--workdir", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and len(errors) == 1 and "config.yaml" in errors[0]
+
+
 def test_console_script_prints_no_traceback(tmp_path):
     bmvae = os.path.join(os.path.dirname(sys.executable), "bmvae")
     result = subprocess.run([bmvae, "train", "--data", str(tmp_path), "--workdir", str(tmp_path / "r")],

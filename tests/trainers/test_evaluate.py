@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bmvae_tf import schema
+from bmvae_tf.errors import UserError
 from tests import synthetic
 from trainers import config as config_lib
 from trainers import evaluate as evaluate_lib
@@ -177,7 +178,8 @@ def test_decode_tokens_reads_characters_and_words():
 TINY_MODEL = {"name": "bmvae_m", "latent_dim": 4, "hidden_units": [16], "channels": [8, 16],
               "sequence_width": 16}
 TINY_EVAL = {"batch_size": 32, "classifier_epochs": 20, "random_samples": 64,
-             "log_likelihood_samples": 8, "log_likelihood_examples": 16, "max_examples": 96}
+             "log_likelihood_samples": 8, "log_likelihood_examples": 16, "max_examples": 96,
+             "robustness_noise_levels": [0.0, 0.5, 1.0]}
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +240,41 @@ def test_evaluate_writes_metrics_and_plots_and_reuses_classifiers(run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(paths.plots) if ".tmp-" in n]
 
+    robustness = metrics["robustness"]
+    assert robustness["noise_levels"] == [0.0, 0.5, 1.0]
+    for table in ("latent_accuracy", "baseline_accuracy"):
+        assert list(robustness[table]) == list(metrics["latent_accuracy"])
+        assert all(len(curve) == 3 for curve in robustness[table].values())
+    # level 0 is the clean test split: the same probe on the same latents as latent_accuracy
+    assert {k: v[0] for k, v in robustness["latent_accuracy"].items()} == metrics["latent_accuracy"]
+    assert set(robustness["relative"]) == set(robustness["effective"]) == set(metrics["latent_accuracy"])
+    assert metrics["num_examples"]["robustness"] == {"train": 96, "test": 64, "baseline_train": 96,
+                                                     "levels": 3}
+    with open(os.path.join(paths.root, "report.html")) as f:
+        page = f.read()
+    assert "Robustness (MultiBench)" in page and "Latent accuracy (linear probe" in page
+    # the training curve from history.jsonl, cross generation, mixture weights and robustness
+    assert page.count("data:image/png;base64,") == 4
+
     cached = _mtimes(paths.classifiers)
     assert sorted(cached) == sorted(f"{n}.{ext}" for n in names for ext in ("keras", "json"))
     again = evaluate_lib.evaluate(paths.root)
     assert _mtimes(paths.classifiers) == cached
     assert again["classifier_accuracy"] == metrics["classifier_accuracy"]
     assert again == metrics  # every random draw comes from the run's seed
+
+
+def test_eval_overrides_apply_to_eval_keys_only():
+    config = config_lib.from_dict({"eval": {"log_likelihood_samples": 10}})
+    changed = evaluate_lib.with_eval_overrides(config, ["eval.log_likelihood_samples=1000",
+                                                        "eval.robustness_noise_levels=[0, 0.5]"])
+    assert changed.eval.log_likelihood_samples == 1000
+    assert changed.eval.robustness_noise_levels == [0.0, 0.5]
+    assert config.eval.log_likelihood_samples == 10
+    with pytest.raises(UserError, match="only eval"):
+        evaluate_lib.with_eval_overrides(config, ["model.latent_dim=3"])
+    with pytest.raises(UserError, match="robustness_noise_levels"):
+        evaluate_lib.with_eval_overrides(config, ["eval.robustness_noise_levels=[0.5, 0.1]"])
 
 
 def test_evaluate_without_labels_skips_label_metrics(run, tmp_path):
@@ -257,7 +288,7 @@ def test_evaluate_without_labels_skips_label_metrics(run, tmp_path):
 
     metrics = evaluate_lib.evaluate(paths.root, data_dir=str(tmp_path))
     for key in ("latent_accuracy", "coherence", "random_coherence", "random_coherence_gmm",
-                "classifier_accuracy"):
+                "classifier_accuracy", "robustness"):
         assert metrics[key] is None and key in metrics["skipped"]
     assert len(metrics["log_likelihood"]) == 7
     assert np.array(metrics["mixture_weights"]).shape == (TINY_MODEL["latent_dim"], 3)

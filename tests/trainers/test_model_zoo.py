@@ -14,7 +14,7 @@ TINY = ["--set", "model.latent_dim=4", "--set", "model.hidden_units=[16]",
         "--set", "train.batch_size=32", "--set", "model.K=2",
         "--set", "eval.max_examples=64", "--set", "eval.classifier_epochs=1",
         "--set", "eval.random_samples=50", "--set", "eval.log_likelihood_samples=8",
-        "--set", "eval.log_likelihood_examples=16"]
+        "--set", "eval.log_likelihood_examples=16", "--set", "eval.robustness_noise_levels=[0,1]"]
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,4 @@ def test_train_then_evaluate_every_model_on_four_modalities(name, four_modalitie
         assert len(weights) == 4 and all(len(row) == 4 for row in weights)
         assert all(abs(sum(row) - 1.0) < 1e-5 for row in weights)
     assert metrics["model"] == name
+    assert list(metrics["robustness"]["relative"]) == expected

@@ -1,0 +1,164 @@
+"""Tests of trainers.report: run reports and `bmvae compare` on hand-made run directories, and the
+offline HTML rendered by headless Chromium where it is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from bmvae_tf.errors import UserError
+from trainers import cli, plots, report
+
+LEVELS = [0.0, 0.5, 1.0]
+
+
+def _metrics(model: str, latent: float, relative_curve: list[float], baseline: list[float]) -> dict:
+    names = ["x", "y"]
+    subsets = ["x", "y", "x+y"]
+    return {
+        "model": model, "dataset": "toy", "modalities": names, "epochs": 2, "seconds_per_epoch": 1.5,
+        "latent_accuracy": {s: latent for s in subsets},
+        "coherence": {"y|x": 0.5, "x|y": 0.25},
+        "random_coherence": 0.1, "random_coherence_gmm": 0.2,
+        "log_likelihood": {s: -100.0 for s in subsets},
+        "classifier_accuracy": {"x": 0.9, "y": 0.8},
+        "robustness": {
+            "noise_levels": LEVELS, "noise": "toy noise",
+            "latent_accuracy": {s: relative_curve for s in subsets},
+            "baseline_accuracy": {s: baseline for s in subsets},
+            "relative": {s: report.robustness.relative_robustness(LEVELS, relative_curve) for s in subsets},
+            "effective": {s: report.robustness.effective_robustness(relative_curve, baseline) for s in subsets},
+            "baseline_relative": {s: 0.0 for s in subsets}},
+        "mixture_weights": None,
+        "num_examples": {"latent_accuracy": {"train": 80, "test": 20}, "coherence": 20,
+                         "random_coherence": 50, "random_coherence_gmm": {"samples": 50, "gmm_fit": 80},
+                         "log_likelihood": 10, "log_likelihood_samples": 7, "classifier": {"train": 80, "test": 20},
+                         "robustness": {"train": 80, "test": 20, "baseline_train": 80, "levels": 3}},
+        "skipped": {},
+    }
+
+
+def _write_run(directory, metrics: dict) -> str:
+    os.makedirs(os.path.join(directory, "plots"), exist_ok=True)
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    with open(os.path.join(directory, "history.jsonl"), "w") as f:
+        for epoch in (1, 2):
+            f.write(json.dumps({"epoch": epoch, "step": epoch, "loss": 3.0 / epoch, "val_loss": None,
+                                "seconds": 1.5}) + "\n")
+    plots.save_figure(plots.robustness_figure(metrics["robustness"]),
+                      os.path.join(directory, "plots", plots.ROBUSTNESS))
+    return str(directory)
+
+
+def _external_references(page: str) -> list[str]:
+    return re.findall(r'(?:src|href)="(?!data:)[^"]*"|<script|<link|@import|url\(', page)
+
+
+def test_html_is_self_contained_and_escapes_text():
+    table = report.Table("T", ["a|b", "<v>"], [["<script>x</script>", "1"]], "note & more")
+    image = report.Image("cap", b"\x89PNG fake", "images/x.png")
+    page = report.render_html("title", [("S", [table, image, "para"])])
+    assert _external_references(page) == []
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "<script>" not in page
+    assert "data:image/png;base64,iVBORyBmYWtl" in page
+    markdown = report.render_markdown("title", [("S", [table, image])])
+    assert "| a\\|b | <v> |" in markdown and "![cap](images/x.png)" in markdown
+
+
+def test_run_tables_say_how_many_examples_each_number_rests_on():
+    tables = {t.title: t for t in report.run_metric_tables(_metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]))}
+    latent = tables["Latent accuracy (linear probe on posterior means)"]
+    assert latent.rows[0] == ["x", "0.900"] and "80 train" in latent.note and "20 test" in latent.note
+    assert "K = 7" in tables["Log-likelihood (IWAE estimate of log p(x_S))"].note
+    rob = tables["Robustness (MultiBench): latent accuracy under input noise"]
+    # relative: 0.5 * (0.9 + 0.6) / 2 + 0.5 * (0.6 + 0.3) / 2 = 0.6; effective: (0 - 0) + (-0.3 + 0.4)
+    # + (-0.6 + 0.6) = 0.1
+    assert rob.rows[0][:5] == ["x", "0.900", "0.300", "0.600", "0.100"]
+    assert "20 test examples per level" in rob.note
+
+
+def test_compare_puts_runs_side_by_side_with_normalised_robustness(tmp_path):
+    first = _write_run(tmp_path / "runs" / "alpha", _metrics("bmvae_m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]))
+    second = _write_run(tmp_path / "runs" / "beta", _metrics("mmvae", 0.8, [0.8, 0.7, 0.6], [0.8, 0.4, 0.2]))
+    markdown_path, html_path = report.compare([first, second], str(tmp_path / "out"))
+    with open(markdown_path) as f:
+        markdown = f.read()
+    assert "| alpha | 0.900 | 0.900 | 0.900 |" in markdown
+    assert "| beta | 0.800 | 0.800 | 0.800 |" in markdown
+    assert "| run | y\\|x | x\\|y |" in markdown
+    assert "| alpha | -100.0 | -100.0 | -100.0 |" in markdown
+
+    scores = report.robustness_scores(report.load_runs([first, second]))
+    # relative: alpha 0.6, beta 0.5 * 1.5 / 2 + 0.5 * 1.3 / 2 = 0.7; effective: alpha 0.1,
+    # beta (0 - 0) + (-0.1 + 0.4) + (-0.2 + 0.6) = 0.7. Min-max: alpha 0, beta 1 on both.
+    assert scores["alpha"]["relative"] == pytest.approx(0.6) and scores["beta"]["relative"] == pytest.approx(0.7)
+    assert scores["beta"]["effective"] == pytest.approx(0.7)
+    assert (scores["alpha"]["mean_normalised"], scores["beta"]["mean_normalised"]) == (0.0, 1.0)
+    assert "| alpha | 0.900 | 0.600 | 0.100 | 0.000 | 0.000 | 0.000 |" in markdown
+
+    images = sorted(os.listdir(tmp_path / "out" / "images"))
+    assert images == ["robustness.png", "run1_robustness.png", "run2_robustness.png", "training_curves.png"]
+    for name in images:
+        assert f"(images/{name})" in markdown
+    with open(html_path) as f:
+        page = f.read()
+    assert page.count("data:image/png;base64,") == 4 and _external_references(page) == []
+
+    assert cli.main(["compare", first, second, "--output", str(tmp_path / "again")]) == 0
+    with open(tmp_path / "again" / "report.md") as f:
+        assert f.read() == markdown
+
+
+def test_compare_needs_evaluated_runs(tmp_path, capsys):
+    os.makedirs(tmp_path / "fresh")
+    with pytest.raises(UserError, match="run `bmvae evaluate"):
+        report.compare([str(tmp_path / "fresh")], str(tmp_path / "out"))
+    assert cli.main(["compare", str(tmp_path / "fresh"), "--output", str(tmp_path / "out")]) == 2
+    assert "metrics.json: not found" in capsys.readouterr().err
+
+
+def test_run_labels_are_short_and_unique():
+    assert report.run_labels(["/a/x/run", "/a/y/run", "/b/other"]) == ["x/run", "y/run", "b/other"]
+    assert report.run_labels(["/r/one", "/r/two"]) == ["one", "two"]
+    with pytest.raises(UserError, match="twice"):
+        report.run_labels(["/a/run", "/a/run/"])
+
+
+def test_write_run_report_without_metrics_says_what_to_do(tmp_path):
+    with open(tmp_path / "history.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 1, "step": 1, "loss": 2.0, "val_loss": 2.5, "seconds": 1.0}) + "\n")
+    path = report.write_run_report(str(tmp_path))
+    with open(path) as f:
+        page = f.read()
+    assert "run `bmvae evaluate`" in page and page.count("data:image/png;base64,") == 1
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_offline_in_headless_chromium(tmp_path):
+    run = _write_run(tmp_path / "run", _metrics("bmvae_m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]))
+    page = report.write_run_report(run)
+    shot = str(tmp_path / "shot.png")
+    # --no-sandbox: CI containers run as root; the page needs no network (all images inline).
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1000,1400", f"--screenshot={shot}", f"file://{os.path.abspath(page)}"],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (1400, 1000, 3)
+    # A rendered report has text, table borders and the plots' colours, not a blank page:
+    # the matplotlib default blue (#1f77b4) of the curves appears.
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    assert np.any(np.all(np.abs(pixels.astype(int) - [31, 119, 180]) < 8, axis=-1))

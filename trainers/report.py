@@ -1,0 +1,482 @@
+"""Reports: RUN/report.html for one run, and `bmvae compare` (Markdown and HTML) for several.
+
+Both are self-contained so they open offline: the HTML embeds every image as a base64 data URI
+and uses no script, font or stylesheet from elsewhere; the Markdown report links PNGs written
+beside it. Tables are built once as `Table` values (pure functions of metrics.json,
+history.jsonl and analysis.json) and rendered to either format.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+from trainers import plots, robustness, run_dir
+
+REPORT_HTML = "report.html"
+COMPARE_MARKDOWN = "report.md"
+COMPARE_HTML = "report.html"
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 72em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #eee; }
+p.note { color: #555; font-size: 0.85em; margin-top: 0; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.85em; }
+img { max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Image:
+    caption: str
+    png: bytes
+    filename: str  # where the Markdown report puts it, relative to the report
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------ rendering
+
+
+def render_html(title: str, sections: Sequence[tuple[str, Sequence[Table | Image | str]]]) -> str:
+    """A standalone HTML page: sections of tables, images (inline PNG) and paragraphs."""
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    for heading, items in sections:
+        out.append(f"<h2>{html.escape(heading)}</h2>")
+        for item in items:
+            if isinstance(item, Table):
+                out.append(_html_table(item))
+            elif isinstance(item, Image):
+                data = base64.b64encode(item.png).decode("ascii")
+                out.append(f'<figure><img alt="{html.escape(item.caption)}" '
+                           f'src="data:image/png;base64,{data}"><figcaption>'
+                           f"{html.escape(item.caption)}</figcaption></figure>")
+            else:
+                out.append(f"<p>{html.escape(item)}</p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in table.rows)
+    note = f'<p class="note">{html.escape(table.note)}</p>' if table.note else ""
+    return f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{body}</table>{note}"
+
+
+def render_markdown(title: str, sections: Sequence[tuple[str, Sequence[Table | Image | str]]]) -> str:
+    """The same content as Markdown; images link `Image.filename`."""
+    out = [f"# {title}", ""]
+    for heading, items in sections:
+        out += [f"## {heading}", ""]
+        for item in items:
+            if isinstance(item, Table):
+                out += [f"### {item.title}", "",
+                        "| " + " | ".join(_md_cell(h) for h in item.headers) + " |",
+                        "|" + "|".join(" --- " for _ in item.headers) + "|"]
+                out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in item.rows]
+                out.append("")
+                if item.note:
+                    out += [item.note, ""]
+            elif isinstance(item, Image):
+                out += [f"![{item.caption}]({item.filename})", "", f"*{item.caption}*", ""]
+            else:
+                out += [item, ""]
+    return "\n".join(out)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def history_table(history: Sequence[Mapping]) -> Table:
+    return Table("Training history (history.jsonl)", ["epoch", "step", "loss", "val_loss", "seconds"],
+                 [[str(h.get("epoch")), str(h.get("step")), fmt(h.get("loss"), 4),
+                   fmt(h.get("val_loss"), 4), fmt(h.get("seconds"), 1)] for h in history])
+
+
+def _count(metrics: Mapping, key: str):
+    return (metrics.get("num_examples") or {}).get(key)
+
+
+def run_metric_tables(metrics: Mapping) -> list[Table]:
+    """The metrics.json of one run as tables, each saying how many examples it rests on."""
+    tables = []
+    latent = metrics.get("latent_accuracy")
+    if latent:
+        n = _count(metrics, "latent_accuracy") or {}
+        tables.append(Table("Latent accuracy (linear probe on posterior means)", ["subset", "accuracy"],
+                            [[k, fmt(v)] for k, v in latent.items()],
+                            f"fitted on {n.get('train')} train examples, scored on {n.get('test')} test examples"))
+    coherence = metrics.get("coherence")
+    if coherence:
+        tables.append(Table("Cross coherence (target|given)", ["target|given", "coherence"],
+                            [[k, fmt(v)] for k, v in coherence.items()],
+                            f"{_count(metrics, 'coherence')} test examples, one posterior sample each"))
+    if metrics.get("random_coherence") is not None:
+        gmm_n = _count(metrics, "random_coherence_gmm") or {}
+        tables.append(Table("Random coherence", ["latents from", "coherence", "samples"], [
+            ["prior", fmt(metrics.get("random_coherence")), str(_count(metrics, "random_coherence"))],
+            [f"ex-post GMM (fitted on {gmm_n.get('gmm_fit')} train latents)",
+             fmt(metrics.get("random_coherence_gmm")), str(gmm_n.get("samples"))]]))
+    classifier = metrics.get("classifier_accuracy")
+    if classifier:
+        n = _count(metrics, "classifier") or {}
+        tables.append(Table("Coherence classifiers (accuracy on real test data)", ["modality", "accuracy"],
+                            [[k, fmt(v)] for k, v in classifier.items()],
+                            f"trained on {n.get('train')} train examples, scored on {n.get('test')} test examples"))
+    ll = metrics.get("log_likelihood")
+    if ll:
+        tables.append(Table("Log-likelihood (IWAE estimate of log p(x_S))", ["subset", "log-likelihood"],
+                            [[k, fmt(v, 1)] for k, v in ll.items()],
+                            f"mean over {_count(metrics, 'log_likelihood')} test examples, "
+                            f"K = {_count(metrics, 'log_likelihood_samples')} importance samples"))
+    rob = metrics.get("robustness")
+    if rob:
+        n = _count(metrics, "robustness") or {}
+        rows = []
+        for key, curve in rob["latent_accuracy"].items():
+            base = (rob.get("baseline_accuracy") or {}).get(key)
+            rows.append([key, fmt(curve[0]), fmt(curve[-1]), fmt(rob["relative"][key]),
+                         fmt((rob.get("effective") or {}).get(key)),
+                         fmt(base[0] if base else None), fmt((rob.get("baseline_relative") or {}).get(key))])
+        levels = rob["noise_levels"]
+        tables.append(Table(
+            "Robustness (MultiBench): latent accuracy under input noise",
+            ["subset", f"accuracy at {levels[0]:g}", f"accuracy at {levels[-1]:g}", "relative",
+             "effective", "baseline clean acc.", "baseline relative"], rows,
+            f"{len(levels)} noise levels {levels[0]:g}..{levels[-1]:g}; {rob.get('noise')}. "
+            f"Probes fitted on {n.get('train')} clean train examples, the raw-input baseline on "
+            f"{n.get('baseline_train')}; scored on {n.get('test')} test examples per level. Relative: area "
+            f"under the curve; effective: accuracy kept beyond the baseline shifted to the same clean "
+            f"accuracy, summed over levels."))
+    timing = [["epochs", str(metrics.get("epochs"))],
+              ["seconds per epoch (mean over history.jsonl)", fmt(metrics.get("seconds_per_epoch"), 2)]]
+    tables.append(Table("Training time", ["", "value"], timing))
+    skipped = metrics.get("skipped") or {}
+    if skipped:
+        tables.append(Table("Skipped", ["metric", "why"], [[k, v] for k, v in skipped.items()]))
+    return tables
+
+
+def analysis_tables(analysis: Mapping) -> list[Table]:
+    """analysis.json (trainers.analysis) as tables."""
+    dims = analysis["dimensions"]
+    rows = [[f"private: {m}", ", ".join(map(str, v)) or "none"] for m, v in dims["private"].items()]
+    rows.append(["shared", ", ".join(map(str, dims["shared"])) or "none"])
+    tables = [Table(f"Dimension sets from the normalised {analysis['weights_name']}", ["set", "dimensions (1-based)"],
+                    rows, f"private to m: m has the largest weight and (w - 1/M) / (1 - 1/M) >= "
+                          f"{analysis['threshold']:g}; shared: every other dimension")]
+    sub = analysis.get("subvector_accuracy")
+    if sub:
+        set_names = list(next(iter(sub.values())))
+        n = (analysis.get("num_examples") or {}).get("subvector_accuracy") or {}
+        tables.append(Table("Sub-vector latent accuracy (Table 12): encoder x dimension set",
+                            ["encoder", *set_names],
+                            [[enc, *[fmt(v) for v in row.values()]] for enc, row in sub.items()],
+                            f"linear probes on posterior means restricted to each set; fitted on "
+                            f"{n.get('train')} train, scored on {n.get('test')} test examples; rest:m is "
+                            f"the complement of private:m"))
+    pvf = analysis.get("private_vs_factors")
+    if pvf:
+        n = (analysis.get("num_examples") or {}).get("factors") or {}
+        tables.append(Table(
+            "Private dimensions against ground-truth private factors",
+            ["modality", "private (weights)", f"carrying its factors (R^2 >= {analysis['r2_threshold']:g})",
+             "precision", "recall", "rank correlation"],
+            [[m, ", ".join(map(str, v["private"])) or "none", ", ".join(map(str, v["carrying"])) or "none",
+              fmt(v["precision"]), fmt(v["recall"]), fmt(v.get("rank_correlation"))]
+             for m, v in pvf.items()],
+            f"R^2 of a cubic polynomial in one dimension of the modality's own posterior mean, fitted "
+            f"on {n.get('train')} train and scored on {n.get('test')} test examples"
+            + (", factors centred within each class" if analysis.get("factors_residualised_on_label") else "")
+            + "; rank correlation: Spearman, over dimensions, of m's normalised weight with the best "
+              "R^2 of m's factors"))
+    return tables
+
+
+# ------------------------------------------------------------------------------------ one run
+
+
+def _read_json(path: str):
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return json.loads(f.read())
+
+
+def _read_bytes(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
+_PLOT_CAPTIONS = {
+    plots.CROSS_GENERATION: "Cross generation: each modality given alone, every modality generated",
+    plots.MIXTURE_WEIGHTS: "Mixture weights per latent dimension and modality",
+    plots.ROBUSTNESS: "Latent accuracy against input noise (dashed: raw-input baseline)",
+}
+
+
+def analysis_pictures(analysis: Mapping) -> dict[str, str]:
+    """{caption: file name in RUN/analysis/} of the pictures an analysis.json lists."""
+    files = analysis.get("files") or {}
+    out = {}
+    if "mixture_weights" in files:
+        out[f"{analysis['weights_name']} per dimension and modality, private dimensions outlined"] = \
+            files["mixture_weights"]
+    if "factor_r2" in files:
+        out["R^2 of each ground-truth factor from each latent dimension"] = files["factor_r2"]
+    for modality, grids in (files.get("swap_grids") or {}).items():
+        for kind, name in grids.items():
+            what = ("its private dimensions resampled from the prior, the rest kept"
+                    if kind == "private_resampled" else
+                    "every other dimension resampled from the prior, its private ones kept")
+            out[f"Dimension swap (Fig. 7) for {modality}: {what}"] = name
+    return out
+
+
+def run_sections(metrics: Mapping | None, history: Sequence[Mapping], plot_files: Mapping[str, bytes],
+                 analysis: Mapping | None, analysis_files: Mapping[str, bytes]) -> list:
+    """The sections of RUN/report.html (pure: everything read is passed in)."""
+    sections = []
+    if history:
+        sections.append(("Training", [
+            Image("Training curve from history.jsonl", plots.figure_png(plots.training_curve_figure(history)),
+                  "training_curve.png")]))
+    if metrics is None:
+        sections.append(("Metrics", ["No metrics.json yet: run `bmvae evaluate`."]))
+    else:
+        sections.append(("Metrics", run_metric_tables(metrics)))
+    images = [Image(_PLOT_CAPTIONS.get(name, name), png, name) for name, png in plot_files.items()
+              if name != plots.TRAINING_CURVE]
+    if images:
+        sections.append(("Plots", images))
+    if analysis is not None:
+        items: list = list(analysis_tables(analysis))
+        items += [Image(caption, png, f"analysis_{i}.png")
+                  for i, (caption, png) in enumerate(analysis_files.items())]
+        sections.append(("Mixture-weight analysis (bmvae analyze)", items))
+    if history:
+        sections.append(("Training history", [history_table(history)]))
+    return sections
+
+
+def write_run_report(workdir: str) -> str:
+    """Writes RUN/report.html from what the run directory holds; returns its path."""
+    paths = run_dir.RunPaths(workdir)
+    metrics = _read_json(paths.metrics)
+    history = run_dir.read_history(paths)
+    plot_files = {}
+    if tf.io.gfile.isdir(paths.plots):
+        plot_files = {name: _read_bytes(os.path.join(paths.plots, name))
+                      for name in sorted(tf.io.gfile.listdir(paths.plots)) if name.endswith(".png")}
+    analysis_dir = os.path.join(paths.root, "analysis")
+    analysis = _read_json(os.path.join(analysis_dir, "analysis.json"))
+    analysis_files = {}
+    if analysis is not None:
+        # Only the pictures this analysis.json names: the directory may hold older ones.
+        analysis_files = {caption: _read_bytes(os.path.join(analysis_dir, name))
+                          for caption, name in analysis_pictures(analysis).items()
+                          if tf.io.gfile.exists(os.path.join(analysis_dir, name))}
+    name = (metrics or {}).get("model") or os.path.basename(os.path.normpath(workdir))
+    dataset = (metrics or {}).get("dataset")
+    title = f"bmvae run report: {name}" + (f" on {dataset}" if dataset else "")
+    page = render_html(title, [("Run", [f"Run directory: {os.path.abspath(workdir)}"]),
+                               *run_sections(metrics, history, plot_files, analysis, analysis_files)])
+    path = os.path.join(paths.root, REPORT_HTML)
+    schema.write_text_atomic(path, page)
+    return path
+
+
+# ------------------------------------------------------------------------------------ compare
+
+
+@dataclasses.dataclass
+class RunSummary:
+    label: str
+    path: str
+    metrics: dict
+    history: list[dict]
+    plot_files: dict[str, bytes]
+
+
+def run_labels(paths: Sequence[str]) -> list[str]:
+    """Short unique labels: the directory names, with parent directories added (to all of them)
+    until they differ."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise UserError(f"the same run is named twice: {list(paths)}")
+
+
+def load_runs(paths: Sequence[str]) -> list[RunSummary]:
+    runs = []
+    for label, path in zip(run_labels(paths), paths):
+        run_paths = run_dir.RunPaths(path)
+        metrics = _read_json(run_paths.metrics)
+        if metrics is None:
+            raise UserError(f"{run_paths.metrics}: not found; run `bmvae evaluate --workdir {path}` first")
+        plot_files = {}
+        if tf.io.gfile.isdir(run_paths.plots):
+            plot_files = {n: _read_bytes(os.path.join(run_paths.plots, n))
+                          for n in sorted(tf.io.gfile.listdir(run_paths.plots)) if n.endswith(".png")}
+        runs.append(RunSummary(label, path, metrics, run_dir.read_history(run_paths), plot_files))
+    return runs
+
+
+def _union_keys(dicts: Sequence[Mapping | None]) -> list[str]:
+    return list(dict.fromkeys(k for d in dicts if d for k in d))
+
+
+def _by_run_table(title: str, runs: Sequence[RunSummary], key: str, digits: int, note: str) -> Table | None:
+    values = [r.metrics.get(key) for r in runs]
+    columns = _union_keys(values)
+    if not columns:
+        return None
+    rows = [[r.label, *[fmt((v or {}).get(c), digits) for c in columns]] for r, v in zip(runs, values)]
+    return Table(title, ["run", *columns], rows, note)
+
+
+def robustness_scores(runs: Sequence[RunSummary]) -> dict[str, dict]:
+    """Per run, on the all-modality subset: relative and effective robustness, each min-max
+    normalised across the runs as MultiBench does, and their mean (the paper's Fig. 5a)."""
+    raw = {}
+    for run in runs:
+        rob = run.metrics.get("robustness")
+        key = schema.subset_key(run.metrics.get("modalities") or [])
+        if rob and key in rob.get("relative", {}):
+            raw[run.label] = {"relative": rob["relative"][key],
+                              "effective": (rob.get("effective") or {}).get(key),
+                              "clean": rob["latent_accuracy"][key][0]}
+    relative = robustness.minmax_normalise({k: v["relative"] for k, v in raw.items()})
+    effective = robustness.minmax_normalise({k: v["effective"] for k, v in raw.items()})
+    for label, scores in raw.items():
+        scores["relative_normalised"] = relative[label]
+        scores["effective_normalised"] = effective[label]
+        both = [v for v in (relative[label], effective[label]) if v is not None]
+        scores["mean_normalised"] = float(np.mean(both)) if len(both) == 2 else None
+    return raw
+
+
+def compare_tables(runs: Sequence[RunSummary]) -> list[Table]:
+    """The paper-shaped tables with one row per run."""
+    tables = [Table("Runs", ["run", "model", "dataset", "epochs", "seconds per epoch"],
+                    [[r.label, str(r.metrics.get("model")), str(r.metrics.get("dataset")),
+                      str(r.metrics.get("epochs")), fmt(r.metrics.get("seconds_per_epoch"), 2)] for r in runs],
+                    "seconds per epoch: mean of history.jsonl's per-epoch wall time; only comparable "
+                    "between runs on the same machine and load")]
+
+    def counts(key: str) -> str:
+        def describe(value) -> str:
+            if isinstance(value, Mapping):
+                return " / ".join(f"{v} {k}" for k, v in value.items())
+            return str(value)
+
+        return "; ".join(f"{r.label}: {describe(_count(r.metrics, key))}" for r in runs)
+
+    for table in (
+            _by_run_table("Latent accuracy by subset (linear probe, test)", runs, "latent_accuracy", 3,
+                          f"examples - {counts('latent_accuracy')}"),
+            _by_run_table("Cross coherence by target|given", runs, "coherence", 3,
+                          f"test examples - {counts('coherence')}"),
+            _by_run_table("Log-likelihood by subset (IWAE)", runs, "log_likelihood", 1,
+                          f"test examples - {counts('log_likelihood')}; K - {counts('log_likelihood_samples')}")):
+        if table is not None:
+            tables.append(table)
+    tables.append(Table("Random coherence", ["run", "prior", "ex-post GMM", "samples"],
+                        [[r.label, fmt(r.metrics.get("random_coherence")),
+                          fmt(r.metrics.get("random_coherence_gmm")),
+                          str(_count(r.metrics, "random_coherence"))] for r in runs]))
+    scores = robustness_scores(runs)
+    if scores:
+        tables.append(Table(
+            "Robustness (MultiBench), all modalities given",
+            ["run", "clean accuracy", "relative", "effective", "relative (normalised)",
+             "effective (normalised)", "mean (normalised)"],
+            [[label, fmt(s["clean"]), fmt(s["relative"]), fmt(s["effective"]),
+              fmt(s["relative_normalised"]), fmt(s["effective_normalised"]), fmt(s["mean_normalised"])]
+             for label, s in scores.items()],
+            "normalised: min-max across the compared runs (MultiBench's maxmin_normalize; n/a with "
+            "fewer than two distinct values); mean: the average of the two, as the paper's Fig. 5a"))
+    return tables
+
+
+def compare_images(runs: Sequence[RunSummary]) -> list[Image]:
+    images = []
+    histories = {r.label: r.history for r in runs if r.history}
+    if histories:
+        images.append(Image("Training curves of every run", plots.figure_png(
+            plots.runs_training_curves_figure(histories)), "images/training_curves.png"))
+    curves = {}
+    for run in runs:
+        rob = run.metrics.get("robustness")
+        key = schema.subset_key(run.metrics.get("modalities") or [])
+        if rob and key in rob["latent_accuracy"]:
+            curves[run.label] = (rob["noise_levels"], rob["latent_accuracy"][key])
+    if curves:
+        images.append(Image("Latent accuracy of all modalities against input noise", plots.figure_png(
+            plots.runs_robustness_figure(curves, "all modalities")), "images/robustness.png"))
+    for index, run in enumerate(runs):
+        for name, png in run.plot_files.items():
+            images.append(Image(f"{run.label}: {_PLOT_CAPTIONS.get(name, name)}", png,
+                                f"images/run{index + 1}_{name}"))
+    return images
+
+
+def compare(paths: Sequence[str], output: str) -> tuple[str, str]:
+    """Writes OUTPUT/report.md (+ OUTPUT/images/) and OUTPUT/report.html; returns both paths."""
+    if not paths:
+        raise UserError("compare needs at least one run directory")
+    runs = load_runs(paths)
+    tables = compare_tables(runs)
+    images = compare_images(runs)
+    sources = [f"{r.label}: {os.path.abspath(r.path)}" for r in runs]
+    sections = [("Runs compared", sources), ("Tables", tables), ("Plots", images)]
+    title = f"bmvae comparison of {len(runs)} runs"
+    tf.io.gfile.makedirs(os.path.join(output, "images"))
+    for image in images:
+        path = os.path.join(output, image.filename)
+        tmp = f"{path}.tmp"
+        with tf.io.gfile.GFile(tmp, "wb") as f:
+            f.write(image.png)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    markdown_path = os.path.join(output, COMPARE_MARKDOWN)
+    html_path = os.path.join(output, COMPARE_HTML)
+    schema.write_text_atomic(markdown_path, render_markdown(title, sections))
+    schema.write_text_atomic(html_path, render_html(title, sections))
+    return markdown_path, html_path

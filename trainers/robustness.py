@@ -1,0 +1,282 @@
+"""Robustness in MultiBench's manner: latent accuracy under increasing input noise.
+
+MultiBench (Liang et al., 2021; github.com/pliang279/MultiBench) tests a model at noise levels
+0, 0.1, ..., 1.0 (`robustness/all_in_one.py`: `noise_level / 10` for `noise_level in
+range(11)`) and summarises the accuracy curve f_0..f_L two ways (`eval_scripts/robustness.py`):
+
+- relative robustness (`relative_robustness_helper`): the area under the curve by the
+  trapezoidal rule, sum_i (f_i + f_{i+1}) * 0.1 / 2, i.e. accuracy integrated over the levels;
+- effective robustness (`effective_robustness_helper`): the accuracy a method keeps beyond a
+  baseline shifted to the same clean accuracy, sum_i (f_i - (b_i + f_0 - b_0)), where MultiBench's
+  baseline b is its late-fusion model (LF). Across methods both are then min-max normalised
+  (`maxmin_normalize`); `trainers.report` does that when it compares runs.
+
+Our choices where MultiBench's setting does not carry over:
+- the "performance" is the latent accuracy of Sect. 6.1.1: each subset's linear probe is fitted on
+  clean train latents and scored on latents of noisy test inputs;
+- the noise is MultiBench's white noise (`timeseries_robust.white_noise`: zero-mean Gaussian
+  with standard deviation equal to the level) on images, which the data contract keeps in
+  [0, 1]; vectors are unbounded (ResNet features, user arrays), so their standard deviation is
+  the level times the modality's own standard deviation. Token ids cannot take Gaussian noise, so
+  sequences get MultiBench's probabilistic text noise in its simplest form: each token is
+  replaced by a uniformly random token with probability equal to the level;
+- the baseline b is model-independent, the nearest thing to LF without a second trained model:
+  a linear probe on the concatenated raw inputs of the subset (flattened images and vectors,
+  token counts of sequences), fitted on clean train inputs and scored on the same noisy test
+  inputs the model sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from bmvae_tf import schema
+
+# MultiBench's levels: noise_level / 10 for noise_level in range(11).
+DEFAULT_NOISE_LEVELS = tuple(i / 10 for i in range(11))
+NOISE_DESCRIPTION = ("images: x + N(0, level^2); vectors: x + N(0, (level * std of the modality)^2); "
+                     "sequences: each token replaced by a uniform random token with probability level")
+_PROBE_MAX_ITER = 5000
+_SKLEARN_BLAS_THREADS = 1  # see trainers.evaluate: multi-threaded BLAS fights TensorFlow's pools
+_STREAM_NOISE = 5  # trainers.evaluate uses streams 1-4 of the run's seed
+
+
+# ------------------------------------------------------------------------------------ summaries
+
+
+def relative_robustness(levels: Sequence[float], accuracy: Sequence[float]) -> float:
+    """Area under accuracy [L] against noise level [L] by the trapezoidal rule (MultiBench's
+    `relative_robustness_helper`, which assumes the level step 0.1)."""
+    levels, accuracy = np.asarray(levels, np.float64), np.asarray(accuracy, np.float64)
+    _check_curve(levels, accuracy)
+    return float(np.sum((accuracy[1:] + accuracy[:-1]) * np.diff(levels) / 2.0))
+
+
+def effective_robustness(accuracy: Sequence[float], baseline: Sequence[float]) -> float:
+    """sum_i (f_i - (b_i + f_0 - b_0)): accuracy kept beyond the baseline's curve shifted to the
+    model's clean accuracy (MultiBench's `effective_robustness_helper`). Positive: the model
+    loses accuracy more slowly than the baseline."""
+    f, b = np.asarray(accuracy, np.float64), np.asarray(baseline, np.float64)
+    if f.shape != b.shape or f.ndim != 1 or len(f) == 0:
+        raise ValueError(f"accuracy {f.shape} and baseline {b.shape} must be equal-length curves")
+    # (f_i - f_0) - (b_i - b_0): the same sum, exactly 0 for identical curves.
+    return float(np.sum((f - f[0]) - (b - b[0])))
+
+
+def minmax_normalise(values: Mapping[str, float | None]) -> dict[str, float | None]:
+    """MultiBench's `maxmin_normalize` across methods: (v - min) / (max - min). With fewer than
+    two distinct values there is nothing to normalise against and every value maps to None."""
+    known = [v for v in values.values() if v is not None]
+    if len(set(known)) < 2:
+        return {k: None for k in values}
+    low, high = min(known), max(known)
+    return {k: None if v is None else (v - low) / (high - low) for k, v in values.items()}
+
+
+def _check_curve(levels: np.ndarray, accuracy: np.ndarray) -> None:
+    if levels.shape != accuracy.shape or levels.ndim != 1 or len(levels) < 2:
+        raise ValueError(f"need at least two levels and one accuracy per level, got "
+                         f"{levels.shape} and {accuracy.shape}")
+    if np.any(np.diff(levels) <= 0):
+        raise ValueError(f"noise levels must increase, got {levels.tolist()}")
+
+
+# ------------------------------------------------------------------------------------ noise
+
+
+def noise_scales(specs: Sequence[schema.ModalitySpec],
+                 batches: Iterable[Mapping[str, tf.Tensor]]) -> dict[str, float]:
+    """The standard deviation unit of each float modality's noise: 1 for images (in [0, 1]),
+    the standard deviation over `batches` of all values for vectors. Sequences get none."""
+    vectors = [s.name for s in specs if s.kind == "vector"]
+    sums = {n: np.zeros(3) for n in vectors}  # count, sum, sum of squares
+    if vectors:
+        for batch in batches:
+            for name in vectors:
+                x = np.asarray(batch[name], np.float64)
+                sums[name] += (x.size, x.sum(), np.square(x).sum())
+    scales = {}
+    for spec in specs:
+        if spec.kind == "image":
+            scales[spec.name] = 1.0
+        elif spec.kind == "vector":
+            count, total, squares = sums[spec.name]
+            var = squares / max(count, 1) - (total / max(count, 1)) ** 2
+            scales[spec.name] = float(np.sqrt(max(var, 0.0)))
+    return scales
+
+
+def add_noise(specs: Sequence[schema.ModalitySpec], inputs: Mapping[str, tf.Tensor],
+              level: tf.Tensor, scales: Mapping[str, float], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Noisy copies of a batch {modality: [B, *shape]} at noise `level` (scalar), graph-safe.
+
+    Float modalities: x + level * scale * N(0, 1), unclipped as in MultiBench. Sequences: each
+    token replaced with probability `level` by a token drawn uniformly from the vocabulary.
+    seed: int32 [2], a stateless seed; every modality folds in its position.
+    """
+    level = tf.cast(level, tf.float32)
+    out = {}
+    for m, spec in enumerate(specs):
+        x = inputs[spec.name]
+        modality_seed = tf.random.experimental.stateless_fold_in(seed, m)
+        if spec.kind == "sequence":
+            draw_seed, token_seed = tf.unstack(tf.random.experimental.stateless_split(modality_seed, 2))
+            replace = tf.random.stateless_uniform(tf.shape(x), draw_seed) < level
+            tokens = tf.random.stateless_uniform(tf.shape(x), token_seed, minval=0,
+                                                 maxval=spec.vocab_size, dtype=tf.int64)
+            out[spec.name] = tf.where(replace, tokens, tf.cast(x, tf.int64))
+        else:
+            noise = tf.random.stateless_normal(tf.shape(x), modality_seed)
+            out[spec.name] = x + level * float(scales[spec.name]) * noise
+    return out
+
+
+def input_features(specs: Sequence[schema.ModalitySpec], inputs: Mapping[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+    """The baseline's features per modality, [B, F_m]: flattened values, or for sequences the
+    count of each vocabulary token (a bag of tokens: shift-invariant, vocabulary-sized)."""
+    out = {}
+    for spec in specs:
+        x = np.asarray(inputs[spec.name])
+        if spec.kind == "sequence":
+            tokens = x.reshape(len(x), -1).astype(np.int64)
+            counts = np.zeros((len(x), spec.vocab_size), np.float32)
+            np.add.at(counts, (np.repeat(np.arange(len(x)), tokens.shape[1]), tokens.ravel()), 1.0)
+            out[spec.name] = counts
+        else:
+            out[spec.name] = x.reshape(len(x), -1).astype(np.float32)
+    return out
+
+
+# ------------------------------------------------------------------------------------ probes
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray):
+    """A logistic regression on standardised features [N, F], as the latent probes of
+    trainers.evaluate (so the baseline and the model are scored alike)."""
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=_PROBE_MAX_ITER))
+    with threadpool_limits(limits=_SKLEARN_BLAS_THREADS):
+        return probe.fit(features, labels)
+
+
+def probe_accuracy(probe, features: np.ndarray, labels: np.ndarray) -> float:
+    with threadpool_limits(limits=_SKLEARN_BLAS_THREADS):
+        return float(probe.score(features, labels))
+
+
+@dataclasses.dataclass
+class RobustnessResult:
+    """Curves per subset key: accuracy [L] of the latent probe and of the input baseline
+    (baseline_accuracy is empty when no baseline was fitted)."""
+
+    levels: list[float]
+    latent_accuracy: dict[str, list[float]]
+    baseline_accuracy: dict[str, list[float]]
+    num_test: int
+
+    def to_json(self) -> dict:
+        return {
+            "noise_levels": list(self.levels), "noise": NOISE_DESCRIPTION,
+            "baseline": "linear probe on the concatenated raw inputs of the subset",
+            "latent_accuracy": self.latent_accuracy,
+            "baseline_accuracy": self.baseline_accuracy,
+            "relative": {k: relative_robustness(self.levels, v) for k, v in self.latent_accuracy.items()},
+            # Without a baseline there is nothing to measure the rate of decline against.
+            "effective": {k: effective_robustness(v, self.baseline_accuracy[k])
+                          if k in self.baseline_accuracy else None
+                          for k, v in self.latent_accuracy.items()},
+            "baseline_relative": {k: relative_robustness(self.levels, v)
+                                  for k, v in self.baseline_accuracy.items()},
+        }
+
+
+def collect_features(specs: Sequence[schema.ModalitySpec],
+                     batches: Iterable[Mapping[str, tf.Tensor]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The baseline's clean features {modality: [N, F_m]} and labels [N] of a split."""
+    parts: dict[str, list] = {s.name: [] for s in specs}
+    labels = []
+    for batch in batches:
+        for name, value in input_features(specs, {s.name: batch[s.name] for s in specs}).items():
+            parts[name].append(value)
+        labels.append(np.asarray(batch["label"]))
+    return {k: np.concatenate(v) for k, v in parts.items()}, np.concatenate(labels)
+
+
+def subset_features(features: Mapping[str, np.ndarray], subset: Sequence[str]) -> np.ndarray:
+    return np.concatenate([features[name] for name in subset], axis=1)
+
+
+def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object],
+                   baselines: Mapping[str, object], *, levels: Sequence[float],
+                   scales: Mapping[str, float], seed: int) -> RobustnessResult:
+    """Accuracy of every subset's latent probe and input baseline at each noise level.
+
+    For each level, each test batch is corrupted once (`add_noise`, seeded by the run's seed,
+    the level's index and the batch's index); every subset encodes its own modalities of that
+    noisy batch (the others are absent), and its baseline sees the same noisy values.
+
+    Args:
+      model: a MultimodalVAE.
+      batches: the test split, {modality: [B, *shape], "label": [B]}; iterated once per level.
+      probes: {subset key: fitted classifier of posterior means [N, D]} (fitted on clean train).
+      baselines: {subset key: fitted classifier of `subset_features`}; may be empty.
+      levels: increasing noise levels, normally starting at 0 (the clean accuracy).
+      scales: `noise_scales`.
+      seed: the run's seed.
+    """
+    from trainers import classifiers as classifiers_lib
+    from trainers import evaluate as evaluate_lib  # evaluate imports this module
+
+    specs = list(model.modalities)
+    names = [s.name for s in specs]
+    subsets = schema.subset_names(names)
+    masks = {schema.subset_key(s): tf.constant([n in s for n in names]) for s in subsets}
+
+    signature = classifiers_lib.batch_signature(specs)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32),
+                                  tf.TensorSpec([2], tf.int32)])
+    def corrupt(inputs, level, batch_seed):
+        return add_noise(specs, inputs, level, scales, batch_seed)
+
+    @tf.function(input_signature=[signature, tf.TensorSpec([len(names)], tf.bool)])
+    def encode(inputs, present):
+        return model.posterior(evaluate_lib.mask_inputs(inputs, present, names), present).mean()
+
+    base_seed = tf.constant([seed, _STREAM_NOISE], tf.int32)
+    latent = {key: [] for key in masks}
+    baseline = {key: [] for key in masks if key in baselines}
+    num_test = 0
+    for level_index, level in enumerate(levels):
+        level_seed = tf.random.experimental.stateless_fold_in(base_seed, level_index)
+        means: dict[str, list] = {key: [] for key in masks}
+        features: dict[str, list] = {n: [] for n in names}
+        labels = []
+        for index, batch in enumerate(batches):
+            noisy = corrupt({n: batch[n] for n in names}, tf.constant(level, tf.float32),
+                            tf.random.experimental.stateless_fold_in(level_seed, index))
+            for key, present in masks.items():
+                means[key].append(encode(noisy, present).numpy())
+            if baselines:
+                for name, value in input_features(specs, {n: v.numpy() for n, v in noisy.items()}).items():
+                    features[name].append(value)
+            labels.append(np.asarray(batch["label"]))
+        y = np.concatenate(labels)
+        num_test = len(y)
+        for key in masks:
+            latent[key].append(probe_accuracy(probes[key], np.concatenate(means[key]), y))
+        if baselines:
+            joined = {n: np.concatenate(v) for n, v in features.items()}
+            for subset in subsets:
+                key = schema.subset_key(subset)
+                baseline[key].append(probe_accuracy(baselines[key], subset_features(joined, subset), y))
+    return RobustnessResult(levels=[float(v) for v in levels], latent_accuracy=latent,
+                            baseline_accuracy=baseline, num_test=num_test)
