@@ -168,6 +168,8 @@ def train(config: config_lib.Config, workdir: str, *,
         raise UserError(f"train.batch_size={global_batch} exceeds the {manifest.split('train').count} "
                         f"training examples of {config.data.dir}")
 
+    # Training re-draws text paddings when asked; validation and evaluation read the stored text.
+    repad = input_pipeline.use_dynamic_text_padding(config.data.dynamic_text_padding, manifest)
     state = build_state(config, manifest, strategy)
     manager = tf.train.CheckpointManager(state.checkpoint, paths.checkpoints,
                                          max_to_keep=config.train.checkpoints_to_keep)
@@ -193,7 +195,8 @@ def train(config: config_lib.Config, workdir: str, *,
             lambda ctx, e=epoch: input_pipeline.make_dataset(
                 manifest, "train", ctx.get_per_replica_batch_size(global_batch), shuffle=True,
                 seed=seed * 100003 + e, drop_remainder=True,
-                shuffle_buffer=config.train.shuffle_buffer, input_context=ctx))
+                shuffle_buffer=config.train.shuffle_buffer, input_context=ctx,
+                dynamic_text_padding=repad))
         started = time.perf_counter()
         interval_start, interval_steps = started, 0
         losses = []
