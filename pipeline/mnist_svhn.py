@@ -19,11 +19,12 @@ a token is the symbol's first position in ALPHABET, as their `alphabet.find`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
 from bmvae_tf.errors import UserError
+from pipeline.permutation import permute_index
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -44,7 +45,6 @@ DEFAULT_DM = {"mnist-svhn": 30, "mnist-svhn-text": 20}
 _STREAM_PAIRING = 1
 _STREAM_TEXT = 2
 _STREAM_ORDER = 3
-_FEISTEL_ROUNDS = 4
 
 
 def split_id(split: str) -> int:
@@ -118,55 +118,12 @@ def expand_plan(plan: ClassPlan, *, dm: int, seed: int, with_text: bool
         mnist_parts.append(rng.permutation(plan.mnist))
         svhn_parts.append(rng.permutation(plan.svhn))
     positions = plan.offset + np.arange(dm * plan.n, dtype=np.int64)
-    out = {"index": permute_index(positions, plan.total, (seed, split_id(plan.split))),
+    out = {"index": permute_index(positions, plan.total, (seed, _STREAM_ORDER, split_id(plan.split))),
            "mnist": np.concatenate(mnist_parts), "svhn": np.concatenate(svhn_parts)}
     if with_text:
         text_rng = np.random.default_rng([seed, _STREAM_TEXT, split_id(plan.split), plan.label])
         out["text_start"] = text_rng.integers(0, max_text_start(plan.label) + 1, size=dm * plan.n)
     return out
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def permute_index(x: np.ndarray, size: int, key: Sequence[int]) -> np.ndarray:
-    """A keyed pseudo-random bijection of [0, size), applied elementwise to x.
-
-    A balanced Feistel network on the smallest even number of bits covering size - 1, with
-    cycle walking (values that land outside [0, size) are permuted again until they land
-    inside), which keeps it a bijection of [0, size).
-
-    Args:
-      x: int array with values in [0, size).
-      size: the domain size P.
-      key: ints keying the permutation.
-    Returns:
-      int64 array of x's shape.
-    """
-    x = np.asarray(x, np.int64)
-    if np.any((x < 0) | (x >= size)):
-        raise ValueError(f"values outside [0, {size})")
-    if size <= 1:
-        return x.copy()
-    half = max(1, (int(size - 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half) - 1)
-    keys = np.random.default_rng([*key, _STREAM_ORDER]).integers(
-        0, 2**63, size=_FEISTEL_ROUNDS, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        out = x.astype(np.uint64)
-        todo = np.ones(out.shape, bool)
-        while todo.any():
-            value = out[todo]
-            left, right = value >> np.uint64(half), value & mask
-            for k in keys:
-                left, right = right, left ^ (_mix64(right ^ k) & mask)
-            out[todo] = (left << np.uint64(half)) | right
-            todo = out >= np.uint64(size)
-    return out.astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline import beam_io, build_mnist_svhn, mnist_svhn, sources
+from pipeline import beam_io, build_mnist_svhn, mnist_svhn, permutation, sources
 from tests import source_fixtures as fixtures
 
 IN_PROCESS = ["--runner=FnApiRunner"]
@@ -64,13 +64,13 @@ def copy_source(raw_dir: str, tmp_path) -> str:
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 4097])
 def test_permute_index_is_a_keyed_bijection(size):
     x = np.arange(size)
-    permuted = mnist_svhn.permute_index(x, size, (0, 0))
+    permuted = permutation.permute_index(x, size, (0, 0))
     assert sorted(permuted.tolist()) == list(range(size))
     if size >= 64:
         assert not np.array_equal(permuted, x)
-        assert not np.array_equal(permuted, mnist_svhn.permute_index(x, size, (1, 0)))
+        assert not np.array_equal(permuted, permutation.permute_index(x, size, (1, 0)))
         # Pieces of it give the same values as the whole: no list of all pairs is needed.
-        assert np.array_equal(mnist_svhn.permute_index(x[10:20], size, (0, 0)), permuted[10:20])
+        assert np.array_equal(permutation.permute_index(x[10:20], size, (0, 0)), permuted[10:20])
 
 
 def test_class_plans_and_expansion_follow_shi_et_al():
