@@ -418,3 +418,48 @@ def test_dynamic_padding_on_a_dataset_without_text_padding_is_refused(tmp_path):
     assert input_pipeline.use_dynamic_text_padding(None, manifest) is False
     with pytest.raises(UserError, match="declares no text padding"):
         input_pipeline.use_dynamic_text_padding(True, manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the command line, and on to training with the paper's configs
+
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+SHORT_EVAL = ["--set", "eval.classifier_epochs=1", "--set", "eval.random_samples=50",
+              "--set", "eval.log_likelihood_samples=4", "--set", "eval.log_likelihood_examples=8",
+              "--set", "eval.max_examples=256"]
+
+
+def test_cli_reports_a_bad_source_in_one_line(raw_dir, tmp_path, capsys):
+    from trainers import cli
+
+    directory = copy_source(raw_dir, tmp_path)
+    open(os.path.join(directory, "t10k-images-idx3-ubyte.gz"), "wb").write(b"\x1f\x8b\x08garbage")
+    code = cli.main(["data", "build", "mnist-svhn-text", "--source-dir", directory, "--output",
+                     str(tmp_path / "out"), "--", *IN_PROCESS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("bmvae: error: ") and "t10k-images-idx3-ubyte.gz" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # 30-60 s each: the paper's full-size networks and K on 2 CPU cores
+@pytest.mark.parametrize("dataset, config, dm", [("mnist-svhn", "mnist_svhn/bmvae_m.yaml", 7),
+                                                 ("mnist-svhn-text", "mnist_svhn_text/bmvae_m.yaml", 13)])
+def test_build_train_evaluate_with_the_paper_config(raw_dir, tmp_path, dataset, config, dm):
+    from trainers import cli
+
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    # dm just large enough for one batch of the config's size (21 paired images per class side).
+    assert cli.main(["data", "build", dataset, "--source-dir", raw_dir, "--output", data, "--dm", str(dm),
+                     "--", *IN_PROCESS]) == 0
+    manifest = schema.read_manifest(data)
+    assert manifest.splits["train"].count == dm * sum(manifest.source["class_counts"]["train"])
+    assert cli.main(["train", "--data", data, "--workdir", run, "--config", os.path.join(CONFIGS, config),
+                     "--epochs", "1", *SHORT_EVAL]) == 0
+    assert cli.main(["evaluate", "--workdir", run]) == 0
+    with open(os.path.join(run, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["dataset"] == dataset and metrics["modalities"] == manifest.modality_names
+    assert len(metrics["latent_accuracy"]) == 2 ** len(manifest.modalities) - 1
+    assert all(0.0 <= v <= 1.0 for v in metrics["latent_accuracy"].values())
