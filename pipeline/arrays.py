@@ -88,7 +88,8 @@ def _read_header(path: str, key: str, stream) -> tuple[tuple[int, ...], bool, np
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
-            raise UserError(f"{path}: key {key!r} is a .npy file of version {version}, which is not supported")
+            raise UserError(f"{path}: key {key!r} is a .npy file of version {version}, which is not "
+                            "supported")
     except ValueError as e:
         raise UserError(f"{path}: key {key!r} is not a valid .npy array ({e})") from None
     if dtype.hasobject:
@@ -113,7 +114,8 @@ def inspect_npz(path: str) -> dict[str, Member]:
             except (zipfile.BadZipFile, EOFError, OSError) as e:
                 raise UserError(f"{path}: key {key!r} is corrupt ({e})") from None
             if not shape:
-                raise UserError(f"{path}: key {key!r} is a scalar; every array needs a first axis of examples")
+                raise UserError(f"{path}: key {key!r} is a scalar; every array needs a first axis of "
+                                "examples")
             stored = info.compress_type == zipfile.ZIP_STORED
             offset = _local_data_offset(path, raw, info) + header_bytes if stored else -1
             members[key] = Member(key, shape[0], shape[1:], dtype.str, fortran, stored, offset)
@@ -213,7 +215,8 @@ def read_ranges(member: Member, rows: int = ROWS_PER_CHUNK) -> list[tuple[str, i
     """The (key, start, stop) reads of one member for the workers: chunks of `rows` when it can be
     read by seeking, else one read of the whole member (streamed by `iter_chunks`)."""
     if member.stored and not (member.fortran_order and member.row_shape):
-        return [(member.key, start, min(start + rows, member.count)) for start in range(0, member.count, rows)]
+        return [(member.key, start, min(start + rows, member.count))
+                for start in range(0, member.count, rows)]
     return [(member.key, 0, member.count)]
 
 
@@ -337,8 +340,9 @@ def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool =
     split_counts = {name: int(np.sum(split_ids == i)) for i, name in enumerate(SPLIT_NAMES)}
     for name, n in split_counts.items():
         if n == 0:
-            raise UserError(f"{path}: the {name} split is empty ({'key split' if has_split else '--test-fraction'}); "
-                            "both train and test need examples")
+            cause = "key 'split'" if has_split else "--test-fraction"
+            raise UserError(f"{path}: the {name} split is empty ({cause}); both train and test need "
+                            "examples")
     num_classes = None
     if LABEL_KEY in members:
         low, high = _value_range(path, members[LABEL_KEY])

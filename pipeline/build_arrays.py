@@ -68,7 +68,8 @@ def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
     plan = arrays.plan_arrays(input_path, sequences=tuple(sequences), standardize=standardize,
                               test_fraction=float(test_fraction), seed=int(seed))
     dataset_name = name or os.path.basename(input_path).removesuffix(".npz") or "arrays"
-    shards = {split: int(num_shards or beam_io.default_num_shards(n)) for split, n in plan.split_counts.items()}
+    shards = {split: int(num_shards or beam_io.default_num_shards(n))
+              for split, n in plan.split_counts.items()}
     label = None if plan.num_classes is None else schema.LabelSpec(key=arrays.LABEL_KEY,
                                                                     num_classes=plan.num_classes)
     template = schema.Manifest(

@@ -165,4 +165,5 @@ def check_labels(labels: Mapping[str, np.ndarray]) -> None:
     for where, values in labels.items():
         values = np.asarray(values)
         if values.size and (values.min() < 0 or values.max() >= NUM_CLASSES):
-            raise UserError(f"{where}: labels must be digits 0..9, found {int(values.min())}..{int(values.max())}")
+            raise UserError(f"{where}: labels must be digits 0..9, found "
+                            f"{int(values.min())}..{int(values.max())}")

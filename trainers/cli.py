@@ -38,8 +38,9 @@ def _add_data_commands(commands) -> None:
 
 
 def _add_mnist_svhn_commands(datasets) -> None:
-    for name, dm, what in (("mnist-svhn", 30, "MNIST and SVHN pairs of the same digit (Shi et al.)"),
-                           ("mnist-svhn-text", 20, "MNIST-SVHN plus the digit's name as text (Sutter et al.)")):
+    for name, dm, what in (
+            ("mnist-svhn", 30, "MNIST and SVHN pairs of the same digit (Shi et al.)"),
+            ("mnist-svhn-text", 20, "MNIST-SVHN plus the digit's name as text (Sutter et al.)")):
         command = datasets.add_parser(name, help=what)
         command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
         command.add_argument("--source", choices=("raw", "tfds"), default="raw",

@@ -62,8 +62,9 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
     spec = schema.feature_spec(manifest)
     batches = records.batch(batch_size, drop_remainder=drop_remainder)
     if padding is None:
-        batches = batches.map(lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        batches = batches.map(
+            lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         base_seed = tf.constant([seed, 0], tf.int64)
         if input_context is not None:
