@@ -10,7 +10,6 @@ import tensorflow as tf
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from pipeline import arrays, build_arrays
-from tests.synthetic import TINY_NETWORKS
 from trainers import config as config_lib
 from trainers import export
 
