@@ -159,7 +159,8 @@ class SequenceDecoder(keras.layers.Layer):
         while current > 4 and current % 2 == 0:
             halvings, current = halvings + 1, current // 2
         self.start_length = current
-        self.dense = keras.layers.Dense(width, activation="relu")
+        # Linear, as Sutter et al.'s DecoderText: the ReLUs follow the transposed convolutions.
+        self.dense = keras.layers.Dense(width)
         if current == 4:
             self.stem = keras.layers.Conv1DTranspose(width, 4, padding="valid", activation="relu")
         else:  # lengths that do not halve to 4 start from a dense layer of the whole length

@@ -33,6 +33,48 @@ def _add_data_commands(commands) -> None:
     digits.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
     digits.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     digits.set_defaults(func=_cmd_build_digits)
+    _add_mnist_svhn_commands(datasets)
+    _add_arrays_command(datasets)
+
+
+def _add_mnist_svhn_commands(datasets) -> None:
+    for name, dm, what in (
+            ("mnist-svhn", 30, "MNIST and SVHN pairs of the same digit (Shi et al.)"),
+            ("mnist-svhn-text", 20, "MNIST-SVHN plus the digit's name as text (Sutter et al.)")):
+        command = datasets.add_parser(name, help=what)
+        command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
+        command.add_argument("--source", choices=("raw", "tfds"), default="raw",
+                             help="raw: the published files in --source-dir; tfds: TFDS mnist and svhn_cropped")
+        command.add_argument("--source-dir", help="directory of train-images-idx3-ubyte.gz, ..., "
+                                                  "train_32x32.mat, test_32x32.mat")
+        command.add_argument("--tfds-data-dir", help="TFDS data directory (default: TFDS's own)")
+        command.add_argument("--download", action="store_true",
+                             help="with --source tfds: download and prepare the datasets first")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--dm", type=int, default=dm, help=f"random pairings per class (default {dm})")
+        command.add_argument("--max-d", type=int, default=10000, help="at most this many images per class")
+        command.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
+        command.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+        command.set_defaults(func=_cmd_build_mnist_svhn, with_text=name == "mnist-svhn-text")
+
+
+def _add_arrays_command(datasets) -> None:
+    command = datasets.add_parser(
+        "arrays", help="your own paired data: one array per modality in a .npz file",
+        description="Every array of the .npz is a modality (first axis = examples; 1-D per example: "
+                    "vector, 2-D or 3-D: image), except `label` (int) and `split` ('train'/'test').")
+    command.add_argument("--input", required=True, help="the .npz file (local, gs://, hdfs://)")
+    command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
+    command.add_argument("--name", help="dataset name (default: the file name)")
+    command.add_argument("--sequence", action="append", default=[], metavar="NAME",
+                         help="treat the integer [N, L] array NAME as token sequences (repeatable)")
+    command.add_argument("--no-standardize", action="store_true",
+                         help="keep vector modalities as they are (default: standardise with train stats)")
+    command.add_argument("--test-fraction", type=float, default=0.2, help="without a `split` array")
+    command.add_argument("--seed", type=int, default=0, help="draws the test rows without a `split` array")
+    command.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
+    command.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    command.set_defaults(func=_cmd_build_arrays)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +148,30 @@ def _cmd_build_digits(args, beam_args: list[str]) -> int:
 
     manifest = build_digits(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
                             num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+    counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
+    print(f"wrote {args.output}/manifest.json ({counts})")
+    return 0
+
+
+def _cmd_build_mnist_svhn(args, beam_args: list[str]) -> int:
+    from pipeline.build_mnist_svhn import build_mnist_svhn
+
+    manifest = build_mnist_svhn(
+        args.output, with_text=args.with_text, source=args.source, source_dir=args.source_dir,
+        tfds_data_dir=args.tfds_data_dir, download=args.download, seed=args.seed, dm=args.dm,
+        max_d=args.max_d, num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+    counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
+    print(f"wrote {args.output}/manifest.json ({counts})")
+    return 0
+
+
+def _cmd_build_arrays(args, beam_args: list[str]) -> int:
+    from pipeline.build_arrays import build_arrays
+
+    manifest = build_arrays(
+        args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
+        standardize=not args.no_standardize, test_fraction=args.test_fraction, seed=args.seed,
+        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
     counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
     print(f"wrote {args.output}/manifest.json ({counts})")
     return 0

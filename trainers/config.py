@@ -126,6 +126,9 @@ class EvalConfig:
 @dataclasses.dataclass
 class DataConfig:
     dir: str = ""
+    # Re-draw the text padding on every read in training (Sutter et al.); null: the dataset's
+    # default, on for mnist-svhn-text (its manifest's text_padding), off elsewhere.
+    dynamic_text_padding: bool | None = None
 
 
 @dataclasses.dataclass

@@ -18,6 +18,11 @@ manifest order and B the batch size:
 Absent modalities (present[m] = False) are fed as zeros of their shape; they are replaced by zeros
 inside the graph, so whatever values are fed for them cannot change any output.
 
+Units: a modality that the dataset job transformed (its manifest `standardization`, e.g. the
+standardised vectors and rescaled [0, 255] images of `bmvae data build arrays`) is fed and
+returned in the units of the source data: the signatures apply (x - offset) / scale to it on
+the way in and x * scale + offset to the decoded outputs.
+
 Determinism: every random draw is stateless. `encode` and `cross_generate` have no seed input and
 draw with the fixed seed POSTERIOR_SEED = (0, 0), so the same batch always gives the same outputs.
 The draw for one example depends on its row and on the batch size, not on the other rows' values.
@@ -34,6 +39,7 @@ import os
 import re
 import uuid
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -92,6 +98,7 @@ class ServingModule(tf.Module):
         self.modality_names = tf.Variable(manifest.modality_names, trainable=False,
                                           name="modality_names")
         self._modalities = tuple(manifest.modalities)
+        self._units = {m.name: source_units(m) for m in self._modalities}
 
         inputs = [tf.TensorSpec([None, *m.shape], serving_dtype(m), name=m.name)
                   for m in self._modalities]
@@ -118,9 +125,23 @@ class ServingModule(tf.Module):
         tf.debugging.Assert(tf.reduce_any(present), ["`present` must mark at least one modality"])
         # The posterior already gives absent experts zero weight, but 0 * NaN is NaN: zeroing the
         # absent inputs makes any fed value, non-finite ones included, harmless.
-        inputs = {spec.name: tf.where(present[i], x, tf.zeros_like(x))
+        inputs = {spec.name: tf.where(present[i], self._to_model_units(spec.name, x), tf.zeros_like(x))
                   for i, (spec, x) in enumerate(zip(self._modalities, values))}
         return self.model.posterior(inputs, present)
+
+    def _to_model_units(self, name: str, x: tf.Tensor) -> tf.Tensor:
+        if self._units[name] is None:
+            return x
+        offset, scale = self._units[name]
+        return (x - offset) / scale
+
+    def _to_source_units(self, outputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Decoded outputs {modality: [B, *shape]} back in the units of the source data."""
+        out = dict(outputs)
+        for name, units in self._units.items():
+            if units is not None:
+                out[name] = out[name] * units[1] + units[0]
+        return out
 
     def _encode(self, *args: tf.Tensor) -> dict[str, tf.Tensor]:
         """{"z_mean": [B, D], "z_sample": [B, D]}."""
@@ -131,12 +152,22 @@ class ServingModule(tf.Module):
     def _cross_generate(self, *args: tf.Tensor) -> dict[str, tf.Tensor]:
         """{modality: [B, *shape]}, decoded from the same draw as `encode`'s z_sample."""
         z = self._posterior(args).sample(seed=tf.constant(POSTERIOR_SEED, tf.int32))  # [B, D]
-        return self.model.generate(z)
+        return self._to_source_units(self.model.generate(z))
 
     def _sample(self, num: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         """`num` draws from the prior p(z), decoded: {modality: [num, *shape]}."""
         z = self.model.prior().sample(num, seed=tf.stack([seed, tf.constant(0, tf.int32)]))  # [num, D]
-        return self.model.generate(z)
+        return self._to_source_units(self.model.generate(z))
+
+
+def source_units(spec: schema.ModalitySpec) -> tuple[tf.Tensor, tf.Tensor] | None:
+    """(offset, scale), each float32 of the modality's shape, when the dataset job transformed it
+    (model value = (source value - offset) / scale); None for modalities stored as they came."""
+    units = spec.standardization
+    if not units or spec.kind == "sequence":
+        return None
+    return tuple(tf.constant(np.broadcast_to(np.asarray(units[key], np.float32), spec.shape))
+                 for key in ("offset", "scale"))
 
 
 def export_saved_model(workdir: str, output_dir: str, data_dir: str | None = None) -> str:

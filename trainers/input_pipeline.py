@@ -36,7 +36,7 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
                  seed: int = 0, repeat: bool = False, drop_remainder: bool = False,
                  shuffle_buffer: int = 10000, input_context: tf.distribute.InputContext | None = None,
                  take: int = 0, holdout_fraction: float = 0.0, holdout: bool = False,
-                 skip_batches: int = 0) -> tf.data.Dataset:
+                 skip_batches: int = 0, dynamic_text_padding: bool = False) -> tf.data.Dataset:
     """Batches {modality: [B, *shape], "label": [B], metadata: [B, *shape]} of one split.
 
     batch_size is per input pipeline (per replica when called from
@@ -47,7 +47,11 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
         holdout=True keep only them: a validation set carved out of a split.
     skip_batches: start this many batches in, without parsing the skipped records (a
         mid-epoch resume replays the epoch's order up to where it stopped).
+    dynamic_text_padding: re-draw the padding of the manifest's `text_padding` modality on every
+        read (`redraw_text_padding`), keyed by (seed, batch number), so each epoch (a new seed in
+        training) sees new paddings while a given seed reads the same batches.
     """
+    padding = text_padding(manifest) if dynamic_text_padding else None
     paths = check_shards(manifest, split)
     files = tf.data.Dataset.from_tensor_slices(paths)
     record_sharded = False
@@ -76,7 +80,76 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
         records = records.skip(skip_batches * batch_size)
     spec = schema.feature_spec(manifest)
     batches = records.batch(batch_size, drop_remainder=drop_remainder)
-    batches = batches.map(lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if padding is None:
+        batches = batches.map(
+            lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        base_seed = tf.constant([seed, 0], tf.int64)
+        if input_context is not None:
+            base_seed = tf.random.experimental.stateless_fold_in(base_seed, input_context.input_pipeline_id)
+
+        def parse_and_repad(number, serialized):
+            batch = schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec))
+            batch_seed = tf.random.experimental.stateless_fold_in(base_seed, number)
+            tokens, start = redraw_text_padding(batch[padding["modality"]], batch_seed,
+                                                padding["space_token"])
+            batch[padding["modality"]] = tokens
+            if padding.get("start_metadata") in batch:
+                batch[padding["start_metadata"]] = tf.cast(start, tf.float32)[:, None]
+            return batch
+
+        # Numbered from skip_batches, so a resumed epoch re-pads as the uninterrupted one did.
+        batches = batches.enumerate(start=skip_batches).map(parse_and_repad, num_parallel_calls=tf.data.AUTOTUNE,
+                                          deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def text_padding(manifest: schema.Manifest) -> dict:
+    """The manifest's `text_padding` entry (see pipeline.mnist_svhn.text_padding_spec)."""
+    padding = manifest.extras.get("text_padding")
+    if not isinstance(padding, dict) or padding.get("modality") not in manifest.modality_names:
+        raise UserError(f"dataset {manifest.name!r} declares no text padding to re-draw; set "
+                        "data.dynamic_text_padding to false")
+    return padding
+
+
+def use_dynamic_text_padding(setting: bool | None, manifest: schema.Manifest) -> bool:
+    """data.dynamic_text_padding resolved: None means the dataset's default (on for MNIST-SVHN-Text)."""
+    if setting is None:
+        padding = manifest.extras.get("text_padding")
+        return bool(isinstance(padding, dict) and padding.get("dynamic_default", False))
+    if setting:
+        text_padding(manifest)  # raises if the dataset has none
+    return bool(setting)
+
+
+def redraw_text_padding(tokens: tf.Tensor, seed: tf.Tensor, space_token: int
+                        ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Moves each text's word to a uniformly drawn start, as Sutter et al. pad on every read.
+
+    A text is one run of non-space tokens among spaces (MNIST-SVHN-Text's digit names). Its new
+    start is uniform over [0, L - 1 - len(word)], the range the dataset was drawn from; texts
+    that fill the sequence are left as they are.
+
+    Args:
+      tokens: [B, L] int64 token ids.
+      seed: [2] int stateless seed.
+      space_token: the id of the space.
+    Returns:
+      (tokens [B, L] int64, start [B] int64 of the word in the new tokens).
+    """
+    length = tf.shape(tokens)[1]
+    is_word = tf.cast(tf.not_equal(tokens, space_token), tf.int32)
+    word_length = tf.reduce_sum(is_word, axis=1)
+    old_start = tf.argmax(is_word, axis=1, output_type=tf.int32)
+    max_start = tf.maximum(length - 1 - word_length, 0)
+    uniform = tf.random.stateless_uniform(tf.shape(word_length), seed)
+    new_start = tf.minimum(tf.cast(tf.floor(uniform * tf.cast(max_start + 1, tf.float32)), tf.int32),
+                           max_start)
+    new_start = tf.where(word_length >= length, old_start, new_start)
+    shift = new_start - tf.where(word_length > 0, old_start, new_start)
+    # The word never wraps (it ends before the last position), so a per-row roll moves it.
+    positions = tf.math.floormod(tf.range(length)[None, :] - shift[:, None], length)
+    return tf.gather(tokens, positions, batch_dims=1), tf.cast(new_start, tf.int64)
 

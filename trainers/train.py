@@ -312,6 +312,8 @@ def run_training(config: config_lib.Config, workdir: str, *,
         raise UserError(f"train.batch_size={global_batch} exceeds the {manifest.split('train').count} "
                         f"training examples of {config.data.dir}")
 
+    # Training re-draws text paddings when asked; validation and evaluation read the stored text.
+    repad = input_pipeline.use_dynamic_text_padding(config.data.dynamic_text_padding, manifest)
     state = build_state(config, manifest, strategy)
     checkpoints = _Checkpoints(state, paths, chief, strategy_lib.task_id(strategy), t.checkpoints_to_keep)
     if checkpoints.restore_from:
@@ -350,7 +352,8 @@ def run_training(config: config_lib.Config, workdir: str, *,
             break
         done = int(state.epoch_step.numpy())
         dataset = strategy.distribute_datasets_from_function(
-            lambda ctx, e=epoch, d=done: _epoch_dataset(ctx, manifest, config, validation, e, d, steps))
+            lambda ctx, e=epoch, d=done: _epoch_dataset(ctx, manifest, config, validation, e, d, steps,
+                                                        repad))
         started = time.perf_counter()
         progress = _Progress(steps, global_batch, t.log_every_steps, epoch, t.epochs, done)
         losses, unchecked = [], []
@@ -427,7 +430,7 @@ def _early_stopping_update(state: TrainState, t: config_lib.TrainConfig, val_los
 
 def _epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
                    config: config_lib.Config, validation: Validation | None, epoch: int, done: int,
-                   steps: int) -> tf.data.Dataset:
+                   steps: int, dynamic_text_padding: bool) -> tf.data.Dataset:
     """Epoch `epoch`'s batches for one input pipeline, from global step `done` of the epoch on.
 
     The order is a pure function of (seed, epoch). Each pipeline feeds
@@ -441,5 +444,6 @@ def _epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
     dataset = input_pipeline.make_dataset(
         manifest, "train", ctx.get_per_replica_batch_size(t.batch_size), shuffle=True,
         seed=t.seed * 100003 + epoch, repeat=True, drop_remainder=True, shuffle_buffer=t.shuffle_buffer,
-        input_context=ctx, holdout_fraction=holdout, holdout=False, skip_batches=done * per_pipeline)
+        input_context=ctx, holdout_fraction=holdout, holdout=False, skip_batches=done * per_pipeline,
+        dynamic_text_padding=dynamic_text_padding)
     return dataset.take((steps - done) * per_pipeline)

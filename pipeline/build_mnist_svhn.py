@@ -1,0 +1,287 @@
+"""The Beam jobs behind `bmvae data build mnist-svhn` and `bmvae data build mnist-svhn-text`.
+
+The driver reads only the labels (a few hundred kB) and checks the source files in one
+streaming pass; it builds the per-class index lists (`pipeline.mnist_svhn.class_plans`). The
+workers draw the pairs of each class, stream the images out of the source files and join them
+to the pairs by source index, so no step holds a dataset's images or its pair list:
+
+    PlanTrain -> PairsTrain (mnist idx, pair) --+
+    ReadMnistTrain (mnist idx, image) ----------+-> JoinMnistTrain -> (svhn idx, pair + mnist) --+
+    ReadSvhnTrain (svhn idx, image) -------------------------------------------------------------+
+        -> JoinSvhnTrain -> EncodeTrain --+
+    ... the same for Test ................+-> AllSplits -> WriteShards -> WriteManifest
+
+Records are gzip TFRecords of uint8 images (the manifest's dtype says so; the reader gives
+[0, 1] floats, exactly x / 255 as torchvision's ToTensor), the label, the source indices as
+metadata, and for the text variant the text and its start (`text_pad`).
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics.metric import Metrics
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+from pipeline import beam_io, mnist_svhn, sources
+
+logger = logging.getLogger(__name__)
+
+NAMES = ("mnist-svhn", "mnist-svhn-text")
+NAMESPACE = "mnist_svhn"
+
+
+def build_mnist_svhn(output_dir: str, *, with_text: bool = False, source: str = "raw",
+                     source_dir: str | None = None, tfds_data_dir: str | None = None,
+                     download: bool = False, seed: int = 0, dm: int | None = None,
+                     max_d: int = mnist_svhn.DEFAULT_MAX_D, num_shards: int | None = None,
+                     overwrite: bool = False, beam_args: list[str] | None = None) -> schema.Manifest:
+    """Builds MNIST-SVHN (or MNIST-SVHN-Text with `with_text`) into `output_dir`.
+
+    Args:
+      output_dir: local path or URL; must hold no dataset unless `overwrite`.
+      with_text: add Sutter et al.'s text modality (dataset name mnist-svhn-text).
+      source: "raw" (the published files in `source_dir`) or "tfds" (TFDS under `tfds_data_dir`).
+      download: for tfds, download and prepare the datasets first (needs the internet).
+      seed: keys every random draw; the same seed gives byte-identical shards.
+      dm: random permutations per class (Shi et al.); default 30, or 20 with text.
+      max_d: at most this many source images per class and dataset.
+      num_shards: shards per split; by default about one per 4096 records.
+      overwrite: replace a dataset already in `output_dir`.
+      beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
+
+    Raises:
+      UserError: a bad argument, a missing or malformed source file (named), an occupied output.
+    """
+    return run_mnist_svhn_job(output_dir, with_text=with_text, source=source, source_dir=source_dir,
+                              tfds_data_dir=tfds_data_dir, download=download, seed=seed, dm=dm,
+                              max_d=max_d, num_shards=num_shards, overwrite=overwrite,
+                              beam_args=beam_args).manifest
+
+
+def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str = "raw",
+                       source_dir: str | None = None, tfds_data_dir: str | None = None,
+                       download: bool = False, seed: int = 0, dm: int | None = None,
+                       max_d: int = mnist_svhn.DEFAULT_MAX_D, num_shards: int | None = None,
+                       overwrite: bool = False, beam_args: list[str] | None = None
+                       ) -> beam_io.BuildResult:
+    """`build_mnist_svhn`, also returning the job's counters (`mnist_svhn/<split>_records`, ...)."""
+    name = NAMES[1] if with_text else NAMES[0]
+    dm = mnist_svhn.DEFAULT_DM[name] if dm is None else dm
+    _check_arguments(output_dir, seed=seed, dm=dm, max_d=max_d, num_shards=num_shards,
+                     beam_args=beam_args)
+    pipeline = beam_io.make_pipeline(beam_args)  # bad Beam arguments fail before the slow checks
+    reader = sources.make_source(source, source_dir=source_dir, tfds_data_dir=tfds_data_dir,
+                                 download=download)
+    logger.info("checking the %s source files", source)
+    source_record = reader.validate()
+    plans, cutoffs, class_counts = {}, {}, {}
+    for split in mnist_svhn.SPLITS:
+        labels = {dataset: reader.labels(dataset, split) for dataset in sources.DATASETS}
+        mnist_svhn.check_labels({f"{d} {split} labels": v for d, v in labels.items()})
+        plans[split] = mnist_svhn.class_plans(labels["mnist"], labels["svhn"], split=split, dm=dm,
+                                              max_d=max_d)
+        class_counts[split] = mnist_svhn.class_counts(labels["mnist"], labels["svhn"], max_d)
+        # Source images past a class's first n are never paired; the readers drop them early.
+        cutoffs[split] = {dataset: _cutoffs(plans[split], dataset) for dataset in sources.DATASETS}
+    expected_counts = {split: dm * sum(class_counts[split]) for split in mnist_svhn.SPLITS}
+    for split, count in expected_counts.items():
+        if count == 0:
+            raise UserError(f"the {split} split pairs nothing: no class has images in both "
+                            f"MNIST and SVHN ({source_record.get('directory') or source})")
+    shards = {split: int(num_shards or beam_io.default_num_shards(n)) for split, n in expected_counts.items()}
+    source_record.update({"seed": seed, "dm": dm, "max_d": max_d, "class_counts": class_counts})
+    template = manifest_template(name, source=source_record,
+                                 pipeline_options=beam_io.options_to_json(pipeline.options))
+
+    encoded = []
+    for split in mnist_svhn.SPLITS:
+        title = split.capitalize()
+        pairs = (pipeline
+                 | f"Plan{title}" >> beam.Create(plans[split])
+                 | f"Pairs{title}" >> beam.ParDo(ExpandPlanFn(dm, seed, with_text)))
+        images = {
+            dataset: (pipeline
+                      | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, split)])
+                      | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
+                          ReadImagesFn(reader, cutoffs[split][dataset])))
+            for dataset in sources.DATASETS}
+        with_mnist = ({"pairs": pairs, "image": images["mnist"]}
+                      | f"JoinMnist{title}" >> beam.CoGroupByKey()
+                      | f"AttachMnist{title}" >> beam.ParDo(AttachMnistFn()))
+        encoded.append({"pairs": with_mnist, "image": images["svhn"]}
+                       | f"JoinSvhn{title}" >> beam.CoGroupByKey()
+                       | f"Encode{title}" >> beam.ParDo(EncodePairFn(template, split)))
+    _ = (encoded
+         | "AllSplits" >> beam.Flatten()
+         | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=NAMESPACE)
+         | "WriteManifest" >> beam_io.WriteManifest(output_dir, template, expected_counts, shards))
+
+    # Only now that every argument and source file has been checked, so bad input never
+    # deletes an old dataset.
+    beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
+    logger.info("%s: building %s %s pairs in %s shards", output_dir, name, expected_counts, shards)
+    return beam_io.run_build(pipeline, output_dir=output_dir, namespace=NAMESPACE)
+
+
+def _check_arguments(output_dir: str, *, seed: int, dm: int, max_d: int, num_shards: int | None,
+                     beam_args: list[str] | None) -> None:
+    def is_int(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not isinstance(output_dir, str) or not output_dir:
+        raise UserError(f"output directory must be a non-empty path, got {output_dir!r}")
+    if not is_int(seed) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if not is_int(dm) or dm < 1:
+        raise UserError(f"dm must be an integer of at least 1, got {dm!r}")
+    if not is_int(max_d) or max_d < 1:
+        raise UserError(f"max_d must be an integer of at least 1, got {max_d!r}")
+    if num_shards is not None and (not is_int(num_shards) or num_shards < 1):
+        raise UserError(f"num_shards must be an integer of at least 1, got {num_shards!r}")
+    if beam_args is not None and not all(isinstance(a, str) for a in beam_args):
+        raise UserError(f"Beam arguments must be strings, got {beam_args!r}")
+
+
+def _cutoffs(plans: list[mnist_svhn.ClassPlan], dataset: str) -> dict[int, int]:
+    """{class: largest paired source index}: an image of class c is paired iff index <= cutoff."""
+    return {p.label: int(getattr(p, dataset)[-1]) for p in plans}
+
+
+def manifest_template(name: str, *, source: dict, pipeline_options: dict) -> schema.Manifest:
+    """The manifest without its splits (WriteManifest fills them in).
+
+    Likelihood weights balance the modality sizes as the paper and SPEC section 6 say: MNIST
+    3072/784 = 3.92, SVHN 1, text 3072/8 = 384.
+    """
+    with_text = name == NAMES[1]
+    shapes = {"mnist": mnist_svhn.MNIST_SHAPE, "svhn": mnist_svhn.SVHN_SHAPE}
+    if with_text:
+        shapes["text"] = (mnist_svhn.TEXT_LENGTH,)
+    weights = beam_io.balanced_likelihood_weights({k: int(np.prod(v)) for k, v in shapes.items()})
+    modalities = [
+        schema.ModalitySpec("mnist", "image", shapes["mnist"], "uint8", "laplace", weights["mnist"]),
+        schema.ModalitySpec("svhn", "image", shapes["svhn"], "uint8", "laplace", weights["svhn"]),
+    ]
+    metadata = {"mnist_index": (1,), "svhn_index": (1,)}
+    extras: dict[str, Any] = {}
+    if with_text:
+        modalities.append(schema.ModalitySpec("text", "sequence", shapes["text"], "int64", "categorical",
+                                              weights["text"], vocab=mnist_svhn.VOCAB))
+        metadata["text_pad"] = (1,)
+        extras["text_padding"] = mnist_svhn.text_padding_spec("text", "text_pad")
+    return schema.Manifest(
+        name=name, modalities=tuple(modalities), splits={},
+        label=schema.LabelSpec(key="label", num_classes=mnist_svhn.NUM_CLASSES,
+                               names=mnist_svhn.CLASS_NAMES),
+        metadata_keys=metadata, source=source, pipeline_options=pipeline_options, extras=extras)
+
+
+# --------------------------------------------------------------------------------------------
+# DoFns: each a thin shell over a pure function
+
+
+class ExpandPlanFn(beam.DoFn):
+    """ClassPlan -> (mnist index, (pair index, label, svhn index, text start or -1)) per pair."""
+
+    def __init__(self, dm: int, seed: int, with_text: bool):
+        self._dm, self._seed, self._with_text = dm, seed, with_text
+
+    def process(self, plan: mnist_svhn.ClassPlan) -> Iterator[tuple[int, tuple[int, int, int, int]]]:
+        pairs = mnist_svhn.expand_plan(plan, dm=self._dm, seed=self._seed, with_text=self._with_text)
+        starts = pairs.get("text_start", np.full(len(pairs["index"]), -1))
+        Metrics.counter(NAMESPACE, f"{plan.split}_pairs_drawn").inc(len(pairs["index"]))
+        for index, mnist, svhn, start in zip(pairs["index"].tolist(), pairs["mnist"].tolist(),
+                                             pairs["svhn"].tolist(), starts.tolist()):
+            yield mnist, (index, plan.label, svhn, start)
+
+
+class ReadImagesFn(beam.DoFn):
+    """(dataset, split) -> (source index, (label, image bytes)) for every image that is paired.
+
+    Streams the source one chunk at a time; images past their class's first n are counted
+    (`<dataset>_<split>_unpaired`) and dropped here rather than shuffled for nothing.
+    """
+
+    def __init__(self, reader, cutoffs: dict[int, int]):
+        self._reader, self._cutoffs = reader, dict(cutoffs)
+
+    def process(self, element: tuple[str, str]) -> Iterator[tuple[int, tuple[int, bytes]]]:
+        dataset, split = element
+        read = Metrics.counter(NAMESPACE, f"{dataset}_{split}_images_read")
+        unpaired = Metrics.counter(NAMESPACE, f"{dataset}_{split}_unpaired")
+        for start, images, labels in self._reader.iter_images(dataset, split):
+            read.inc(len(images))
+            for offset, (image, label) in enumerate(zip(images, labels.tolist())):
+                index = start + offset
+                if index <= self._cutoffs.get(label, -1):
+                    yield index, (label, image.tobytes())
+                else:
+                    unpaired.inc()
+
+
+def _single_image(images: Iterable, index: int, dataset: str) -> tuple[int, bytes]:
+    images = list(images)
+    if len(images) != 1:
+        raise RuntimeError(f"{dataset} source index {index}: {len(images)} images read, expected 1 "
+                           "(did the source files change while the job ran?)")
+    return images[0]
+
+
+def _check_label(image_label: int, pair_label: int, index: int, dataset: str) -> None:
+    if image_label != pair_label:
+        raise RuntimeError(f"{dataset} source index {index} has label {image_label} on this worker but "
+                           f"{pair_label} in the driver's labels (did the source files change?)")
+
+
+class AttachMnistFn(beam.DoFn):
+    """(mnist index, {pairs, image}) -> (svhn index, (pair index, label, start, mnist index, mnist bytes))."""
+
+    def process(self, element: tuple[int, dict]) -> Iterator[tuple[int, tuple]]:
+        mnist_index, grouped = element
+        pairs = list(grouped["pairs"])
+        if not pairs:
+            return
+        label, image = _single_image(grouped["image"], mnist_index, "mnist")
+        for pair_index, pair_label, svhn_index, start in pairs:
+            _check_label(label, pair_label, mnist_index, "mnist")
+            yield svhn_index, (pair_index, pair_label, start, mnist_index, image)
+
+
+class EncodePairFn(beam.DoFn):
+    """(svhn index, {pairs, image}) -> (split, pair index, serialized tf.train.Example)."""
+
+    def __init__(self, template: schema.Manifest, split: str):
+        self._template, self._split = template, split
+
+    def process(self, element: tuple[int, dict]) -> Iterator[tuple[str, int, bytes]]:
+        svhn_index, grouped = element
+        pairs = list(grouped["pairs"])
+        if not pairs:
+            return
+        label, svhn_image = _single_image(grouped["image"], svhn_index, "svhn")
+        for pair_index, pair_label, start, mnist_index, mnist_image in pairs:
+            _check_label(label, pair_label, svhn_index, "svhn")
+            record = pair_record(pair_label, mnist_index, mnist_image, svhn_index, svhn_image, start)
+            yield self._split, pair_index, schema.encode_example(self._template, record)
+
+
+def pair_record(label: int, mnist_index: int, mnist_image: bytes, svhn_index: int,
+                svhn_image: bytes, text_start: int) -> dict[str, Any]:
+    """One pair as a record for `schema.encode_example` (text only when text_start >= 0)."""
+    record = {
+        "mnist": np.frombuffer(mnist_image, np.uint8).reshape(mnist_svhn.MNIST_SHAPE),
+        "svhn": np.frombuffer(svhn_image, np.uint8).reshape(mnist_svhn.SVHN_SHAPE),
+        "label": label,
+        "mnist_index": np.array([mnist_index], np.float32),
+        "svhn_index": np.array([svhn_index], np.float32),
+    }
+    if text_start >= 0:
+        record["text"] = mnist_svhn.text_tokens(label, text_start)
+        record["text_pad"] = np.array([text_start], np.float32)
+    return record
