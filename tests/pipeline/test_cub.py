@@ -152,6 +152,8 @@ def test_bad_fraction_threshold():
 
 
 # ------------------------------------------------------------------------------------ the job
+# These share the session fixture `cub_built` (tests/conftest.py): one build of the tiny tree,
+# ~20-40 s on 2 cores, mostly building ResNet-101 and tracing it once. Hence `slow`.
 
 
 def _records(manifest: schema.Manifest, split: str) -> dict[str, np.ndarray]:
@@ -168,6 +170,7 @@ def _train_word_counts(tree) -> collections.Counter:
     return counts
 
 
+@pytest.mark.slow
 def test_build_writes_ten_pairs_per_usable_image_in_class_disjoint_splits(cub_built):
     tree, _, result = cub_built
     manifest = result.manifest
@@ -202,6 +205,7 @@ def test_build_writes_ten_pairs_per_usable_image_in_class_disjoint_splits(cub_bu
     assert not seen["train"] & seen["test"]
 
 
+@pytest.mark.slow
 def test_vocabulary_comes_from_the_train_captions_only(cub_built):
     tree, _, result = cub_built
     vocab = result.manifest.modality("caption").vocab
@@ -210,6 +214,7 @@ def test_vocabulary_comes_from_the_train_captions_only(cub_built):
     assert "testonly" not in vocab  # frequent, but only in test captions
 
 
+@pytest.mark.slow
 def test_captions_are_encoded_truncated_and_padded(cub_built):
     tree, _, result = cub_built
     manifest = result.manifest
@@ -234,6 +239,7 @@ def test_captions_are_encoded_truncated_and_padded(cub_built):
     assert checked_long == 1
 
 
+@pytest.mark.slow
 def test_image_report_lists_the_corrupt_image_and_the_conversions(cub_built):
     tree, _, result = cub_built
     report = json.load(open(os.path.join(result.manifest.directory, "image_report.json")))
@@ -246,6 +252,7 @@ def test_image_report_lists_the_corrupt_image_and_the_conversions(cub_built):
     assert result.counters["images_converted_from_L"] == 1
 
 
+@pytest.mark.slow
 def test_features_are_resnet101_with_the_given_weights_on_keras_preprocessed_images(cub_built):
     import keras
 
@@ -267,6 +274,7 @@ def test_features_are_resnet101_with_the_given_weights_on_keras_preprocessed_ima
     assert not np.allclose(fresh(cub.resnet_inputs(pixels[None])).numpy()[0], stored, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_sentence_vectors_follow_fasttext_and_sif_by_hand(cub_built):
     tree, _, result = cub_built
     manifest = result.manifest
@@ -302,6 +310,7 @@ def test_sentence_vectors_follow_fasttext_and_sif_by_hand(cub_built):
     assert np.linalg.norm(centred @ u) == pytest.approx(np.linalg.svd(centred, compute_uv=False)[0])
 
 
+@pytest.mark.slow
 def test_job_fails_above_the_bad_image_fraction_and_writes_no_manifest(cub_built, tmp_path):
     tree, weights, _ = cub_built
     out = str(tmp_path / "out")
@@ -314,6 +323,7 @@ def test_job_fails_above_the_bad_image_fraction_and_writes_no_manifest(cub_built
     assert json.load(open(os.path.join(out, "image_report.json")))["num_bad"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs, culprit", [
     ({"cub_dir": "/nonexistent/cub"}, "--cub-dir /nonexistent/cub: not a directory"),
     ({"resnet_weights": "/nonexistent/w.h5"}, "--resnet-weights /nonexistent/w.h5: no such file"),
@@ -329,6 +339,7 @@ def test_build_rejects_bad_arguments_before_touching_the_output(cub_built, tmp_p
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_missing_caption_file_fails_the_job_naming_it(cub_built, tmp_path):
     import shutil
 
