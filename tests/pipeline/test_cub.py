@@ -323,15 +323,14 @@ def test_job_fails_above_the_bad_image_fraction_and_writes_no_manifest(cub_built
     assert json.load(open(os.path.join(out, "image_report.json")))["num_bad"] == 1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kwargs, culprit", [
     ({"cub_dir": "/nonexistent/cub"}, "--cub-dir /nonexistent/cub: not a directory"),
     ({"resnet_weights": "/nonexistent/w.h5"}, "--resnet-weights /nonexistent/w.h5: no such file"),
     ({"max_bad_fraction": 1.5}, "--max-bad-fraction"),
     ({"train_classes": "/nonexistent/classes.txt"}, "/nonexistent/classes.txt: no train class list"),
 ])
-def test_build_rejects_bad_arguments_before_touching_the_output(cub_built, tmp_path, kwargs, culprit):
-    tree, _, _ = cub_built
+def test_build_rejects_bad_arguments_before_touching_the_output(tmp_path, kwargs, culprit):
+    tree = cub_tree.write_tree(str(tmp_path / "raw"))
     arguments = dict(cub_dir=tree.cub_dir, captions_dir=tree.captions_dir, resnet_weights=None)
     arguments.update(kwargs)
     with pytest.raises(UserError, match=culprit):
@@ -351,3 +350,53 @@ def test_missing_caption_file_fails_the_job_naming_it(cub_built, tmp_path):
     with pytest.raises(UserError, match=f"{victim}: no caption file"):
         build_cub.run_cub_job(str(tmp_path / "out"), cub_dir=tree.cub_dir, captions_dir=captions,
                               resnet_weights=weights, image_size=32, fasttext_bucket=1000)
+
+
+# ------------------------------------------------------------------------------------ word vectors
+
+
+def test_fasttext_uses_the_recipe_and_repeats_for_a_seed():
+    texts = [["this", "bird", "has", "red", "wings"]] * 20 + [["a", "small", "bird"]] * 10
+    first = build_cub.train_fasttext(texts, seed=3, bucket=100)
+    again = build_cub.train_fasttext(texts, seed=3, bucket=100)
+    other = build_cub.train_fasttext(texts, seed=4, bucket=100)
+    assert (first.wv.vector_size, first.window, first.min_count, first.epochs) == (300, 3, 3, 10)
+    np.testing.assert_array_equal(first.wv["bird"], again.wv["bird"])
+    assert not np.allclose(first.wv["bird"], other.wv["bird"])
+
+
+def test_pretrained_word2vec_vectors_replace_fasttext(tmp_path):
+    path = tmp_path / "vectors.txt"
+    path.write_text("3 2\nbird 1 2\nred 0 4\nhas 5 5\n")
+    vocab = ("<exc>", "<pad>", "<eos>", "bird", "red", "small")  # 'small' has no pretrained vector
+    entry = cub.ImageEntry("train", 0, 1, "A/a.jpg", 0)
+    captions = [["bird", "red", "odd"], ["red", "small"], ["bird", "bird", "small", "red"]]
+    counts = cub.count_words(captions)
+    name = build_cub.fit_sentence_vectors([(entry.key, (entry, captions))], vocab=vocab, counts=counts,
+                                          output_dir=str(tmp_path), fasttext=str(path), seed=0)
+    embedding = sentence_vectors.read(str(tmp_path / name), vocab)
+    np.testing.assert_array_equal(embedding.vectors, [[-1, -1], [0, 0], [1, 1], [1, 2], [0, 4], [0, 0]])
+    assert embedding.source == str(path)
+    with pytest.raises(UserError, match="cannot read word vectors"):
+        (tmp_path / "broken.txt").write_text("not a header\n1 2 3\n")
+        build_cub.load_pretrained_vectors(str(tmp_path / "broken.txt"))
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_builds_cub_with_its_options_and_reports_bad_input_in_one_line(tmp_path, capsys):
+    from trainers import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "build", "cub", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--cub-dir", "--captions-dir", "--train-classes", "--test-classes", "--resnet-weights",
+                   "--fasttext", "--max-bad-fraction", "--image-size", "--batch-size"):
+        assert option in help_text
+    code = cli.main(["data", "build", "cub", "--output", str(tmp_path / "out"), "--cub-dir",
+                     str(tmp_path / "missing"), "--captions-dir", str(tmp_path)])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"bmvae: error: --cub-dir {tmp_path / 'missing'}: not a directory"]
