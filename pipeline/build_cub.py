@@ -20,7 +20,9 @@ Images are batched by their resized shape (grouped by (height, width), then cut 
 since the shorter side is resized to 224 without cropping and the longer side varies; each
 batch goes through ResNet-101 in one call. (Beam's GroupIntoBatches would cut the batches too,
 but its processing-time timer sends the DirectRunner back to its slower legacy executor.)
-Pair index = 10 * image index + caption number, within a split.
+Pair index = 10 * image index + caption number, within a split. The captions of an unusable
+image still count towards the vocabulary and FastText (they are fine text); its pairs are left
+out and listed in the report.
 """
 
 from __future__ import annotations
