@@ -199,9 +199,9 @@ def cca_coherence(model, manifest: schema.Manifest, batches: Callable[[str], tf.
     for index, batch in enumerate(batches("test")):
         batch_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
         inputs = {n: batch[n] for n in names}
-        from_image = cross_generate(inputs, only[image], tf.random.experimental.stateless_fold_in(batch_seed, 0))
-        from_caption = cross_generate(inputs, only[caption],
-                                      tf.random.experimental.stateless_fold_in(batch_seed, 1))
+        fold = tf.random.experimental.stateless_fold_in
+        from_image = cross_generate(inputs, only[image], fold(batch_seed, 0))
+        from_caption = cross_generate(inputs, only[caption], fold(batch_seed, 1))
         real_images.append(batch[image].numpy())
         real_captions.append(batch[caption].numpy())
         generated_captions.append(from_image[caption].numpy())

@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from bmvae_tf import schema, sentence_vectors
@@ -29,7 +28,8 @@ def test_plan_images_splits_by_class_in_images_txt_order():
     images = [(1, "A/a1.jpg"), (2, "B/b1.jpg"), (3, "A/a2.jpg"), (4, "C/c1.jpg")]
     plan = cub.plan_images(images, {"train": ["A", "C"], "test": ["B"]},
                            {"train": "tr.txt", "test": "te.txt"})
-    assert [(e.index, e.image_id, e.class_name) for e in plan["train"]] == [(0, 1, "A"), (1, 3, "A"), (2, 4, "C")]
+    assert [(e.index, e.image_id, e.class_name) for e in plan["train"]] == \
+        [(0, 1, "A"), (1, 3, "A"), (2, 4, "C")]
     assert [(e.index, e.image_id, e.class_index) for e in plan["test"]] == [(0, 2, 1)]
 
 
@@ -117,8 +117,8 @@ def test_decode_image_converts_grayscale_cmyk_and_16_bit_to_rgb():
     assert mode == "L" and gray.shape == (30, 40, 3) and gray.dtype == np.uint8
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
     # A smooth picture survives JPEG: the CMYK file decodes to about the same RGB pixels.
-    smooth = np.stack([*np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 30)), np.full((30, 40), 128.0)],
-                      axis=-1).astype(np.uint8)
+    columns, rows = np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 255, 30))
+    smooth = np.stack([columns, rows, np.full((30, 40), 128.0)], axis=-1).astype(np.uint8)
     cmyk, mode = cub.decode_image(_encode(Image.fromarray(smooth).convert("CMYK")), "c.jpg", size=30)
     assert mode == "CMYK" and cmyk.shape == (30, 40, 3)
     assert np.mean(np.abs(cmyk.astype(float) - smooth.astype(float))) < 6

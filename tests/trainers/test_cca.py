@@ -173,7 +173,8 @@ def test_train_and_evaluate_report_the_four_cca_coherences(cub_built, tmp_path, 
     embedding = sentence_vectors.read(os.path.join(data, "sentence_vectors.npz"),
                                       manifest.modality("caption").vocab)
     splits = {s: next(iter(input_pipeline.make_dataset(manifest, s, 1000))) for s in ("train", "test")}
-    fitted = cca.fit_cca(splits["train"]["image"].numpy(), embedding.embed(splits["train"]["caption"].numpy()))
+    fitted = cca.fit_cca(splits["train"]["image"].numpy(),
+                         embedding.embed(splits["train"]["caption"].numpy()))
     expected = cca.cca_score(fitted, splits["test"]["image"].numpy(),
                              embedding.embed(splits["test"]["caption"].numpy()))
     assert scores["ground_truth"] == pytest.approx(expected, abs=1e-9)
