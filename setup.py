@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["bmvae_tf", "bmvae_tf.*", "pipeline", "pipeline.*",
                                     "trainers", "trainers.*"]),
-    package_data={"": ["*.yaml"]},
+    package_data={"": ["*.yaml"], "pipeline": ["cub_splits/*.txt"]},
     install_requires=[
         "tensorflow~=2.21.0",
         "keras>=3.10,<4",
@@ -19,6 +19,12 @@ setup(
         # TFP's TensorFlow extra: tf-keras matching the TensorFlow release.
         "tf-keras~=2.21.0",
         "apache-beam[tfrecord]~=2.77.0",
+        # Beam's TensorFlow model handler (RunInference) imports tensorflow_hub.
+        "tensorflow-hub>=0.16",
+        # CUB captions: NLTK's tokenizers (no downloaded data needed) and gensim's FastText.
+        "nltk>=3.9",
+        "gensim>=4.3",
+        "pillow>=10",
         "tensorflow-datasets~=4.9.0",
         "numpy>=1.26,<3",
         "scipy>=1.11",

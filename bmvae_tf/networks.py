@@ -9,6 +9,13 @@ latents [batch, D] to likelihood parameters: [batch, *shape] for images and vect
   mirror image in transposed convolutions.
 - sequences: Table 8's text network: one-hot tokens as channels, 1-D convolutions.
 - vectors: an MLP (Table 3's MNIST network has one hidden layer of 400).
+- CUB (Table 6, after Shi et al.'s code), chosen by name in `model.networks`:
+  `feature_mlp` for ResNet feature vectors (widths halving 2048-1024-512-256 with ELU, and the
+  mirror image), `sentence_cnn` for captions of 32 tokens (a 128-d embedding read as a
+  one-channel 32 x 128 image by 2-D convolutions, and the mirror image ending in a linear map to
+  the vocabulary). Table 6 puts BatchNorm after each convolution; ours have none, because the
+  training loop does not call layers in training mode, where BatchNorm would only apply its
+  initial statistics. Shi et al. tie the output map to the embedding; ours are separate.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import tensorflow as tf
 
 from bmvae_tf.schema import ModalitySpec
 
-NETWORKS = ("auto", "mlp", "cnn")
+NETWORKS = ("auto", "mlp", "cnn", "feature_mlp", "sentence_cnn")
+SENTENCE_CNN_LENGTH = 32
+SENTENCE_CNN_EMBEDDING = 128
 
 
 def conv_depth(side: int) -> int:
@@ -35,6 +44,15 @@ def conv_depth(side: int) -> int:
 def resolve_network(spec: ModalitySpec, network: str = "auto") -> str:
     if network not in NETWORKS:
         raise ValueError(f"modality {spec.name!r}: network {network!r} is not one of {NETWORKS}")
+    fits = {"feature_mlp": "vector", "sentence_cnn": "sequence"}
+    if network in fits:
+        if spec.kind != fits[network]:
+            raise ValueError(f"modality {spec.name!r}: network {network!r} is for {fits[network]}s, "
+                             f"not {spec.kind}s")
+        if network == "sentence_cnn" and spec.shape[0] != SENTENCE_CNN_LENGTH:
+            raise ValueError(f"modality {spec.name!r}: sentence_cnn needs sequences of length "
+                             f"{SENTENCE_CNN_LENGTH}, got {spec.shape[0]}")
+        return network
     if spec.kind == "sequence":
         return "sequence"
     if spec.kind == "vector":
@@ -181,11 +199,100 @@ class SequenceDecoder(keras.layers.Layer):
         return self.out(h)
 
 
+class FeatureEncoder(keras.layers.Layer):
+    """Table 6's image-feature encoder: Dense layers halving the width with ELU from the input
+    size down to 256 (2048-1024-512-256), then linear heads."""
+
+    def __init__(self, latent_dim: int, input_dim: int, bottleneck: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        widths, width = [], input_dim // 2
+        while width >= bottleneck:
+            widths.append(width)
+            width //= 2
+        self.hidden = [keras.layers.Dense(w, activation="elu") for w in widths]
+        self.loc_head = keras.layers.Dense(latent_dim, name="loc")
+        self.scale_head = keras.layers.Dense(latent_dim, name="raw_scale")
+
+    def call(self, x):
+        h = tf.cast(x, self.compute_dtype)
+        for layer in self.hidden:
+            h = layer(h)
+        return self.loc_head(h), self.scale_head(h)
+
+
+class FeatureDecoder(keras.layers.Layer):
+    """Table 6's image-feature decoder: 256-512-1024 with ELU, then linear to the feature size."""
+
+    def __init__(self, output_dim: int, bottleneck: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        widths, width = [], bottleneck
+        while width < output_dim:
+            widths.append(width)
+            width *= 2
+        self.hidden = [keras.layers.Dense(w, activation="elu") for w in widths]
+        self.out = keras.layers.Dense(output_dim)
+
+    def call(self, z):
+        h = z
+        for layer in self.hidden:
+            h = layer(h)
+        return self.out(h)
+
+
+class SentenceCNNEncoder(keras.layers.Layer):
+    """Table 6's caption encoder: tokens [B, 32] -> embedding [B, 32, 128, 1]; Conv2D 32, 64, 128
+    (kernel 4, stride 2) to [4, 16], then 256, 512 (kernel (1, 4), stride (1, 2)) to [4, 4], ReLU
+    after each; kernel-4 valid convolutions as heads."""
+
+    def __init__(self, latent_dim: int, vocab_size: int, base_channels: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        c = base_channels
+        self.embedding = keras.layers.Embedding(vocab_size, SENTENCE_CNN_EMBEDDING)
+        self.convs = [keras.layers.Conv2D(w, 4, strides=2, padding="same", activation="relu")
+                      for w in (c, 2 * c, 4 * c)]
+        self.convs += [keras.layers.Conv2D(w, (1, 4), strides=(1, 2), padding="same", activation="relu")
+                       for w in (8 * c, 16 * c)]
+        self.loc_head = keras.layers.Conv2D(latent_dim, 4, padding="valid", name="loc")
+        self.scale_head = keras.layers.Conv2D(latent_dim, 4, padding="valid", name="raw_scale")
+
+    def call(self, tokens):
+        h = self.embedding(tf.cast(tokens, tf.int32))[..., None]
+        for conv in self.convs:
+            h = conv(h)
+        return tf.squeeze(self.loc_head(h), [1, 2]), tf.squeeze(self.scale_head(h), [1, 2])
+
+
+class SentenceCNNDecoder(keras.layers.Layer):
+    """Table 6's caption decoder: transposed convolutions mirroring the encoder from [1, 1] to a
+    one-channel [32, 128] (ReLU), then a linear map of each position's 128 values to the
+    vocabulary: logits [B, 32, V]."""
+
+    def __init__(self, vocab_size: int, base_channels: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        c = base_channels
+        self.stem = keras.layers.Conv2DTranspose(16 * c, 4, padding="valid", activation="relu")
+        self.ups = [keras.layers.Conv2DTranspose(w, (1, 4), strides=(1, 2), padding="same",
+                                                 activation="relu") for w in (8 * c, 4 * c)]
+        self.ups += [keras.layers.Conv2DTranspose(w, 4, strides=2, padding="same", activation="relu")
+                     for w in (2 * c, c, 1)]
+        self.out = keras.layers.Dense(vocab_size)
+
+    def call(self, z):
+        h = self.stem(z[:, None, None, :])
+        for up in self.ups:
+            h = up(h)
+        return self.out(h[..., 0])
+
+
 def build_encoder(spec: ModalitySpec, latent_dim: int, network: str = "auto",
                   hidden_units: Sequence[int] = (400,), channels: Sequence[int] = (32, 64, 128),
                   sequence_width: int = 128) -> keras.layers.Layer:
     kind = resolve_network(spec, network)
     name = f"encoder_{spec.name}"
+    if kind == "feature_mlp":
+        return FeatureEncoder(latent_dim, spec.shape[0], name=name)
+    if kind == "sentence_cnn":
+        return SentenceCNNEncoder(latent_dim, spec.vocab_size, name=name)
     if kind == "sequence":
         return SequenceEncoder(latent_dim, spec.vocab_size, spec.shape[0], sequence_width, name=name)
     if kind == "cnn":
@@ -199,6 +306,10 @@ def build_decoder(spec: ModalitySpec, network: str = "auto",
     """The decoder of one modality; it takes its latent width from its first call."""
     kind = resolve_network(spec, network)
     name = f"decoder_{spec.name}"
+    if kind == "feature_mlp":
+        return FeatureDecoder(spec.shape[0], name=name)
+    if kind == "sentence_cnn":
+        return SentenceCNNDecoder(spec.vocab_size, name=name)
     if kind == "sequence":
         return SequenceDecoder(spec.vocab_size, spec.shape[0], sequence_width, name=name)
     if kind == "cnn":

@@ -20,3 +20,20 @@ def source() -> tuple[np.ndarray, np.ndarray]:
 def built(tmp_path_factory) -> beam_io.BuildResult:
     """Digits with dm=1 (1437 train / 360 test pairs), built once with the default runner."""
     return build_digits.run_digits_job(str(tmp_path_factory.mktemp("digits")), seed=0, dm=1)
+
+
+@pytest.fixture(scope="session")
+def cub_built(tmp_path_factory):
+    """The tiny CUB tree of tests/cub_tree.py built once (published split, image side 32, weights
+    saved from ResNet101(weights=None), a small FastText hash table): (tree, weights, result)."""
+    from pipeline import build_cub
+    from tests import cub_tree
+
+    root = tmp_path_factory.mktemp("cub")
+    tree = cub_tree.write_tree(str(root / "raw"))
+    weights = cub_tree.save_resnet_weights(str(root / "resnet101_notop.weights.h5"))
+    result = build_cub.run_cub_job(
+        str(root / "built"), cub_dir=tree.cub_dir, captions_dir=tree.captions_dir,
+        resnet_weights=weights, image_size=32, batch_size=4, max_bad_fraction=0.2,
+        fasttext_bucket=1000)
+    return tree, weights, result

@@ -35,6 +35,7 @@ def _add_data_commands(commands) -> None:
     digits.set_defaults(func=_cmd_build_digits)
     _add_mnist_svhn_commands(datasets)
     _add_arrays_command(datasets)
+    _add_cub_command(datasets)
 
 
 def _add_mnist_svhn_commands(datasets) -> None:
@@ -75,6 +76,34 @@ def _add_arrays_command(datasets) -> None:
     command.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
     command.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     command.set_defaults(func=_cmd_build_arrays)
+
+
+def _add_cub_command(datasets) -> None:
+    cub = datasets.add_parser(
+        "cub", help="CUB-200-2011 photos (ResNet-101 features) paired with Reed et al.'s captions",
+        description="Reads CUB_200_2011 (images.txt, images/) and the text_c10 captions; writes "
+                    "image features, captions, DIR/sentence_vectors.npz and DIR/image_report.json.")
+    cub.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
+    cub.add_argument("--cub-dir", required=True, help="CUB_200_2011 directory (images.txt, images/)")
+    cub.add_argument("--captions-dir", required=True, help="text_c10 directory (<class>/<image>.txt)")
+    cub.add_argument("--train-classes", help="class folder names, one per line "
+                                             "(default: the published 150-class split)")
+    cub.add_argument("--test-classes", help="class folder names, one per line "
+                                            "(default: the published 50-class split)")
+    cub.add_argument("--resnet-weights", default="imagenet", metavar="PATH",
+                     help="Keras weights file of ResNet101(include_top=False), or 'imagenet' "
+                          "(downloaded by Keras; the default)")
+    cub.add_argument("--fasttext", metavar="PATH",
+                     help="pretrained word vectors (.bin FastText or word2vec text) instead of "
+                          "training FastText on the train captions")
+    cub.add_argument("--image-size", type=int, default=224, help="shorter image side fed to ResNet")
+    cub.add_argument("--batch-size", type=int, default=32, help="images per ResNet call")
+    cub.add_argument("--max-bad-fraction", type=float, default=0.01,
+                     help="fail if more than this fraction of the images is unusable")
+    cub.add_argument("--seed", type=int, default=0, help="FastText's seed")
+    cub.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
+    cub.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    cub.set_defaults(func=_cmd_build_cub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +203,20 @@ def _cmd_build_arrays(args, beam_args: list[str]) -> int:
         num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
     counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
     print(f"wrote {args.output}/manifest.json ({counts})")
+
+
+def _cmd_build_cub(args, beam_args: list[str]) -> int:
+    from pipeline.build_cub import run_cub_job
+
+    result = run_cub_job(
+        args.output, cub_dir=args.cub_dir, captions_dir=args.captions_dir,
+        train_classes=args.train_classes, test_classes=args.test_classes,
+        resnet_weights=args.resnet_weights, fasttext=args.fasttext, image_size=args.image_size,
+        batch_size=args.batch_size, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
+        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+    counts = ", ".join(f"{k}: {v.count}" for k, v in result.manifest.splits.items())
+    bad = sum(result.manifest.source["num_bad_images"].values())
+    print(f"wrote {args.output}/manifest.json ({counts}; {bad} unusable image(s))")
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from bmvae_tf import networks as networks_lib
 from bmvae_tf.errors import UserError
 from bmvae_tf.models import MODELS
 
@@ -72,7 +73,7 @@ class ModelConfig:
     hidden_units: list[int] = dataclasses.field(default_factory=lambda: [400])
     channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
     sequence_width: int = 128
-    networks: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> auto|mlp|cnn
+    networks: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> networks.NETWORKS
     # modality -> weight of its log-likelihood; replaces the manifest's likelihood_weight.
     likelihood_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     bmvae_m: BMVAEMConfig = dataclasses.field(default_factory=BMVAEMConfig)
@@ -149,8 +150,8 @@ class Config:
         _check(m.posterior in families,
                f"model.posterior: {m.name} supports {' or '.join(families)} experts, not {m.posterior!r}")
         _check(m.likelihood_scale > 0, "model.likelihood_scale must be positive")
-        _check(all(n in ("auto", "mlp", "cnn") for n in m.networks.values()),
-               "model.networks values must be auto, mlp or cnn")
+        _check(all(n in networks_lib.NETWORKS for n in m.networks.values()),
+               f"model.networks values must be one of {', '.join(networks_lib.NETWORKS)}")
         _check(all(w > 0 for w in m.likelihood_weights.values()),
                "model.likelihood_weights values must be positive")
         _check(0 < m.bmvae_m.tau_low <= m.bmvae_m.tau_high, "need 0 < model.bmvae_m.tau_low <= tau_high")

@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
+from trainers import cca
 from trainers import classifiers as classifiers_lib
 from trainers import config as config_lib
 from trainers import input_pipeline, plots, report, robustness, run_dir
@@ -352,6 +353,13 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
         logger.warning("%s: skipping the label-based metrics", reason)
     else:
         _label_metrics(metrics, manifest, model, paths, batches, eval_config, seed)
+
+    if cca.declared(manifest):
+        stage = time.perf_counter()
+        metrics["cca_coherence"], num_examples["cca_coherence"] = cca.cca_coherence(
+            model, manifest, batches, seed=seed, prior_samples=eval_config.random_samples,
+            batch_size=eval_config.batch_size)
+        logger.info("CCA coherence %s: %.1f s", metrics["cca_coherence"], time.perf_counter() - stage)
 
     stage = time.perf_counter()
     ll_examples = min(eval_config.log_likelihood_examples, take) if take else \
