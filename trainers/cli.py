@@ -203,6 +203,7 @@ def _cmd_build_arrays(args, beam_args: list[str]) -> int:
         num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
     counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
     print(f"wrote {args.output}/manifest.json ({counts})")
+    return 0
 
 
 def _cmd_build_cub(args, beam_args: list[str]) -> int:

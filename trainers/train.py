@@ -47,6 +47,7 @@ class TrainState:
     step: tf.Variable          # optimisation steps done
     epoch: tf.Variable         # epochs finished
     epoch_step: tf.Variable    # steps done in the unfinished epoch
+    epoch_loss_sum: tf.Variable  # their summed losses, so a resumed epoch reports its whole mean
     best_val_loss: tf.Variable  # for early stopping
     bad_epochs: tf.Variable    # epochs since the best validation loss
     stopped: tf.Variable       # 1 once early stopping ended the run
@@ -107,13 +108,15 @@ def build_state(config: config_lib.Config, manifest: schema.Manifest,
             step, epoch, epoch_step, bad_epochs, stopped = (
                 counter(n) for n in ("global_step", "epoch", "epoch_step", "bad_epochs", "stopped"))
             best_val_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False, name="best_val_loss")
+            epoch_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="epoch_loss_sum")
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     checkpoint = run_dir.model_checkpoint(
         model, optimizer=optimizer, step=step, epoch=epoch, epoch_step=epoch_step,
-        best_val_loss=best_val_loss, bad_epochs=bad_epochs, stopped=stopped)
-    return TrainState(model, optimizer, step, epoch, epoch_step, best_val_loss, bad_epochs, stopped,
-                      checkpoint)
+        epoch_loss_sum=epoch_loss_sum, best_val_loss=best_val_loss, bad_epochs=bad_epochs,
+        stopped=stopped)
+    return TrainState(model, optimizer, step, epoch, epoch_step, epoch_loss_sum, best_val_loss,
+                      bad_epochs, stopped, checkpoint)
 
 
 def make_train_step(state: TrainState, strategy: tf.distribute.Strategy, global_batch: int,
@@ -351,6 +354,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         if int(state.stopped.numpy()):
             break
         done = int(state.epoch_step.numpy())
+        resumed_steps, resumed_loss_sum = done, float(state.epoch_loss_sum.numpy())
         dataset = strategy.distribute_datasets_from_function(
             lambda ctx, e=epoch, d=done: _epoch_dataset(ctx, manifest, config, validation, e, d, steps,
                                                         repad))
@@ -375,8 +379,13 @@ def run_training(config: config_lib.Config, workdir: str, *,
                 if unchecked:
                     check_finite(unchecked, epoch)
                     unchecked = []
+                state.epoch_loss_sum.assign(resumed_loss_sum + float(tf.reduce_sum(losses)))
                 checkpoints.save(step)
-        loss = check_finite(losses, epoch) if losses else float("nan")
+        if losses:
+            check_finite(losses, epoch)
+        steps_run = resumed_steps + len(losses)
+        loss_sum = resumed_loss_sum + (float(tf.reduce_sum(losses)) if losses else 0.0)
+        loss = loss_sum / steps_run if steps_run else float("nan")
         if progress.bar is not None:
             progress.bar.update(done, values=[("loss", loss)], finalize=True)
         seconds = time.perf_counter() - started
@@ -385,6 +394,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         improved = _early_stopping_update(state, t, val_loss, validation)
         state.epoch.assign(epoch)
         state.epoch_step.assign(0)
+        state.epoch_loss_sum.assign(0.0)
         step = int(state.step.numpy())
         if improved:
             checkpoints.save(step, best=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import build_digits, build_mnist_svhn
+from pipeline import build_cub, build_digits, build_mnist_svhn
 from tests.synthetic import random_inputs
 from trainers import config as config_lib
 from trainers import run_dir
@@ -20,6 +20,7 @@ DATASETS = {
     "mnist_svhn": lambda: build_mnist_svhn.manifest_template("mnist-svhn", source={}, pipeline_options={}),
     "mnist_svhn_text": lambda: build_mnist_svhn.manifest_template("mnist-svhn-text", source={},
                                                                   pipeline_options={}),
+    "cub": lambda: build_cub.manifest_template(source={}, pipeline_options={}),
 }
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIGS, "*", "*.yaml")))
 
@@ -42,7 +43,7 @@ def test_config_loads_and_builds_its_model_on_its_data(path):
     terms = model.loss_terms(batch, tf.constant([0, 1], tf.int32))
     assert terms.per_example.shape == (2,)
     assert np.all(np.isfinite(terms.per_example.numpy())) and np.isfinite(float(terms.global_term))
-    generated = model.generate(tf.zeros([2, config.model.latent_dim]))
+    generated = model.generate(tf.zeros([2, model.latent_dim]))  # *_ms models: D_c + M D_s
     assert {k: tuple(v.shape) for k, v in generated.items()} == {
         m.name: (2, *m.shape) for m in manifest.modalities}
 
@@ -59,11 +60,14 @@ def test_mnist_svhn_configs_carry_section_6_1(name):
 def test_mnist_svhn_text_configs_carry_section_6_3():
     names = {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIGS, "mnist_svhn_text", "*.yaml"))}
     assert {"bmvae_m", "bmvae_m_iwae", "bmvae_p", "bmvae_m_uniform", "bmvae_p_uniform", "mmvae", "mvae",
-            "mmjsd"} <= names
+            "mmjsd", "mvae_ms", "mmvae_ms", "mmjsd_ms"} <= names
     for name in names:
         config = load(os.path.join(CONFIGS, "mnist_svhn_text", f"{name}.yaml"))
         assert (config.model.latent_dim, config.model.posterior) == (20, "gaussian"), name
-        assert (config.train.epochs, config.train.batch_size) == (50, 256), name
+        # "The modality-specific versions of MVAE, MMVAE and mmJSD are trained for 100 epochs."
+        epochs = 100 if name.endswith("_ms") else 50
+        assert (config.train.epochs, config.train.batch_size) == (epochs, 256), name
+        assert config.model.name == (name if name != "bmvae_m_iwae" else "bmvae_m"), name
         assert config.data.dynamic_text_padding is None  # the dataset's default: on
     assert load(os.path.join(CONFIGS, "mnist_svhn_text", "bmvae_m.yaml")).model.K == 1
     assert load(os.path.join(CONFIGS, "mnist_svhn_text", "bmvae_m_iwae.yaml")).model.K > 1
