@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import uuid
@@ -311,3 +312,36 @@ def query_counters(result: PipelineResult, namespace: str) -> dict[str, int]:
         value = counter.committed if counter.committed is not None else counter.attempted
         totals[counter.key.metric.name] += int(value)
     return dict(sorted(totals.items()))
+
+
+# ------------------------------------------------------------------ argument checks of the jobs
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int, what: str | None = None) -> None:
+    """UserError unless value is an integer >= minimum (bools are not integers here)."""
+    if not is_int(value) or value < minimum:
+        raise UserError(f"{name} must be {what or f'an integer of at least {minimum}'}, got {value!r}")
+
+
+def check_fraction(name: str, value, *, closed: bool = False) -> None:
+    """UserError unless value is a number in (0, 1), or in [0, 1] with closed=True."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0)
+    if not ok:
+        raise UserError(f"{name} must be a number in {'[0, 1]' if closed else '(0, 1)'}, got {value!r}")
+
+
+def check_job_arguments(output_dir: str, *, seed: int, num_shards: int | None,
+                        beam_args: list[str] | None = None) -> None:
+    """The arguments every dataset job takes: an output path, a seed, shards, Beam arguments."""
+    if not isinstance(output_dir, str) or not output_dir:
+        raise UserError(f"output directory must be a non-empty path, got {output_dir!r}")
+    check_int("seed", seed, 0, "a non-negative integer")
+    if num_shards is not None:
+        check_int("num_shards", num_shards, 1)
+    if beam_args is not None and not all(isinstance(a, str) for a in beam_args):
+        raise UserError(f"Beam arguments must be strings, got {beam_args!r}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 from typing import Iterable, Iterator
 
@@ -24,7 +23,6 @@ import numpy as np
 from apache_beam.metrics.metric import Metrics
 
 from bmvae_tf import schema
-from bmvae_tf.errors import UserError
 from pipeline import arrays, beam_io, sources
 
 logger = logging.getLogger(__name__)
@@ -96,20 +94,8 @@ def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
 
 def _check_arguments(output_dir: str, *, seed: int, test_fraction: float, num_shards: int | None,
                      beam_args: list[str] | None) -> None:
-    def is_int(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    if not isinstance(output_dir, str) or not output_dir:
-        raise UserError(f"output directory must be a non-empty path, got {output_dir!r}")
-    if not is_int(seed) or seed < 0:
-        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
-            or not 0.0 < test_fraction < 1.0):
-        raise UserError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    if num_shards is not None and (not is_int(num_shards) or num_shards < 1):
-        raise UserError(f"num_shards must be an integer of at least 1, got {num_shards!r}")
-    if beam_args is not None and not all(isinstance(a, str) for a in beam_args):
-        raise UserError(f"Beam arguments must be strings, got {beam_args!r}")
+    beam_io.check_job_arguments(output_dir, seed=seed, num_shards=num_shards, beam_args=beam_args)
+    beam_io.check_fraction("test_fraction", test_fraction)
 
 
 class ReadRowsFn(beam.DoFn):

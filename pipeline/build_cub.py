@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import numbers
 import os
 import tempfile
 import threading
@@ -203,29 +202,16 @@ def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
 def _check_arguments(output_dir: str, *, cub_dir: str, captions_dir: str, image_size: int,
                      batch_size: int, max_bad_fraction: float, seed: int, num_shards: int | None,
                      resnet_weights: str | None, fasttext: str | None, fasttext_bucket: int) -> None:
-    def is_int(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    for name, value in (("output directory", output_dir), ("--cub-dir", cub_dir),
-                        ("--captions-dir", captions_dir)):
-        if not isinstance(value, str) or not value:
-            raise UserError(f"{name} must be a non-empty path, got {value!r}")
+    beam_io.check_job_arguments(output_dir, seed=seed, num_shards=num_shards)
     for name, path in (("--cub-dir", cub_dir), ("--captions-dir", captions_dir)):
+        if not isinstance(path, str) or not path:
+            raise UserError(f"{name} must be a non-empty path, got {path!r}")
         if not tf.io.gfile.isdir(path):
             raise UserError(f"{name} {path}: not a directory")
-    if not is_int(image_size) or image_size < 32:
-        raise UserError(f"image size must be an integer of at least 32, got {image_size!r}")
-    if not is_int(batch_size) or batch_size < 1:
-        raise UserError(f"batch size must be an integer of at least 1, got {batch_size!r}")
-    if (not isinstance(max_bad_fraction, numbers.Real) or isinstance(max_bad_fraction, bool)
-            or not 0.0 <= max_bad_fraction <= 1.0):
-        raise UserError(f"--max-bad-fraction must be a number in [0, 1], got {max_bad_fraction!r}")
-    if not is_int(seed) or seed < 0:
-        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if num_shards is not None and (not is_int(num_shards) or num_shards < 1):
-        raise UserError(f"num_shards must be an integer of at least 1, got {num_shards!r}")
-    if not is_int(fasttext_bucket) or fasttext_bucket < 1:
-        raise UserError(f"fasttext_bucket must be a positive integer, got {fasttext_bucket!r}")
+    beam_io.check_int("image size", image_size, 32)
+    beam_io.check_int("batch size", batch_size, 1)
+    beam_io.check_fraction("--max-bad-fraction", max_bad_fraction, closed=True)
+    beam_io.check_int("fasttext_bucket", fasttext_bucket, 1, "a positive integer")
     if resnet_weights not in (None, "imagenet") and not tf.io.gfile.exists(resnet_weights):
         raise UserError(f"--resnet-weights {resnet_weights}: no such file (or pass 'imagenet')")
     if fasttext is not None and not tf.io.gfile.exists(fasttext):

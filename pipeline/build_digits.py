@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import numbers
 from typing import Iterator
 
 import apache_beam as beam
@@ -22,7 +21,6 @@ import sklearn
 from sklearn.datasets import load_digits
 
 from bmvae_tf import schema
-from bmvae_tf.errors import UserError
 from pipeline import beam_io, digits
 
 logger = logging.getLogger(__name__)
@@ -96,22 +94,9 @@ def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fractio
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, test_fraction: float,
                      num_shards: int | None, beam_args: list[str] | None) -> None:
-    def is_int(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    if not isinstance(output_dir, str) or not output_dir:
-        raise UserError(f"output directory must be a non-empty path, got {output_dir!r}")
-    if not is_int(seed) or seed < 0:
-        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if not is_int(dm) or dm < 1:
-        raise UserError(f"dm must be an integer of at least 1, got {dm!r}")
-    if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
-            or not 0.0 < test_fraction < 1.0):
-        raise UserError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    if num_shards is not None and (not is_int(num_shards) or num_shards < 1):
-        raise UserError(f"num_shards must be an integer of at least 1, got {num_shards!r}")
-    if beam_args is not None and not all(isinstance(a, str) for a in beam_args):
-        raise UserError(f"Beam arguments must be strings, got {beam_args!r}")
+    beam_io.check_job_arguments(output_dir, seed=seed, num_shards=num_shards, beam_args=beam_args)
+    beam_io.check_int("dm", dm, 1)
+    beam_io.check_fraction("test_fraction", test_fraction)
 
 
 def load_source() -> tuple[np.ndarray, np.ndarray]:

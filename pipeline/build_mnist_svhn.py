@@ -19,7 +19,6 @@ metadata, and for the text variant the text and its start (`text_pad`).
 from __future__ import annotations
 
 import logging
-import numbers
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
@@ -131,21 +130,9 @@ def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str 
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, max_d: int, num_shards: int | None,
                      beam_args: list[str] | None) -> None:
-    def is_int(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    if not isinstance(output_dir, str) or not output_dir:
-        raise UserError(f"output directory must be a non-empty path, got {output_dir!r}")
-    if not is_int(seed) or seed < 0:
-        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
-    if not is_int(dm) or dm < 1:
-        raise UserError(f"dm must be an integer of at least 1, got {dm!r}")
-    if not is_int(max_d) or max_d < 1:
-        raise UserError(f"max_d must be an integer of at least 1, got {max_d!r}")
-    if num_shards is not None and (not is_int(num_shards) or num_shards < 1):
-        raise UserError(f"num_shards must be an integer of at least 1, got {num_shards!r}")
-    if beam_args is not None and not all(isinstance(a, str) for a in beam_args):
-        raise UserError(f"Beam arguments must be strings, got {beam_args!r}")
+    beam_io.check_job_arguments(output_dir, seed=seed, num_shards=num_shards, beam_args=beam_args)
+    beam_io.check_int("dm", dm, 1)
+    beam_io.check_int("max_d", max_d, 1)
 
 
 def _cutoffs(plans: list[mnist_svhn.ClassPlan], dataset: str) -> dict[int, int]:

@@ -7,7 +7,7 @@ A model is a pure function of tensors: it never reads files or flags. Subclasses
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import keras
 import tensorflow as tf
@@ -16,6 +16,9 @@ import tensorflow_probability as tfp
 from bmvae_tf import distributions
 from bmvae_tf import networks as networks_lib
 from bmvae_tf.schema import ModalitySpec
+
+if TYPE_CHECKING:
+    from bmvae_tf.noise import Noise
 
 tfd = tfp.distributions
 
@@ -155,7 +158,7 @@ class MultimodalVAE(keras.Model):
         return None
 
     # ---------------------------------------------------------------- model-specific
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: "Noise | tf.Tensor") -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
         """The objective of a batch. noise: a bmvae_tf.noise.Noise, keyed by example, or a plain
         int32 [2] seed for a batch that is the whole global batch."""
         raise NotImplementedError

@@ -65,7 +65,6 @@ def test_rerun_after_kill_9_resumes_from_the_step_checkpoint_exactly(dataset, tm
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stderr = process.stderr.read().decode()
     process.stderr.close()
     progress_at_kill = _read_jsonl(killed / "progress.jsonl")
     assert progress_at_kill[-1]["step"] < 48, "the run finished before it was killed"
