@@ -37,7 +37,9 @@ def machine() -> dict:
         pass
     import tensorflow as tf
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "platform": platform.platform()}
+            "tensorflow": tf.__version__, "platform": platform.platform(),
+            # Other users of a shared machine skew figures; ratios from interleaved rounds less so.
+            "load_average_1_5_15": list(os.getloadavg())}
 
 
 def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
