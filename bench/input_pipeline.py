@@ -6,7 +6,9 @@
    memory, interleaved in rounds; target: TFRecords at >= 0.95x of memory.
 3. Peak RSS of a whole `trainers.train.train` run (one epoch) on 1x and 10x the data, each in
    a fresh subprocess (getrusage): the reader streams, so memory must not grow with the data
-   beyond the shuffle buffer (train.shuffle_buffer records).
+   beyond the shuffle buffer (train.shuffle_buffer records, 1000 here so that the 1x data
+   already fills it; with the default 10000 and a 1x set smaller than that, the buffer itself
+   grows between 1x and 10x).
 
     python bench/input_pipeline.py                   # digits dm = 2 (1x) and dm = 20 (10x)
     python bench/input_pipeline.py --dm 10 --output bench/results/input_pipeline_big.json
@@ -107,11 +109,12 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "loss": 
 """
 
 
-def training_peak_rss(data_dir: str, workdir: str, model: str, batch: int) -> dict:
+def training_peak_rss(data_dir: str, workdir: str, model: str, batch: int, shuffle_buffer: int) -> dict:
     from trainers import config as config_lib
     config = model_config("digits", model, 1, batch_size=batch)
     config.data.dir = data_dir
     config.train.epochs = 1
+    config.train.shuffle_buffer = shuffle_buffer
     data = config_lib.to_dict(config)
     script = workdir + ".py"
     with open(script, "w") as f:
@@ -135,6 +138,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--parts", default="reader,fed,memory")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000,
+                        help="train.shuffle_buffer of the memory runs: the one thing held in memory that "
+                             "grows with the data, up to this many records; keep it below the 1x size")
     args = parser.parse_args(argv)
 
     results = {"machine": machine(), "args": vars(args)}
@@ -160,7 +166,8 @@ def main(argv=None) -> dict:
             memory_rows = []
             for scale, data_dir in (("1x", small), ("10x", large)):
                 print(f"training one epoch on {scale} data in a subprocess ...", flush=True)
-                run = training_peak_rss(data_dir, os.path.join(tmp, f"run-{scale}"), args.model, args.batch)
+                run = training_peak_rss(data_dir, os.path.join(tmp, f"run-{scale}"), args.model, args.batch,
+                                        args.shuffle_buffer)
                 records = schema.read_manifest(data_dir).split("train").count
                 memory_rows.append({"data": scale, "train records": records, "seconds": run["seconds"],
                                     "peak rss MB": run["peak_rss_mb"],
