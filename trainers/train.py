@@ -162,6 +162,8 @@ def make_train_step(state: TrainState, strategy: tf.distribute.Strategy, global_
         state.epoch_step.assign_add(1)
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
 
+    # Exposed so tests can check that the XLA-compiled part is not retraced either.
+    train_step.compiled_loss_and_grads = loss_and_grads if jit_compile else None
     return train_step
 
 

@@ -78,8 +78,10 @@ def test_batch_larger_than_the_data_is_a_user_error(dataset, tmp_path):
         train.train(_config(dataset, batch_size=4096), str(tmp_path / "run"))
 
 
-def test_train_step_is_traced_once_across_epochs(dataset, tmp_path, monkeypatch):
-    """A new dataset per epoch must not retrace the step (retracing costs seconds per epoch)."""
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_train_step_is_traced_once_across_epochs(dataset, tmp_path, monkeypatch, jit_compile):
+    """A new dataset per epoch must not retrace the step (retracing costs seconds per epoch, and
+    under jit_compile each retrace is an XLA compilation)."""
     steps = []
     original = train.make_train_step
 
@@ -89,6 +91,12 @@ def test_train_step_is_traced_once_across_epochs(dataset, tmp_path, monkeypatch)
         return step
 
     monkeypatch.setattr(train, "make_train_step", recording)
-    train.train(_config(dataset, epochs=3), str(tmp_path / "run"))
+    train.train(_config(dataset, epochs=3, jit_compile=jit_compile), str(tmp_path / "run"))
     assert len(steps) == 1
     assert steps[0].experimental_get_tracing_count() == 1
+    compiled = steps[0].compiled_loss_and_grads
+    if jit_compile:
+        # The XLA-compiled loss and gradients, traced once with the step that calls them.
+        assert compiled.experimental_get_tracing_count() == 1
+    else:
+        assert compiled is None
