@@ -115,17 +115,23 @@ class Noise:
 
 
 def _open_uniform(shape, seed: tf.Tensor) -> tf.Tensor:
-    """float32 uniform on (0, 1): (k + 1/2) / 2^24 for 24 random bits k.
+    """float32 uniform on the open interval (0, 1), from Philox integers.
 
-    Made from Philox integers because those are the one stateless draw that XLA and the
-    TensorFlow kernels produce alike when the seed is a runtime value (as a step's seed is):
-    their float and normal draws differ. The grid of 2^24 values bounds normal noise to
-    |z| < 5.4, far in the tails for a VAE's reparameterisation.
+    Philox integers are the one stateless draw that XLA and the TensorFlow kernels produce alike
+    when the seed is a runtime value (as a step's seed is); their float and normal draws differ.
     """
     bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.int32,
                                        alg="philox")
-    k = tf.bitwise.right_shift(tf.bitcast(bits, tf.uint32), 8)
-    return (tf.cast(k, tf.float32) + 0.5) * (1.0 / (1 << 24))
+    return open_uniform_from_bits(bits)
+
+
+def open_uniform_from_bits(bits: tf.Tensor) -> tf.Tensor:
+    """(k + 1/2) / 2^23 for the top 23 bits k of each int32: exact in float32, so every value
+    lies in [2^-24, 1 - 2^-24]. With 24 bits, k + 1/2 would round, k = 2^24 - 1 would give
+    exactly 1.0, and the Gumbel and normal inversions of it are infinite. The grid bounds
+    normal noise to |z| < 5.3, far in the tails for a VAE's reparameterisation."""
+    k = tf.bitwise.right_shift(tf.bitcast(bits, tf.uint32), 9)
+    return (tf.cast(k, tf.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def reparameterized_sample(family: str, loc: tf.Tensor, scale: tf.Tensor, noise: Noise,

@@ -60,3 +60,17 @@ def test_every_model_loss_per_example_is_independent_of_the_batch_split(name):
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5)
     # ... and the noise matters: another seed gives other losses.
     assert not np.allclose(model.loss_terms(x, Noise(SEED + 1)).per_example.numpy(), whole, rtol=1e-5)
+
+
+def test_uniform_never_reaches_0_or_1_so_every_inversion_is_finite():
+    """One draw in 2^24 would be exactly 1.0 with a 24-bit grid (k + 1/2 rounds in float32), and
+    -log(-log 1) = inf: a training run of millions of draws diverges."""
+    from bmvae_tf.noise import open_uniform_from_bits
+
+    extremes = tf.constant([-1, 0, 1, 2**31 - 1, -2**31, -2, 2**31 - 512, -512], tf.int32)
+    u = open_uniform_from_bits(extremes).numpy()
+    assert np.all(u > 0) and np.all(u < 1), u
+    assert u.max() == np.float32(1 - 2.0**-24) and u.min() == np.float32(2.0**-24)
+    u = tf.constant(u)
+    for inverse in (tf.math.ndtri(u), -tf.math.log(-tf.math.log(u)), tf.math.log1p(-tf.abs(2 * u - 1))):
+        assert np.all(np.isfinite(inverse.numpy()))
