@@ -363,12 +363,13 @@ def run_training(config: config_lib.Config, workdir: str, *,
         started = time.perf_counter()
         progress = _Progress(steps, global_batch, t.log_every_steps, epoch, t.epochs, done)
         losses, unchecked = [], []
+        step = int(state.step.numpy())  # counted on the host after this: no sync per step
         for batch in dataset:
             loss = train_step(batch)
             losses.append(loss)
             unchecked.append(loss)
             done += 1
-            step = int(state.step.numpy())
+            step += 1
             if done % t.log_every_steps == 0 or (progress.bar is not None and done % 10 == 0):
                 value = check_finite(unchecked, epoch)
                 unchecked = []
