@@ -13,7 +13,9 @@ import struct
 
 import numpy as np
 import scipy.io
+import tensorflow as tf
 
+from bmvae_tf import schema
 from pipeline import sources
 
 # Per-class counts chosen so that n_c = min(#MNIST, #SVHN) switches side between classes, and one
@@ -84,3 +86,17 @@ def write_raw_source(directory: str, seed: int = 0) -> dict[str, np.ndarray]:
                            compress=split == "train")
         labels[f"{dataset}/{split}"] = y
     return labels
+
+
+def read_split(manifest: schema.Manifest, split: str) -> dict[str, np.ndarray]:
+    """Every record of a built split, decoded, as arrays keyed by feature."""
+    spec = schema.feature_spec(manifest)
+    ds = (tf.data.TFRecordDataset(manifest.split_paths(split), compression_type=schema.COMPRESSION)
+          .batch(1024).map(lambda x: schema.decode_parsed(manifest, tf.io.parse_example(x, spec))))
+    batches = list(ds.as_numpy_iterator())
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def read_bytes(directory: str) -> dict[str, bytes]:
+    """Every file of a directory, for byte-identity checks between builds."""
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}

@@ -14,21 +14,10 @@ from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from pipeline import beam_io, build_mnist_svhn, mnist_svhn, permutation, sources
 from tests import source_fixtures as fixtures
+from tests.source_fixtures import read_bytes, read_split
 
 IN_PROCESS = ["--runner=FnApiRunner"]
 DM = 3
-
-
-def read_split(manifest: schema.Manifest, split: str) -> dict[str, np.ndarray]:
-    spec = schema.feature_spec(manifest)
-    ds = (tf.data.TFRecordDataset(manifest.split_paths(split), compression_type=schema.COMPRESSION)
-          .batch(1024).map(lambda x: schema.decode_parsed(manifest, tf.io.parse_example(x, spec))))
-    batches = list(ds.as_numpy_iterator())
-    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-
-
-def read_bytes(directory: str) -> dict[str, bytes]:
-    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
 
 
 @pytest.fixture(scope="module")
