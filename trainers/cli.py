@@ -172,13 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _written(output: str, manifest, extra: str = "") -> str:
+    """The line a dataset build prints: where the manifest is and how many records each split has."""
+    counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
+    return f"wrote {output}/manifest.json ({counts}{extra})"
+
+
 def _cmd_build_digits(args, beam_args: list[str]) -> int:
     from pipeline.build_digits import build_digits
 
     manifest = build_digits(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
                             num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
-    print(f"wrote {args.output}/manifest.json ({counts})")
+    print(_written(args.output, manifest))
     return 0
 
 
@@ -189,8 +194,7 @@ def _cmd_build_mnist_svhn(args, beam_args: list[str]) -> int:
         args.output, with_text=args.with_text, source=args.source, source_dir=args.source_dir,
         tfds_data_dir=args.tfds_data_dir, download=args.download, seed=args.seed, dm=args.dm,
         max_d=args.max_d, num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
-    print(f"wrote {args.output}/manifest.json ({counts})")
+    print(_written(args.output, manifest))
     return 0
 
 
@@ -201,8 +205,7 @@ def _cmd_build_arrays(args, beam_args: list[str]) -> int:
         args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
         standardize=not args.no_standardize, test_fraction=args.test_fraction, seed=args.seed,
         num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    counts = ", ".join(f"{k}: {v.count}" for k, v in manifest.splits.items())
-    print(f"wrote {args.output}/manifest.json ({counts})")
+    print(_written(args.output, manifest))
     return 0
 
 
@@ -215,9 +218,8 @@ def _cmd_build_cub(args, beam_args: list[str]) -> int:
         resnet_weights=args.resnet_weights, fasttext=args.fasttext, image_size=args.image_size,
         batch_size=args.batch_size, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
         num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    counts = ", ".join(f"{k}: {v.count}" for k, v in result.manifest.splits.items())
     bad = sum(result.manifest.source["num_bad_images"].values())
-    print(f"wrote {args.output}/manifest.json ({counts}; {bad} unusable image(s))")
+    print(_written(args.output, result.manifest, f"; {bad} unusable image(s)"))
     return 0
 
 

@@ -268,9 +268,9 @@ class _Checkpoints:
 class _Progress:
     """A progress bar on a terminal, plain log lines otherwise; steps and examples per second."""
 
-    def __init__(self, steps: int, global_batch: int, every: int, epoch: int, epochs: int, done: int):
+    def __init__(self, steps: int, global_batch: int, epoch: int, epochs: int, done: int):
         self.bar = keras.utils.Progbar(steps, unit_name="step") if sys.stderr.isatty() else None
-        self.global_batch, self.every, self.epoch, self.epochs = global_batch, every, epoch, epochs
+        self.global_batch, self.epoch, self.epochs = global_batch, epoch, epochs
         self.done = done
         self.mark, self.mark_step = time.perf_counter(), done
 
@@ -361,7 +361,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
             lambda ctx, e=epoch, d=done: _epoch_dataset(ctx, manifest, config, validation, e, d, steps,
                                                         repad))
         started = time.perf_counter()
-        progress = _Progress(steps, global_batch, t.log_every_steps, epoch, t.epochs, done)
+        progress = _Progress(steps, global_batch, epoch, t.epochs, done)
         losses, unchecked = [], []
         step = int(state.step.numpy())  # counted on the host after this: no sync per step
         for batch in dataset:

@@ -43,6 +43,20 @@ class MVAE(MultimodalVAE):
         """KL(q || p) summed over the latent dimensions: [B, D] -> [B]."""
         return tf.reduce_sum(tfd.kl_divergence(q, self.prior()), axis=-1)
 
+    def single_modality_elbos(self, inputs: Mapping[str, tf.Tensor], loc: tf.Tensor, scale: tf.Tensor,
+                              noises: list[Noise], to_latents=lambda z: z) -> tf.Tensor:
+        """sum_m [w_m log p(x_m | z) - KL(q(z | x_m) || p(z))], z drawn from the PoE of expert m
+        and the prior: [B]. to_latents maps a draw to what the decoders read (the MS variant
+        appends its private factors)."""
+        total = 0.0
+        for index, spec in enumerate(self.modalities):
+            only = tf.constant([m == index for m in range(self.num_modalities)])
+            single = self._product(loc, scale, only)
+            z = to_latents(reparameterized_sample("gaussian", single.loc, single.scale, noises[index]))
+            log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
+            total += log_lik - self._kl_to_prior(single)
+        return total
+
     def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
         noises = Noise.of(noise).split(self.num_modalities + 1)
         loc, scale = self.encode(inputs)                                   # [M, B, D]
@@ -51,15 +65,7 @@ class MVAE(MultimodalVAE):
         z = reparameterized_sample("gaussian", joint.loc, joint.scale, noises[0])      # [B, D]
         reconstruction = self.reconstruction_log_prob(inputs, z)                        # [B]
         kl_joint = self._kl_to_prior(joint)
-        objective = reconstruction - kl_joint
-
-        for index, spec in enumerate(self.modalities):
-            only = tf.constant([m == index for m in range(self.num_modalities)])
-            single = self._product(loc, scale, only)
-            z = reparameterized_sample("gaussian", single.loc, single.scale, noises[index + 1])
-            log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
-            objective += log_lik - self._kl_to_prior(single)
-
+        objective = reconstruction - kl_joint + self.single_modality_elbos(inputs, loc, scale, noises[1:])
         return LossTerms(
             per_example=-objective,
             global_term=tf.constant(0.0),

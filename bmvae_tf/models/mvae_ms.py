@@ -22,6 +22,9 @@ class MVAEMS(ModalitySpecificLatents, MVAE):
     on the latents x_S's decoders read. One draw of the private factors serves every term.
     """
 
+    def _kl_to_prior(self, q: tfd.Normal) -> tf.Tensor:
+        return self.shared_kl(q)  # the products are over c only
+
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
         return tfd.Independent(self._product(loc, scale, present), reinterpreted_batch_ndims=1)
 
@@ -35,15 +38,10 @@ class MVAEMS(ModalitySpecificLatents, MVAE):
         c = reparameterized_sample("gaussian", joint.loc, joint.scale, noises[1])
         reconstruction = self.reconstruction_log_prob(inputs, self.join(c, s))
         kl_joint = self.shared_kl(joint) + tf.reduce_sum(kl_private, axis=0)
-        objective = reconstruction - kl_joint
-
-        for index, spec in enumerate(self.modalities):
-            only = tf.constant([m == index for m in range(self.num_modalities)])
-            single = self._product(c_loc, c_scale, only)
-            c = reparameterized_sample("gaussian", single.loc, single.scale, noises[index + 2])
-            z = self.join(c, s)
-            log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
-            objective += log_lik - self.shared_kl(single) - kl_private[index]
+        # Each single-modality ELBO also pays its own private KL: together, once more the sum.
+        singles = (self.single_modality_elbos(inputs, c_loc, c_scale, noises[2:], lambda c: self.join(c, s))
+                   - tf.reduce_sum(kl_private, axis=0))
+        objective = reconstruction - kl_joint + singles
 
         return LossTerms(
             per_example=-objective,
