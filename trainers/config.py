@@ -321,6 +321,13 @@ def dump_yaml(config: Config) -> str:
 # ------------------------------------------------------------------------------------ the model
 
 
+def _constructor_parameters(cls) -> set[str]:
+    """Every keyword any __init__ in the class's MRO declares. A mixin's __init__ that passes
+    **kwargs on (ModalitySpecificLatents) hides its base's parameters from inspect.signature."""
+    return {name for klass in cls.__mro__ if "__init__" in vars(klass)
+            for name in inspect.signature(klass.__init__).parameters}
+
+
 def build_model(model_config: ModelConfig, modalities):
     """The configured model for the manifest's modalities (constructed, not yet built)."""
     names = [m.name for m in modalities]
@@ -336,7 +343,7 @@ def build_model(model_config: ModelConfig, modalities):
         hidden_units=tuple(model_config.hidden_units), channels=tuple(model_config.channels),
         sequence_width=model_config.sequence_width,
     )
-    if "K" in inspect.signature(cls.__init__).parameters:
+    if "K" in _constructor_parameters(cls):
         kwargs["K"] = model_config.K
     # A model family's typed section holds its hyper-parameters (bmvae_m_uniform uses bmvae_m's).
     for section in ("bmvae_m", "bmvae_p", "mmvae"):

@@ -49,3 +49,24 @@ def test_train_then_evaluate_every_model_on_four_modalities(name, four_modalitie
         assert all(abs(sum(row) - 1.0) < 1e-5 for row in weights)
     assert metrics["model"] == name
     assert list(metrics["robustness"]["relative"]) == expected
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_receives_its_configured_hyper_parameters(name):
+    from trainers import config as config_lib
+
+    config = config_lib.from_dict(config_lib.apply_overrides({}, [
+        f"model.name={name}", "model.latent_dim=5", "model.K=3", "model.ms.private_dim=2",
+        "model.bmvae_m.lambda_c=7", "model.bmvae_p.eta=0.25", "model.mmvae.dreg=true"]))
+    model = config_lib.build_model(config.model, synthetic.digits_like_modalities(3))
+    # Every importance-sampled model (BMVAE_M and the MMVAE family) must take the configured K.
+    if name.startswith(("bmvae_m", "mmvae")):
+        assert model.K == 3
+    if name.startswith("mmvae"):
+        assert model.dreg
+    if name == "bmvae_m":
+        assert model.lambda_c == 7
+    if name == "bmvae_p":
+        assert model.eta == 0.25
+    shared = 5 if not name.endswith("_ms") else 5 + 3 * 2
+    assert model.latent_dim == shared
