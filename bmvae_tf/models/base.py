@@ -179,17 +179,32 @@ class MultimodalVAE(keras.Model):
                      seed: tf.Tensor, chunk_size: int = 100) -> tf.Tensor:
         """IWAE estimate of log p(x_S) for the present subset S, [B] (Eq. 1, Burda et al.).
 
-        The proposal is the model's subset posterior. Samples are drawn `chunk_size` at a time and
-        folded into a running log-sum-exp, so memory stays bounded for K = 1000 and beyond.
+        The proposal is the model's subset posterior. Samples are drawn `chunk_size` at a time,
+        chunk i from seed fold_in(seed, i * chunk_size), and folded into a running log-sum-exp.
+        The full chunks run in a tf.while_loop with one iteration in flight, so a traced graph
+        holds one chunk's decoder activations whatever K is (the paper's K = 1000 and beyond);
+        an unrolled Python loop would let TensorFlow run every chunk at once.
         """
         proposal = self.posterior(inputs, present)
         prior = self.prior()
-        running = None
-        for start in range(0, num_samples, chunk_size):
-            k = min(chunk_size, num_samples - start)
+
+        def chunk_log_sum(start, k: int) -> tf.Tensor:
             z = proposal.sample(k, seed=tf.random.experimental.stateless_fold_in(seed, start))
             log_w = (self.reconstruction_log_prob(inputs, z, present)
-                     + tf.reduce_sum(prior.log_prob(z), -1) - proposal.log_prob(z))
-            chunk = tf.reduce_logsumexp(log_w, axis=0)
-            running = chunk if running is None else tf.reduce_logsumexp(tf.stack([running, chunk]), 0)
+                     + tf.reduce_sum(prior.log_prob(z), -1) - proposal.log_prob(z))     # [k, B]
+            return tf.reduce_logsumexp(log_w, axis=0)                                    # [B]
+
+        def accumulate(running: tf.Tensor, chunk: tf.Tensor) -> tf.Tensor:
+            return tf.reduce_logsumexp(tf.stack([running, chunk]), axis=0)
+
+        full_chunks, rest = divmod(int(num_samples), int(chunk_size))
+        batch = proposal.batch_shape_tensor()[0]
+        running = tf.fill([batch], tf.constant(-float("inf"), tf.float32))
+        if full_chunks:
+            _, running = tf.while_loop(
+                lambda i, _: i < full_chunks,
+                lambda i, r: (i + 1, accumulate(r, chunk_log_sum(i * chunk_size, chunk_size))),
+                [tf.constant(0), running], parallel_iterations=1)
+        if rest:
+            running = accumulate(running, chunk_log_sum(full_chunks * chunk_size, rest))
         return running - tf.math.log(tf.cast(num_samples, running.dtype))

@@ -133,6 +133,50 @@ def test_log_marginal_of_a_model_with_the_exact_posterior_is_exact(model_class):
         np.testing.assert_allclose(estimate, truth, rtol=1e-3)
 
 
+def _mismatched_linear_gaussian_model():
+    """The exact model of _set_exact_linear_gaussian with a shifted, too-wide encoder, so the
+    importance weights differ from sample to sample."""
+    model = BMVAEM(_vector_specs(1, 3), 2, posterior="gaussian", likelihood_scale=SIGMA,
+                   hidden_units=())
+    x = {"v0": tf.constant(X, tf.float32)}
+    model.loss_terms(x, tf.constant([0, 0]))  # build
+    _set_exact_linear_gaussian(model)
+    encoder = model.encoders[0]
+    encoder.loc_head.bias.assign(encoder.loc_head.bias + 0.7)
+    encoder.scale_head.bias.assign(encoder.scale_head.bias + 0.5)
+    return model, x
+
+
+def test_log_marginal_merges_its_chunks_into_one_importance_weighted_average():
+    """Chunked estimate == log mean exp over all K weights, drawn from the same per-chunk seeds."""
+    model, x = _mismatched_linear_gaussian_model()
+    present, seed, K, chunk = tf.constant([True]), tf.constant([5, 9]), 250, 100
+    estimate = model.log_marginal(x, present, K, seed, chunk).numpy()
+
+    proposal, prior = model.posterior(x, present), model.prior()
+    log_w = []
+    for start in range(0, K, chunk):
+        z = proposal.sample(min(chunk, K - start), seed=tf.random.experimental.stateless_fold_in(seed, start))
+        log_w.append(model.reconstruction_log_prob(x, z) + tf.reduce_sum(prior.log_prob(z), -1)
+                     - proposal.log_prob(z))
+    log_w = tf.concat(log_w, axis=0).numpy()                                     # [K, N]
+    assert np.ptp(log_w, axis=0).min() > 1.0   # the weights really differ
+    expected = scipy.special.logsumexp(log_w, axis=0) - np.log(K)
+    np.testing.assert_allclose(estimate, expected, rtol=1e-5)
+
+
+def test_log_marginal_graph_does_not_grow_with_K():
+    """The full chunks run in one while loop: the traced graph is the same size for K = 1000 and
+    K = 3000, so memory is one chunk's, not K's."""
+    model, x = _mismatched_linear_gaussian_model()
+
+    def graph_size(K):
+        fn = tf.function(lambda: model.log_marginal(x, tf.constant([True]), K, tf.constant([1, 2]), 100))
+        return len(fn.get_concrete_function().graph.as_graph_def().node)
+
+    assert graph_size(1000) == graph_size(3000)
+
+
 # ------------------------------------------------------------------ 2. closed-form KLs
 
 
