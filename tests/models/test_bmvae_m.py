@@ -94,3 +94,51 @@ def test_temperature_schedule_is_linear_from_low_to_high():
     specs = synthetic.digits_like_modalities(2)
     model = BMVAEM(specs, 5, tau_low=0.3, tau_high=1.5, **SMALL)
     np.testing.assert_allclose(model.temperatures().numpy(), [0.3, 0.6, 0.9, 1.2, 1.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "laplace"])
+def test_loss_with_several_modalities_matches_a_hand_computation(family):
+    """L_B (Eq. 11) for M = 3, K = 5, recomputed in numpy/scipy from the same draws: z takes each
+    dimension from the expert that argmax(log alpha + g) picks, log q sums the chosen experts'
+    log densities, and the global term is lambda_c sum_d KL(Cat(alpha_d) || U(M))."""
+    import scipy.special
+    import scipy.stats
+
+    from bmvae_tf import schema
+    from bmvae_tf.noise import reparameterized_sample
+
+    M, D, K, B, lambda_c, sigma = 3, 4, 5, 3, 2.5, 0.75
+    specs = [schema.ModalitySpec(f"v{i}", "vector", (2 + i,), likelihood="gaussian",
+                                 likelihood_weight=1.0 + i) for i in range(M)]
+    model = BMVAEM(specs, D, K=K, lambda_c=lambda_c, posterior=family, likelihood_scale=sigma,
+                   hidden_units=(8,))
+    x = synthetic.random_inputs(specs, B, seed=4)
+    seed = tf.constant([7, 8])
+    model.loss_terms(x, seed)  # build
+    logits = np.random.default_rng(1).normal(size=(D, M)).astype(np.float32)
+    model.mixture_logits.assign(logits)
+    terms = model.loss_terms(x, seed)
+
+    # The same draws the model makes from this seed.
+    z_noise, select_noise = Noise.of(seed).split(2)
+    loc, scale = (t.numpy() for t in model.encode(x))                               # [M, B, D]
+    z_all = reparameterized_sample(family, tf.constant(loc), tf.constant(scale), z_noise, [K],
+                                   batch_axis=1).numpy()                             # [K, M, B, D]
+    gumbel = select_noise.gumbel([K], B, (D, M)).numpy()                             # [K, B, D, M]
+    chosen = np.argmax(logits + gumbel, axis=-1)                                     # [K, B, D]
+
+    k_, b_, d_ = np.meshgrid(np.arange(K), np.arange(B), np.arange(D), indexing="ij")
+    z = z_all[k_, chosen, b_, d_]                                                    # [K, B, D]
+    density = scipy.stats.norm if family == "gaussian" else scipy.stats.laplace
+    log_q = density.logpdf(z, loc[chosen, b_, d_], scale[chosen, b_, d_]).sum(-1)    # [K, B]
+    log_prior = density.logpdf(z).sum(-1)
+    log_lik = sum(spec.likelihood_weight * scipy.stats.norm.logpdf(
+        x[spec.name].numpy(), model.decode_params(i, tf.constant(z, tf.float32)).numpy(), sigma).sum(-1)
+        for i, spec in enumerate(specs))
+    bound = scipy.special.logsumexp(log_lik + log_prior - log_q, axis=0) - np.log(K)  # [B]
+    np.testing.assert_allclose(terms.per_example.numpy(), -bound, rtol=1e-4, atol=1e-4)
+
+    alpha = scipy.special.softmax(logits, axis=-1)
+    kl = np.sum(alpha * np.log(alpha * M))
+    np.testing.assert_allclose(float(terms.global_term), lambda_c * kl, rtol=1e-5)
+    assert len(np.unique(chosen)) == M  # every expert is chosen somewhere: the indexing matters

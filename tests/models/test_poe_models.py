@@ -286,6 +286,34 @@ def test_bmvae_p_uniform_loss_is_eq15_with_fixed_weights_and_no_dirichlet_kl():
     np.testing.assert_allclose(terms.per_example.numpy(), expected, rtol=1e-4)
 
 
+def test_bmvae_p_loss_with_sampled_weights_is_eq15_at_the_paper_defaults():
+    """Learned BMVAE_P at lambda_zq = 1, lambda_mq = lambda_mz = 1/M: q_bar is built from the pi
+    each example draws, and that same pi enters KL(q_m || q_bar)."""
+    from bmvae_tf.noise import Noise
+
+    specs = synthetic.digits_like_modalities(3)
+    model = _build("bmvae_p", specs)
+    x = synthetic.random_inputs(specs, 5)
+    seed = tf.constant([3, 4])
+    beta = np.random.default_rng(5).uniform(0.2, 3.0, size=(LATENT, 3))
+    model.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
+    loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))         # [M, B, D]
+    _zero_reconstruction(model)
+    terms = model.loss_terms(x, seed)
+
+    pi_noise, _ = Noise.of(seed).split(2)
+    pi = pi_noise.dirichlet(5, tf.constant(model.concentration())).numpy().astype(np.float64)
+    pi = np.transpose(pi, [2, 0, 1])                                               # [M, B, D]
+    assert np.allclose(pi.sum(0), 1.0) and pi.std() > 0.05   # a real, non-uniform draw
+    precision = sum(pi[m] / scale[m] ** 2 for m in range(3))
+    mean = sum(pi[m] * loc[m] / scale[m] ** 2 for m in range(3)) / precision
+    std = precision ** -0.5
+    expected = (_normal_kl(mean, std, 0.0, 1.0).sum(-1)
+                + sum(_normal_kl(loc[m], scale[m], mean, std).sum(-1) for m in range(3)) / 3
+                + sum(_normal_kl(loc[m], scale[m], 0.0, 1.0).sum(-1) for m in range(3)) / 3)
+    np.testing.assert_allclose(terms.per_example.numpy(), expected, rtol=1e-4)
+
+
 def test_bmvae_p_dirichlet_kl_is_the_global_term():
     specs = synthetic.digits_like_modalities(2)
     model = _build("bmvae_p", specs, eta=0.3, beta_prior=0.5)
