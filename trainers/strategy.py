@@ -26,12 +26,14 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        cpus = tf.config.list_logical_devices("CPU")
+        devices = [d.name for d in gpus] or [d.name for d in cpus]
         if len(devices) < 2:
+            found = "one GPU" if gpus else f"no GPU and {len(cpus)} CPU device"
             raise UserError(
-                "train.strategy=mirrored: this machine has no GPU and one CPU device, so there is "
-                "nothing to mirror over; use --strategy default, or --simulate-devices N to test "
-                "mirrored training on the CPU")
+                f"train.strategy=mirrored: this machine has {found}, so there is nothing to "
+                "mirror over; use --strategy default, or --simulate-devices N to test mirrored "
+                "training on the CPU")
         return tf.distribute.MirroredStrategy(devices=devices)
     raise UserError(f"train.strategy: unknown strategy {name!r}")
 
@@ -50,8 +52,11 @@ def check_tf_config(raw: str | None) -> dict:
         raise UserError("TF_CONFIG: needs a 'cluster' with a non-empty 'worker' list")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise UserError("TF_CONFIG: needs a 'task' with 'type' and 'index'")
+    index = task["index"]
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise UserError(f"TF_CONFIG: task 'index' must be an integer, got {index!r}")
     members = cluster.get(task["type"])
-    if not isinstance(members, list) or not 0 <= int(task["index"]) < len(members):
+    if not isinstance(members, list) or not 0 <= index < len(members):
         raise UserError(f"TF_CONFIG: task {task} is not in the cluster")
     return value
 

@@ -10,7 +10,7 @@ Fault tolerance: a checkpoint every `train.checkpoint_every_steps` steps and at 
 holds the weights, the optimizer, the step and the position in the epoch. Each epoch's input
 order is a pure function of (seed, epoch), so a rerun replays the epoch up to the checkpoint
 and continues from the exact step. A non-finite loss stops training before any checkpoint of
-the diverged weights is written.
+the diverged weights is written, and no checkpoint is written of weights that are not finite.
 """
 
 from __future__ import annotations
@@ -266,10 +266,17 @@ class _Checkpoints:
 
 
 class _Progress:
-    """A progress bar on a terminal, plain log lines otherwise; steps and examples per second."""
+    """A progress bar on a terminal, plain log lines otherwise; steps and examples per second.
+
+    Keras' Progbar writes to stdout, so whether stdout is a terminal decides which; the log lines
+    go to the logging handlers (stderr from the CLI).
+    """
+
+    RATES = ("steps/s", "examples/s")
 
     def __init__(self, steps: int, global_batch: int, epoch: int, epochs: int, done: int):
-        self.bar = keras.utils.Progbar(steps, unit_name="step") if sys.stderr.isatty() else None
+        self.bar = (keras.utils.Progbar(steps, unit_name="step", stateful_metrics=("loss", *self.RATES))
+                    if sys.stdout.isatty() else None)
         self.global_batch, self.epoch, self.epochs = global_batch, epoch, epochs
         self.done = done
         self.mark, self.mark_step = time.perf_counter(), done
@@ -280,12 +287,20 @@ class _Progress:
         record = {"epoch": self.epoch, "step": step, "loss": loss, "steps_per_second": rate,
                   "examples_per_second": rate * self.global_batch}
         if self.bar is not None:
-            self.bar.update(done, values=[("loss", loss)], finalize=False)
+            self.bar.update(done, values=[("loss", loss), ("steps/s", rate),
+                                          ("examples/s", rate * self.global_batch)], finalize=False)
         else:
             log.info("epoch %d/%d step %d loss %.4f  %.1f steps/s  %.0f examples/s", self.epoch,
                      self.epochs, step, loss, rate, rate * self.global_batch)
         self.mark, self.mark_step = time.perf_counter(), done
         return record
+
+    def finish(self, done: int, loss: float, seconds: float) -> None:
+        """Closes the bar with the epoch's mean loss and its average rates."""
+        if self.bar is not None:
+            rate = (done - self.done) / max(seconds, 1e-9)
+            self.bar.update(done, values=[("loss", loss), ("steps/s", rate),
+                                          ("examples/s", rate * self.global_batch)], finalize=True)
 
 
 def train(config: config_lib.Config, workdir: str, *,
@@ -352,6 +367,16 @@ def run_training(config: config_lib.Config, workdir: str, *,
                 f"train.learning_rate or check the data")
         return value
 
+    def save(step: int, best: bool = False) -> None:
+        """Saves a checkpoint, unless an update has made a weight non-finite: a step's loss is
+        computed before its update, so a finite loss does not prove finite weights."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in state.model.trainable_variables])
+        if not bool(finite):
+            raise TrainingDiverged(
+                f"a weight became NaN or Inf by step {step}; training stopped. The last good "
+                f"checkpoint is {checkpoints.last_good}; lower train.learning_rate or check the data")
+        checkpoints.save(step, best=best)
+
     for epoch in range(finished + 1, t.epochs + 1):
         if int(state.stopped.numpy()):
             break
@@ -383,15 +408,14 @@ def run_training(config: config_lib.Config, workdir: str, *,
                     check_finite(unchecked, epoch)
                     unchecked = []
                 state.epoch_loss_sum.assign(resumed_loss_sum + float(tf.reduce_sum(losses)))
-                checkpoints.save(step)
+                save(step)
         if losses:
             check_finite(losses, epoch)
         steps_run = resumed_steps + len(losses)
         loss_sum = resumed_loss_sum + (float(tf.reduce_sum(losses)) if losses else 0.0)
         loss = loss_sum / steps_run if steps_run else float("nan")
-        if progress.bar is not None:
-            progress.bar.update(done, values=[("loss", loss)], finalize=True)
         seconds = time.perf_counter() - started
+        progress.finish(done, loss, seconds)
         val_loss = (validation_loss(eval_step, manifest, validation, config.eval.batch_size, seed)
                     if validation is not None else None)
         improved = _early_stopping_update(state, t, val_loss, validation)
@@ -400,8 +424,8 @@ def run_training(config: config_lib.Config, workdir: str, *,
         state.epoch_loss_sum.assign(0.0)
         step = int(state.step.numpy())
         if improved:
-            checkpoints.save(step, best=True)
-        checkpoints.save(step)
+            save(step, best=True)
+        save(step)
         record = {"epoch": epoch, "step": step, "loss": loss, "val_loss": val_loss, "seconds": seconds}
         if int(state.stopped.numpy()):
             record["stopped_early"] = True

@@ -193,10 +193,22 @@ def test_mirrored_without_devices_to_mirror_is_a_clear_error(capsys, dataset, tm
     ('{"cluster": {}, "task": {"type": "worker", "index": 0}}', "non-empty 'worker' list"),
     ('{"cluster": {"worker": ["localhost:1"]}}', "'task' with 'type' and 'index'"),
     ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}', "not in the cluster"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": "0"}}',
+     "'index' must be an integer, got '0'"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "chief", "index": 0}}', "not in the cluster"),
 ])
 def test_malformed_tf_config_is_a_clear_error(raw, message):
     with pytest.raises(strategy_lib.UserError, match=message):
         strategy_lib.check_tf_config(raw)
+
+
+def test_train_with_a_malformed_tf_config_exits_2_naming_it(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker"}}')
+    assert cli.main(["train", "--data", dataset, "--workdir", str(tmp_path / "run"),
+                     "--strategy", "multi_worker", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "TF_CONFIG: needs a 'task' with 'type' and 'index'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_batch_not_divisible_by_replicas_is_a_clear_error(dataset, tmp_path, capsys):

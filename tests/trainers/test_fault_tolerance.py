@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,7 +60,9 @@ def test_rerun_after_kill_9_resumes_from_the_step_checkpoint_exactly(dataset, tm
     process = subprocess.Popen([*args, "--workdir", str(killed)], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "ckpt-5.index").exists():
+    # Kill once the checkpoint state names a step checkpoint (the data files of ckpt-5 appear
+    # before the state file that a rerun reads).
+    while tf.train.latest_checkpoint(str(killed / "checkpoints")) is None:
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
         assert time.time() < deadline, "no step checkpoint within 300 s"
         time.sleep(0.02)
@@ -69,9 +72,18 @@ def test_rerun_after_kill_9_resumes_from_the_step_checkpoint_exactly(dataset, tm
     progress_at_kill = _read_jsonl(killed / "progress.jsonl")
     assert progress_at_kill[-1]["step"] < 48, "the run finished before it was killed"
     assert not (killed / "history.jsonl").exists() or len(_read_jsonl(killed / "history.jsonl")) < 4
+    restored = int(tf.train.latest_checkpoint(str(killed / "checkpoints")).rsplit("-", 1)[1])
+    assert restored >= 5  # a step checkpoint (every 5 steps) or an epoch-end one (every 12)
+    # At most one checkpoint interval of work is lost.
+    assert progress_at_kill[-1]["step"] - restored <= 5
 
-    assert subprocess.run([*args, "--workdir", str(killed)], env=ENV, capture_output=True,
-                          timeout=300).returncode == 0
+    rerun = subprocess.run([*args, "--workdir", str(killed)], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"ckpt-{restored} at epoch {restored // 12 + 1}, step {restored}" in rerun.stderr
+    # The rerun trains from the step after the checkpoint, not from the start.
+    rerun_steps = [int(m) for m in re.findall(r"epoch \d+/4 step (\d+) loss", rerun.stderr)]
+    assert rerun_steps == list(range(restored + 1, 49)), rerun_steps
     assert subprocess.run([*args, "--workdir", str(straight)], env=ENV, capture_output=True,
                           timeout=300).returncode == 0
 
@@ -86,6 +98,32 @@ def test_rerun_after_kill_9_resumes_from_the_step_checkpoint_exactly(dataset, tm
     for key in ("loss", "val_loss"):
         assert [h[key] for h in history] == pytest.approx(
             [h[key] for h in _read_jsonl(straight / "history.jsonl")], rel=1e-5)
+
+
+def test_weights_made_non_finite_by_an_update_are_never_checkpointed(dataset, tmp_path, monkeypatch):
+    """A step's loss is computed before its update: poison a weight after step 8's (finite) loss,
+    just before the step-8 checkpoint. Training stops and ckpt-6 stays the latest."""
+    real_make_train_step = train.make_train_step
+
+    def poisoned_after_step_8(state, *args, **kwargs):
+        step_fn = real_make_train_step(state, *args, **kwargs)
+
+        def step(batch):
+            loss = step_fn(batch)
+            if int(state.step.numpy()) == 8:
+                weight = state.model.trainable_variables[0]
+                weight.assign(tf.fill(weight.shape, float("nan")))
+            return loss
+
+        return step
+
+    monkeypatch.setattr(train, "make_train_step", poisoned_after_step_8)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.TrainingDiverged, match="a weight became NaN or Inf by step 8") as error:
+        train.train(_config(dataset, checkpoint_every_steps=2), workdir)
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert latest.endswith("ckpt-6") and latest in str(error.value)
+    assert all(np.all(np.isfinite(w)) for w in _weights(workdir))
 
 
 def test_injected_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -225,3 +263,20 @@ def test_progress_is_logged_with_rates(dataset, tmp_path, caplog):
     assert all(p["steps_per_second"] > 0 and p["examples_per_second"] == pytest.approx(
         16 * p["steps_per_second"]) for p in progress)
     assert any("steps/s" in r.message and "examples/s" in r.message for r in caplog.records)
+
+
+def test_progress_bar_on_a_terminal_shows_loss_and_rates(dataset, tmp_path, monkeypatch, caplog):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with caplog.at_level("INFO", logger="bmvae.train"):
+        train.train(_config(dataset, epochs=1, log_every_steps=1000), str(tmp_path / "run"))
+    shown = terminal.getvalue()
+    # 12 steps: the bar redraws itself ("\r" or backspaces) and ends at 12/12 with every figure.
+    assert "12/12" in shown and all(k in shown for k in ("loss:", "steps/s:", "examples/s:"))
+    assert not any(" step " in r.message and "steps/s" in r.message for r in caplog.records)
