@@ -220,6 +220,31 @@ def _one_sgd_step(config, manifest, batch, jit_compile):
     return loss, delta
 
 
+def test_mixed_precision_scales_the_loss_so_the_update_is_the_float32_update(dataset):
+    """The float16 gradients come from the loss times the loss scale and are unscaled before the
+    update: one SGD step moves the weights as the float32 step does. An unscaled loss would leave
+    the LossScaleOptimizer dividing the true gradients by the scale. (The scale starts at 16:
+    Keras' default 2^15 overflows float16 on this loss, and the optimizer rightly skips that step.)"""
+    manifest = schema.read_manifest(dataset)
+    batch = next(iter(input_pipeline.make_dataset(manifest, "train", 16)))
+
+    def one_step(mixed):
+        config = _config(dataset, mixed_precision=mixed)
+        strategy = tf.distribute.get_strategy()
+        state = train.build_state(config, manifest, strategy)
+        sgd = keras.optimizers.SGD(0.1)
+        state.optimizer = keras.optimizers.LossScaleOptimizer(sgd, initial_scale=16.0) if mixed else sgd
+        state.optimizer.build(state.model.trainable_variables)
+        initial = [v.numpy() for v in state.model.trainable_variables]
+        train.make_train_step(state, strategy, 16, 3)(batch)
+        return np.concatenate([(v.numpy() - i).ravel()
+                               for v, i in zip(state.model.trainable_variables, initial)])
+
+    mixed, full = one_step(True), one_step(False)
+    assert np.linalg.norm(mixed) / np.linalg.norm(full) == pytest.approx(1.0, abs=0.05)
+    assert np.corrcoef(mixed, full)[0, 1] > 0.99
+
+
 @pytest.mark.parametrize("name", ["bmvae_m", "mmvae", "bmvae_p"])
 def test_xla_compiled_step_matches_the_plain_step(dataset, name):
     config = _config(dataset, {"name": name, "K": 2})
