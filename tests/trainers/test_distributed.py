@@ -26,7 +26,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
 
 # One SGD step (its update is the gradient itself, unlike Adam's first step, which is about
 # lr * sign(g) and would hide gradient differences) on the same global batch of 8, on one
-# device and on two mirrored logical CPUs, 4 examples each.
+# device and on two mirrored logical CPUs, 4 examples each, both fed by the trainer's input path.
 _MIRRORED_SCRIPT = """
 import json, sys
 import numpy as np
@@ -35,18 +35,17 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from bmvae_tf import schema
-from trainers import config as config_lib, input_pipeline, train
+from trainers import config as config_lib, train
 
 data_dir, names, model, out = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3]), sys.argv[4]
 manifest = schema.read_manifest(data_dir)
-batch = next(iter(input_pipeline.make_dataset(manifest, "train", 8)))
 results = {}
 # One MirroredStrategy for the process: separate instances would reuse collective keys.
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 for name in names:
     config = config_lib.from_dict({"data": {"dir": data_dir}, "model": {**model, "name": name},
                                    "train": {"batch_size": 8}})
-    runs = {}
+    runs, feeds = {}, {}
     for kind, seed in (("default", 3), ("mirrored", 3), ("other_seed", 4)):
         strategy = mirrored if kind == "mirrored" else tf.distribute.get_strategy()
         state = train.build_state(config, manifest, strategy)
@@ -55,13 +54,18 @@ for name in names:
             state.optimizer.build(state.model.trainable_variables)
         initial = [v.numpy() for v in state.model.trainable_variables]
         step = train.make_train_step(state, strategy, 8, seed)
+        # The trainer's own input path: epoch 1's first global batch of 8, as 4 + 4 on two
+        # replicas (replica r must hold rows [4 r, 4 r + 4) for the keyed noise to match).
+        steps = train.steps_per_epoch(manifest, None, 8)
+        dataset = strategy.distribute_datasets_from_function(
+            lambda ctx: train._epoch_dataset(ctx, manifest, config, None, 1, 0, steps, False))
+        feed = next(iter(dataset))
         if kind == "mirrored":
             assert strategy.num_replicas_in_sync == 2
-            feed = strategy.experimental_distribute_values_from_function(
-                lambda ctx: {k: v[4 * ctx.replica_id_in_sync_group:4 * ctx.replica_id_in_sync_group + 4]
-                             for k, v in batch.items()})
+            parts = strategy.experimental_local_results(feed)
+            feeds[kind] = {k: np.concatenate([p[k].numpy() for p in parts]) for k in parts[0]}
         else:
-            feed = batch
+            feeds[kind] = {k: v.numpy() for k, v in feed.items()}
         loss = float(step(feed))
         updated = [v.numpy() for v in state.model.trainable_variables]
         runs[kind] = (loss, initial, updated)
@@ -70,6 +74,8 @@ for name in names:
     d1, d2, d3 = delta(u1, i1), delta(u2, i2), delta(u3, i1)
     results[name] = {
         "initial_equal": all(np.array_equal(a, b) for a, b in zip(i1, i2)),
+        "same_global_batch": all(np.array_equal(feeds["default"][k], feeds["mirrored"][k])
+                                 for k in feeds["default"]),
         "loss": [l1, l2],
         # Per tensor, relative to its largest entry (elementwise ratios blow up near zero).
         "max_weight_rel": max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12))
@@ -89,9 +95,19 @@ config = config_lib.from_dict({
     "data": {"dir": data_dir}, "model": model,
     "train": {"epochs": 2, "batch_size": 16, "strategy": "multi_worker", "checkpoint_every_steps": 3,
               "log_every_steps": 2}})
-history, state = train.run_training(config, workdir)
+from bmvae_tf import schema
+from trainers import strategy as strategy_lib
+strategy = strategy_lib.make_strategy("multi_worker")
+history, state = train.run_training(config, workdir, strategy=strategy)
 np.savez(out, *[v.numpy() for v in state.model.weights])
-json.dump(history, open(out + ".json", "w"))
+# The records this worker's input pipeline feeds in epoch 1 (noise_seed holds the record index).
+manifest = schema.read_manifest(data_dir)
+steps = train.steps_per_epoch(manifest, None, 16)
+epoch = strategy.distribute_datasets_from_function(
+    lambda ctx: train._epoch_dataset(ctx, manifest, config, None, 1, 0, steps, False))
+records = [int(r) for batch in epoch for part in strategy.experimental_local_results(batch)
+           for r in part["noise_seed"].numpy().ravel()]
+json.dump({"history": history, "records": records}, open(out + ".json", "w"))
 """
 
 
@@ -124,6 +140,7 @@ def test_mirrored_step_on_two_cpus_equals_the_one_device_step(dataset, tmp_path)
     for name in names:
         r = results[name]
         assert r["initial_equal"], name
+        assert r["same_global_batch"], name
         np.testing.assert_allclose(r["loss"][1], r["loss"][0], rtol=1e-5, err_msg=name)
         assert r["max_weight_rel"] < 1e-4, (name, r)
         assert r["max_delta_rel"] < 1e-3, (name, r)
@@ -156,7 +173,13 @@ def test_multi_worker_training_of_two_local_processes_ends_with_identical_weight
     assert len(weights[0].files) == len(weights[1].files) > 0
     for key in weights[0].files:
         np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
-    histories = [json.loads((tmp_path / f"worker{i}.npz.json").read_text()) for i in range(2)]
+    reports = [json.loads((tmp_path / f"worker{i}.npz.json").read_text()) for i in range(2)]
+    histories = [r["history"] for r in reports]
+    # Each worker feeds its own shard of the data (InputContext), 6 steps x 8 examples, and the
+    # two shards are disjoint.
+    records = [r["records"] for r in reports]
+    assert len(records[0]) == len(records[1]) == 48
+    assert not set(records[0]) & set(records[1])
     assert [h["step"] for h in histories[0]] == [6, 12]     # 96 examples / global batch 16
     assert histories[0] == [{**h, "seconds": histories[0][i]["seconds"]} for i, h in enumerate(histories[1])]
     # Only the chief writes the run directory; the other worker's scratch checkpoints are gone.
