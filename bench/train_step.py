@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import statistics
 
 import common  # noqa: F401  (puts the repository on the path)
@@ -27,8 +26,8 @@ TARGETS = {2: 1.8, 3: 2.6}  # BMVAE_M / MMVAE at M = 2 and M = 3 (issue 7)
 
 
 def takes_k(model: str) -> bool:
-    from bmvae_tf.models import MODELS
-    return "K" in inspect.signature(MODELS[model][0].__init__).parameters
+    from trainers.config import model_parameters
+    return "K" in model_parameters(model)
 
 
 def run_group(dataset, models, K, args, jit_compile=False, labels=None):

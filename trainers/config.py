@@ -321,11 +321,12 @@ def dump_yaml(config: Config) -> str:
 # ------------------------------------------------------------------------------------ the model
 
 
-def _constructor_parameters(cls) -> set[str]:
-    """Every keyword any __init__ in the class's MRO declares. A mixin's __init__ that passes
-    **kwargs on (ModalitySpecificLatents) hides its base's parameters from inspect.signature."""
-    return {name for klass in cls.__mro__ if "__init__" in vars(klass)
-            for name in inspect.signature(klass.__init__).parameters}
+def model_parameters(name: str) -> set[str]:
+    """Every keyword an __init__ in the model class's MRO declares ("K" for the importance-sampled
+    models). A mixin's __init__ that passes **kwargs on (ModalitySpecificLatents) hides its base's
+    parameters from inspect.signature of the class alone."""
+    return {param for klass in MODELS[name][0].__mro__ if "__init__" in vars(klass)
+            for param in inspect.signature(klass.__init__).parameters}
 
 
 def build_model(model_config: ModelConfig, modalities):
@@ -343,7 +344,7 @@ def build_model(model_config: ModelConfig, modalities):
         hidden_units=tuple(model_config.hidden_units), channels=tuple(model_config.channels),
         sequence_width=model_config.sequence_width,
     )
-    if "K" in _constructor_parameters(cls):
+    if "K" in model_parameters(model_config.name):
         kwargs["K"] = model_config.K
     # A model family's typed section holds its hyper-parameters (bmvae_m_uniform uses bmvae_m's).
     for section in ("bmvae_m", "bmvae_p", "mmvae"):
