@@ -149,8 +149,11 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
     run = _write_run(tmp_path / "run", _metrics("bmvae_m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]))
     page = report.write_run_report(run)
     shot = str(tmp_path / "shot.png")
-    # --no-sandbox: CI containers run as root; the page needs no network (all images inline).
+    # --no-sandbox: CI containers run as root; the page needs no network (all images inline), and
+    # Chromium's own background connections are turned off, since CI's network is closed.
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
                     "--window-size=1000,1400", f"--screenshot={shot}", f"file://{os.path.abspath(page)}"],
                    check=True, capture_output=True, timeout=120)
     from PIL import Image
