@@ -105,7 +105,11 @@ class TrainConfig:
     validation_fraction: float = 0.0
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
     mixed_precision: bool = False  # mixed_float16 with dynamic loss scaling (for GPUs)
-    jit_compile: bool = False  # XLA-compile the loss and gradient computation
+    # XLA-compile the loss and gradient computation. null (auto): on for runs of at least
+    # JIT_MIN_STEPS steps, off for shorter ones, whose compilation would cost more than XLA saves,
+    # and off with `deterministic` (not every op has a deterministic XLA kernel). Measured on
+    # the digits demo (README, Performance): XLA steps 1.5x faster, 5 s more of compilation.
+    jit_compile: bool | None = None
 
 
 @dataclasses.dataclass
@@ -176,6 +180,18 @@ class Config:
         _check(len(levels) >= 2 and levels[0] >= 0 and all(b > a for a, b in zip(levels, levels[1:])),
                "eval.robustness_noise_levels must be at least two increasing levels >= 0")
         _check(self.eval.robustness_baseline_examples >= 0, "eval.robustness_baseline_examples must be >= 0")
+
+
+# Runs of at least this many steps are XLA-compiled under `train.jit_compile: null`: the digits
+# demo gains ~11 ms a step from XLA and pays ~5 s more compilation, even after ~500 steps.
+JIT_MIN_STEPS = 1000
+
+
+def resolve_jit_compile(train_config: TrainConfig, total_steps: int) -> bool:
+    """`train.jit_compile`, with null (auto) resolved for a run of `total_steps` steps."""
+    if train_config.jit_compile is not None:
+        return train_config.jit_compile
+    return not train_config.deterministic and total_steps >= JIT_MIN_STEPS
 
 
 def resolve_posterior(model_config: ModelConfig) -> str:

@@ -352,7 +352,10 @@ def run_training(config: config_lib.Config, workdir: str, *,
     writer = tf.summary.create_file_writer(paths.logs) if chief else tf.summary.create_noop_writer()
 
     seed = t.seed
-    train_step = make_train_step(state, strategy, global_batch, seed, jit_compile=t.jit_compile)
+    jit_compile = config_lib.resolve_jit_compile(t, t.epochs * steps)
+    if t.jit_compile is None:
+        log.info("XLA %s (train.jit_compile: null, %d steps)", "on" if jit_compile else "off", t.epochs * steps)
+    train_step = make_train_step(state, strategy, global_batch, seed, jit_compile=jit_compile)
     eval_step = make_eval_step(state.model)
     if validation is not None:
         log.info("validation on %s", validation.description)

@@ -100,3 +100,29 @@ def test_train_step_is_traced_once_across_epochs(dataset, tmp_path, monkeypatch,
         assert compiled.experimental_get_tracing_count() == 1
     else:
         assert compiled is None
+
+
+@pytest.mark.parametrize("setting, deterministic, steps, expected", [
+    (None, False, config_lib.JIT_MIN_STEPS, True),
+    (None, False, config_lib.JIT_MIN_STEPS - 1, False),
+    (None, True, 10 * config_lib.JIT_MIN_STEPS, False),
+    (True, True, 1, True),
+    (False, False, 10 * config_lib.JIT_MIN_STEPS, False),
+])
+def test_jit_compile_null_means_xla_for_long_runs_only(setting, deterministic, steps, expected):
+    t = config_lib.TrainConfig(jit_compile=setting, deterministic=deterministic)
+    assert config_lib.resolve_jit_compile(t, steps) is expected
+
+
+def test_default_jit_compile_compiles_a_run_long_enough(dataset, tmp_path, monkeypatch, caplog):
+    """train.jit_compile defaults to null; a run of at least JIT_MIN_STEPS steps gets XLA."""
+    assert config_lib.TrainConfig().jit_compile is None
+    monkeypatch.setattr(config_lib, "JIT_MIN_STEPS", 24)  # this run: 2 epochs x 12 steps
+    steps = []
+    original = train.make_train_step
+    monkeypatch.setattr(train, "make_train_step",
+                        lambda *a, **k: steps.append(original(*a, **k)) or steps[-1])
+    with caplog.at_level("INFO", logger="bmvae.train"):
+        train.train(_config(dataset, epochs=2), str(tmp_path / "run"))
+    assert steps[0].compiled_loss_and_grads is not None
+    assert any("XLA on (train.jit_compile: null, 24 steps)" in r.message for r in caplog.records)
