@@ -18,6 +18,9 @@ VOCAB = ("<pad>", " ") + tuple("abcdefghijklmnopqrstuvwxyz")
 
 # Network sizes small enough for unit tests of the models.
 TINY_NETWORKS = dict(hidden_units=(16,), channels=(8, 8, 8), sequence_width=8)
+# The same networks (and a 4-d latent) as `bmvae train` arguments.
+TINY_CLI = ["--set", "model.latent_dim=4", "--set", "model.hidden_units=[16]",
+            "--set", "model.channels=[8,8,8]", "--set", "model.sequence_width=8"]
 
 
 def random_inputs(specs, batch: int, seed: int = 0) -> dict:

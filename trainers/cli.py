@@ -234,7 +234,7 @@ def _cmd_train(args, beam_args: list[str]) -> int:
     if args.strategy:
         overrides.append(f"train.strategy={args.strategy}")
     config = train.resolve_config(args.workdir, args.data, args.config, overrides)
-    history = train.train(config, args.workdir)
+    history = train.train(config, args.workdir, write_report=True)
     if history:
         last = history[-1]
         print(f"trained {args.workdir}: epoch {last['epoch']}, loss {last['loss']:.4f}")

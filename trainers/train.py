@@ -304,13 +304,17 @@ class _Progress:
 
 
 def train(config: config_lib.Config, workdir: str, *,
-          strategy: tf.distribute.Strategy | None = None) -> list[dict]:
-    """Trains (or resumes) the run in `workdir`; returns the whole history, one dict per epoch."""
-    return run_training(config, workdir, strategy=strategy)[0]
+          strategy: tf.distribute.Strategy | None = None, write_report: bool = False) -> list[dict]:
+    """Trains (or resumes) the run in `workdir`; returns the whole history, one dict per epoch.
+
+    write_report: the chief also writes RUN/report.html (training curves so far; `evaluate` and
+    `analyze` rewrite it with their tables and plots)."""
+    return run_training(config, workdir, strategy=strategy, write_report=write_report)[0]
 
 
 def run_training(config: config_lib.Config, workdir: str, *,
-                 strategy: tf.distribute.Strategy | None = None) -> tuple[list[dict], TrainState]:
+                 strategy: tf.distribute.Strategy | None = None,
+                 write_report: bool = False) -> tuple[list[dict], TrainState]:
     """`train`, also returning the in-memory state (each worker's own copy of the weights)."""
     t = config.train
     # First: MultiWorkerMirroredStrategy must be made before the runtime starts.
@@ -449,6 +453,10 @@ def run_training(config: config_lib.Config, workdir: str, *,
     if len(history) == finished:
         log.info("%s is already trained (%d epochs%s)", workdir, finished,
                  ", stopped early" if int(state.stopped.numpy()) else "")
+    if write_report and chief:
+        from trainers import report  # matplotlib, only when a report is asked for
+
+        log.info("wrote %s", report.write_run_report(workdir))
     return history, state
 
 

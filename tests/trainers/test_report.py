@@ -165,3 +165,16 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
     # the matplotlib default blue (#1f77b4) of the curves appears.
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
     assert np.any(np.all(np.abs(pixels.astype(int) - [31, 119, 180]) < 8, axis=-1))
+
+
+def test_bmvae_train_writes_the_run_report_with_its_training_curve(tmp_path):
+    from tests import synthetic
+
+    data, run = str(tmp_path / "data"), tmp_path / "run"
+    synthetic.write_dataset(data, num_train=64, num_test=16)
+    assert cli.main(["train", "--data", data, "--workdir", str(run), "--epochs", "2",
+                     *synthetic.TINY_CLI, "--set", "train.batch_size=16"]) == 0
+    page = (run / "report.html").read_text()
+    # Before `evaluate`: the training curve (the only picture) and a pointer to what comes next.
+    assert page.count("data:image/png;base64,") == 1 and "Training curve" in page
+    assert "run `bmvae evaluate`" in page
