@@ -5,7 +5,7 @@
    distribute_datasets_from_function) against the same step fed the same batches held in
    memory, interleaved in rounds; target: TFRecords at >= 0.95x of memory.
 3. Peak RSS of a whole `trainers.train.train` run (one epoch) on 1x and 10x the data, each in
-   a fresh subprocess (getrusage): the reader streams, so memory must not grow with the data
+   a fresh subprocess (VmHWM, the peak of its own address space): the reader streams, so memory must not grow with the data
    beyond the shuffle buffer (train.shuffle_buffer records, 1000 here so that the 1x data
    already fills it; with the default 10000 and a 1x set smaller than that, the buffer itself
    grows between 1x and 10x).
@@ -97,15 +97,26 @@ def fed_from_records_vs_memory(data_dir: str, model: str, batch: int, rounds: in
 
 CHILD = r"""
 import json, logging, resource, sys, time
+
+
+def peak_rss_mb():
+    # VmHWM belongs to this process's address space, which exec made new; ru_maxrss survives
+    # exec on Linux, so it would report the forking parent's size.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 sys.path.insert(0, sys.argv[1])
 from trainers import config as config_lib, train
 config = config_lib.from_dict(json.loads(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports: TF, Keras, Beam
+before = peak_rss_mb()  # imports: TF, Keras, Beam
 started = time.perf_counter()
 history = train.train(config, sys.argv[3])
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "loss": history[-1]["loss"],
-                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              "peak_rss_before_training_mb": before}))
+                              "peak_rss_mb": peak_rss_mb(), "peak_rss_before_training_mb": before}))
 """
 
 

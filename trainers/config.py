@@ -105,11 +105,13 @@ class TrainConfig:
     validation_fraction: float = 0.0
     deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
     mixed_precision: bool = False  # mixed_float16 with dynamic loss scaling (for GPUs)
-    # XLA-compile the loss and gradient computation. null (auto): on for runs of at least
-    # JIT_MIN_STEPS steps, off for shorter ones, whose compilation would cost more than XLA saves,
-    # and off with `deterministic` (not every op has a deterministic XLA kernel). Measured on
-    # the digits demo (README, Performance): XLA steps 1.5x faster, 5 s more of compilation.
-    jit_compile: bool | None = None
+    # XLA-compile the loss and gradient computation: true, false, or null (auto: on for runs of
+    # at least JIT_MIN_STEPS steps, off for shorter ones, whose compilation costs more than XLA
+    # saves, and off with `deterministic`, as not every op has a deterministic XLA kernel).
+    # Measured on 2 CPU cores (README, Performance): XLA is 1.5-2.1x faster on the digits
+    # networks (configs/digits sets null), but 0.3-1.1x on the MNIST-SVHN(-Text) conv nets, so
+    # the default is off. On GPUs, measure with bench/train_step.py --jit-datasets.
+    jit_compile: bool | None = False
 
 
 @dataclasses.dataclass
@@ -183,7 +185,7 @@ class Config:
 
 
 # Runs of at least this many steps are XLA-compiled under `train.jit_compile: null`: the digits
-# demo gains ~11 ms a step from XLA and pays ~5 s more compilation, even after ~500 steps.
+# demo config gains ~11 ms a step from XLA and pays ~5 s more compilation, even after ~500 steps.
 JIT_MIN_STEPS = 1000
 
 
