@@ -272,10 +272,9 @@ class _Progress:
     go to the logging handlers (stderr from the CLI).
     """
 
-    RATES = ("steps/s", "examples/s")
-
     def __init__(self, steps: int, global_batch: int, epoch: int, epochs: int, done: int):
-        self.bar = (keras.utils.Progbar(steps, unit_name="step", stateful_metrics=("loss", *self.RATES))
+        self.bar = (keras.utils.Progbar(steps, unit_name="step",
+                                        stateful_metrics=("loss", "steps/s", "examples/s"))
                     if sys.stdout.isatty() else None)
         self.global_batch, self.epoch, self.epochs = global_batch, epoch, epochs
         self.done = done
@@ -287,8 +286,7 @@ class _Progress:
         record = {"epoch": self.epoch, "step": step, "loss": loss, "steps_per_second": rate,
                   "examples_per_second": rate * self.global_batch}
         if self.bar is not None:
-            self.bar.update(done, values=[("loss", loss), ("steps/s", rate),
-                                          ("examples/s", rate * self.global_batch)], finalize=False)
+            self.bar.update(done, values=self._bar_values(loss, rate), finalize=False)
         else:
             log.info("epoch %d/%d step %d loss %.4f  %.1f steps/s  %.0f examples/s", self.epoch,
                      self.epochs, step, loss, rate, rate * self.global_batch)
@@ -299,8 +297,10 @@ class _Progress:
         """Closes the bar with the epoch's mean loss and its average rates."""
         if self.bar is not None:
             rate = (done - self.done) / max(seconds, 1e-9)
-            self.bar.update(done, values=[("loss", loss), ("steps/s", rate),
-                                          ("examples/s", rate * self.global_batch)], finalize=True)
+            self.bar.update(done, values=self._bar_values(loss, rate), finalize=True)
+
+    def _bar_values(self, loss: float, rate: float) -> list:
+        return [("loss", loss), ("steps/s", rate), ("examples/s", rate * self.global_batch)]
 
 
 def train(config: config_lib.Config, workdir: str, *,
@@ -374,15 +374,18 @@ def run_training(config: config_lib.Config, workdir: str, *,
                 f"train.learning_rate or check the data")
         return value
 
-    def save(step: int, best: bool = False) -> None:
-        """Saves a checkpoint, unless an update has made a weight non-finite: a step's loss is
-        computed before its update, so a finite loss does not prove finite weights."""
+    def save(step: int, *, also_best: bool = False) -> None:
+        """Saves the step's checkpoint (and the best one), unless an update has made a weight
+        non-finite: a step's loss is computed before its update, so a finite loss does not
+        prove finite weights."""
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in state.model.trainable_variables])
         if not bool(finite):
             raise TrainingDiverged(
                 f"a weight became NaN or Inf by step {step}; training stopped. The last good "
                 f"checkpoint is {checkpoints.last_good}; lower train.learning_rate or check the data")
-        checkpoints.save(step, best=best)
+        if also_best:
+            checkpoints.save(step, best=True)
+        checkpoints.save(step)
 
     for epoch in range(finished + 1, t.epochs + 1):
         if int(state.stopped.numpy()):
@@ -430,9 +433,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         state.epoch_step.assign(0)
         state.epoch_loss_sum.assign(0.0)
         step = int(state.step.numpy())
-        if improved:
-            save(step, best=True)
-        save(step)
+        save(step, also_best=improved)
         record = {"epoch": epoch, "step": step, "loss": loss, "val_loss": val_loss, "seconds": seconds}
         if int(state.stopped.numpy()):
             record["stopped_early"] = True

@@ -203,7 +203,8 @@ def test_six_vector_modalities_of_different_sizes_and_scales_train_and_evaluate(
                      "--set", "model.latent_dim=8", "--set", "model.hidden_units=[32]",
                      "--set", "train.batch_size=32", "--set", "eval.classifier_epochs=2",
                      "--set", "eval.random_samples=50", "--set", "eval.log_likelihood_samples=8",
-                     "--set", "eval.log_likelihood_examples=16"]) == 0
+                     "--set", "eval.log_likelihood_examples=16",
+                     "--set", "eval.robustness_noise_levels=[0,1]"]) == 0
     history = [json.loads(line) for line in open(f"{run}/history.jsonl")]
     assert history[-1]["loss"] < history[0]["loss"] and np.isfinite(history[-1]["val_loss"])
     assert cli.main(["evaluate", "--workdir", run]) == 0

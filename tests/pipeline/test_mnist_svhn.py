@@ -419,7 +419,8 @@ def test_dynamic_padding_on_a_dataset_without_text_padding_is_refused(tmp_path):
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 SHORT_EVAL = ["--set", "eval.classifier_epochs=1", "--set", "eval.random_samples=50",
               "--set", "eval.log_likelihood_samples=4", "--set", "eval.log_likelihood_examples=8",
-              "--set", "eval.max_examples=256"]
+              "--set", "eval.max_examples=256", "--set", "eval.robustness_noise_levels=[0,1]",
+              "--set", "eval.robustness_baseline_examples=256"]
 
 
 def test_cli_reports_a_bad_source_in_one_line(raw_dir, tmp_path, capsys):
