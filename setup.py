@@ -36,7 +36,7 @@ setup(
         "tensorboard>=2.18",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["bmvae=trainers.cli:main"]},
 )
