@@ -3,7 +3,10 @@
 1. Records/s of the reader alone: shuffled, parsed, batched epochs of the digits train split.
 2. The training step fed from TFRecords (the trainer's own epoch dataset through
    distribute_datasets_from_function) against the same step fed the same batches held in
-   memory, interleaved in rounds; target: TFRecords at >= 0.95x of memory.
+   memory, interleaved in rounds of one whole epoch each (the dataset built anew per epoch, as
+   the trainer builds it); target: TFRecords at >= 0.95x of memory.
+   Part `uncompressed` does the same on an uncompressed copy of the shards: SPEC section 1 fixes
+   GZIP shards, and this measures what gzip costs the step.
 3. Peak RSS of a whole `trainers.train.train` run (one epoch) on 1x and 10x the data, each in
    a fresh subprocess (VmHWM, the peak of its own address space): the reader streams, so memory must not grow with the data
    beyond the shuffle buffer (train.shuffle_buffer records, 1000 here so that the 1x data
@@ -67,32 +70,59 @@ def fed_from_records_vs_memory(data_dir: str, model: str, batch: int, rounds: in
         return iter(strategy.distribute_datasets_from_function(
             lambda ctx: train._epoch_dataset(ctx, manifest, config, validation, epoch, 0, per_epoch, False)))
 
+    # A round is one whole epoch from TFRecords, its dataset built and its shuffle buffer filled as
+    # the trainer does at every epoch, against as many steps on batches already in memory. Rounds
+    # shorter than an epoch would charge the start-up of a pipeline to a few steps, or leave it out.
+    steps = steps or per_epoch
     memory = [b for _, b in zip(range(steps), records(0))]
     for b in memory[:3]:
         float(step(b))
     rates = {"tfrecords": [], "memory": []}
-    epoch, source = 1, records(1)
     for r in range(rounds):
         started = time.perf_counter()
-        loss = None
-        for _ in range(steps):
-            b = next(source, None)
-            if b is None:  # a new epoch, as the trainer makes one (building it is timed too)
-                epoch += 1
-                source = records(epoch)
-                b = next(source)
+        loss, count = None, 0
+        for b in records(r + 1):
+            if count == steps:
+                break
             loss = step(b)
+            count += 1
         float(loss)
-        rates["tfrecords"].append(steps * batch / (time.perf_counter() - started))
+        rates["tfrecords"].append(count * batch / (time.perf_counter() - started))
         started = time.perf_counter()
         for b in memory:
             loss = step(b)
         float(loss)
-        rates["memory"].append(steps * batch / (time.perf_counter() - started))
-        print(f"  round {r + 1}/{rounds}: tfrecords {rates['tfrecords'][-1]:.0f}, "
+        rates["memory"].append(len(memory) * batch / (time.perf_counter() - started))
+        print(f"  round {r + 1}/{rounds} ({count} steps): tfrecords {rates['tfrecords'][-1]:.0f}, "
               f"memory {rates['memory'][-1]:.0f} examples/s", flush=True)
     assert step.experimental_get_tracing_count() == 1
     return rates
+
+
+def uncompressed_copy(data_dir: str, directory: str) -> str:
+    """The dataset at data_dir with its shards rewritten without compression (same names)."""
+    import shutil
+    import tensorflow as tf
+    from bmvae_tf import schema
+    os.makedirs(directory, exist_ok=True)
+    shutil.copy(schema.manifest_path(data_dir), schema.manifest_path(directory))
+    manifest = schema.read_manifest(data_dir)
+    for split in manifest.splits:
+        for path in manifest.split_paths(split):
+            with tf.io.TFRecordWriter(os.path.join(directory, os.path.basename(path))) as writer:
+                for record in tf.data.TFRecordDataset(path, compression_type=schema.COMPRESSION):
+                    writer.write(record.numpy())
+    return directory
+
+
+def fed_uncompressed(data_dir: str, directory: str, model: str, batch: int, rounds: int, steps: int) -> dict:
+    from bmvae_tf import schema
+    copy = uncompressed_copy(data_dir, directory)
+    compression, schema.COMPRESSION = schema.COMPRESSION, ""  # what the reader would open
+    try:
+        return fed_from_records_vs_memory(copy, model, batch, rounds, steps)
+    finally:
+        schema.COMPRESSION = compression
 
 
 CHILD = r"""
@@ -147,8 +177,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reader-epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--parts", default="reader,fed,memory")
+    parser.add_argument("--steps", type=int, default=0, help="steps per round (default: one epoch of the 10x data)")
+    parser.add_argument("--parts", default="reader,fed,uncompressed,memory")
     parser.add_argument("--shuffle-buffer", type=int, default=1000,
                         help="train.shuffle_buffer of the memory runs: the one thing held in memory that "
                              "grows with the data, up to this many records; keep it below the 1x size")
@@ -172,6 +202,12 @@ def main(argv=None) -> dict:
             ratio = statistics.median(a / b for a, b in zip(fed["tfrecords"], fed["memory"]))
             results["fed"] = {"examples_per_second": fed, "tfrecords_over_memory": ratio, "target": 0.95,
                               "met": ratio >= 0.95}
+        if "uncompressed" in parts:
+            print(f"{args.model} step fed from uncompressed TFRecords vs memory:", flush=True)
+            plain = fed_uncompressed(large, os.path.join(tmp, "uncompressed"), args.model, args.batch,
+                                     args.rounds, args.steps)
+            plain_ratio = statistics.median(a / b for a, b in zip(plain["tfrecords"], plain["memory"]))
+            results["fed_uncompressed"] = {"examples_per_second": plain, "tfrecords_over_memory": plain_ratio}
         if "memory" in parts:
             from bmvae_tf import schema
             memory_rows = []
@@ -192,6 +228,8 @@ def main(argv=None) -> dict:
     if "fed" in results:
         print(f"training fed from TFRecords / from memory: {ratio:.3f} (target >= 0.95)")
         print_table([{"feed": k, "ex/s": statistics.median(v)} for k, v in fed.items()], ["feed", "ex/s"])
+    if "fed_uncompressed" in results:
+        print(f"training fed from uncompressed TFRecords / from memory: {plain_ratio:.3f}")
     if "training_memory" in results:
         print()
         print_table(memory_rows, ["data", "train records", "seconds", "peak rss before training MB",
