@@ -2,6 +2,21 @@
 
 from setuptools import find_packages, setup
 
+# One import namespace, bmvae_tf, over the repository's three top-level folders: the model code
+# (bmvae_tf/), the Beam jobs (pipeline/ -> bmvae_tf.pipeline) and the training, evaluation and
+# export edge (trainers/ -> bmvae_tf.trainers). Installed top-level packages named `pipeline` or
+# `trainers` would shadow, or be shadowed by, any user module of those names.
+PACKAGE_DIRS = {"bmvae_tf": "bmvae_tf", "bmvae_tf.pipeline": "pipeline", "bmvae_tf.trainers": "trainers"}
+
+
+def _packages() -> list[str]:
+    packages = []
+    for name, folder in PACKAGE_DIRS.items():
+        packages.append(name)
+        packages += [f"{name}.{sub}" for sub in find_packages(folder)]
+    return packages
+
+
 setup(
     name="bmvae-tf",
     version="0.1.0",
@@ -9,9 +24,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["bmvae_tf", "bmvae_tf.*", "pipeline", "pipeline.*",
-                                    "trainers", "trainers.*"]),
-    package_data={"": ["*.yaml"], "pipeline": ["cub_splits/*.txt"]},
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
+    package_data={"": ["*.yaml"], "bmvae_tf.pipeline": ["cub_splits/*.txt"]},
     install_requires=[
         "tensorflow~=2.21.0",
         "keras>=3.10,<4",
@@ -38,5 +53,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
     },
-    entry_points={"console_scripts": ["bmvae=trainers.cli:main"]},
+    entry_points={"console_scripts": ["bmvae=bmvae_tf.trainers.cli:main"]},
 )

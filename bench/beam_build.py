@@ -35,12 +35,12 @@ sys.path.insert(0, sys.argv[1])
 mode, out, dm, beam_args = sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
 started = time.perf_counter()
 if mode == "build":
-    from pipeline import build_digits
+    from bmvae_tf.pipeline import build_digits
     result = build_digits.run_digits_job(out, dm=dm, beam_args=beam_args, overwrite=True)
     records = sum(s.count for s in result.manifest.splits.values())
 else:  # the runner's fixed cost: as many elements through a shuffle, no work per element
     import apache_beam as beam
-    from pipeline import beam_io
+    from bmvae_tf.pipeline import beam_io
     records = 1797 * dm
     with beam_io.make_pipeline(beam_args) as p:
         _ = p | beam.Create(range(records)) | beam.Reshuffle() | beam.Map(lambda x: x)

@@ -76,7 +76,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def dataset_manifest(name: str):
     """The manifest (modalities only) of mnist-svhn, mnist-svhn-text or digits, as built."""
-    from pipeline import build_digits, build_mnist_svhn
+    from bmvae_tf.pipeline import build_digits, build_mnist_svhn
     if name == "digits":
         return build_digits.manifest_template(source={}, pipeline_options={})
     if name in build_mnist_svhn.NAMES:
@@ -93,7 +93,7 @@ def model_config(dataset: str, model: str, K: int, *, jit_compile: bool = False,
     """The paper config of `dataset` (its networks, latent size, family) with `model` and K swapped
     in; the family falls back to the model's default where the model cannot use the config's."""
     from bmvae_tf.models import MODELS
-    from trainers import config as config_lib
+    from bmvae_tf.trainers import config as config_lib
     data = config_lib.load_yaml(os.path.join(CONFIGS, PAPER_CONFIG[dataset]))
     section = dict(data["model"])
     section["name"], section["K"] = model, K
@@ -124,7 +124,7 @@ def random_batch(manifest, batch: int, seed: int = 0) -> dict:
 def build_step(config, manifest, strategy=None):
     """(train_step, state) of trainers.train for `config` on `manifest`."""
     import tensorflow as tf
-    from trainers import train
+    from bmvae_tf.trainers import train
     strategy = strategy or tf.distribute.get_strategy()
     state = train.build_state(config, manifest, strategy)
     step = train.make_train_step(state, strategy, config.train.batch_size, config.train.seed,

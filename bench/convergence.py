@@ -42,7 +42,7 @@ def held_out_log_likelihoods(workdir: str, num_samples: int, examples: int) -> l
     import tensorflow as tf
 
     from bmvae_tf import schema
-    from trainers import config as config_lib, input_pipeline, run_dir
+    from bmvae_tf.trainers import config as config_lib, input_pipeline, run_dir
 
     paths = run_dir.RunPaths(workdir)
     config = run_dir.read_config(paths)
@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ll-examples", type=int, default=1000, help="test records it averages over")
     args = parser.parse_args(argv)
 
-    from trainers import config as config_lib, train
+    from bmvae_tf.trainers import config as config_lib, train
     from input_pipeline import build
     results = {"machine": machine(), "args": vars(args), "histories": {}}
     with tempfile.TemporaryDirectory(prefix="bench-conv-") as tmp:

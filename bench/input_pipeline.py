@@ -33,7 +33,7 @@ from common import machine, model_config, print_table, write_json
 
 
 def build(directory: str, dm: int) -> str:
-    from pipeline import build_digits
+    from bmvae_tf.pipeline import build_digits
     if not os.path.exists(os.path.join(directory, "manifest.json")):
         print(f"building digits dm={dm} into {directory} ...", flush=True)
         build_digits.build_digits(directory, dm=dm, overwrite=True)
@@ -42,7 +42,7 @@ def build(directory: str, dm: int) -> str:
 
 def reader_rate(data_dir: str, batch: int, epochs: int) -> dict:
     from bmvae_tf import schema
-    from trainers import input_pipeline
+    from bmvae_tf.trainers import input_pipeline
     manifest = schema.read_manifest(data_dir)
     rates = []
     for epoch in range(epochs):
@@ -57,7 +57,7 @@ def reader_rate(data_dir: str, batch: int, epochs: int) -> dict:
 def fed_from_records_vs_memory(data_dir: str, model: str, batch: int, rounds: int, steps: int) -> dict:
     import tensorflow as tf
     from bmvae_tf import schema
-    from trainers import train
+    from bmvae_tf.trainers import train
     manifest = schema.read_manifest(data_dir)
     config = model_config("digits", model, 1, batch_size=batch)
     config.data.dir = data_dir
@@ -140,7 +140,7 @@ def peak_rss_mb():
 
 
 sys.path.insert(0, sys.argv[1])
-from trainers import config as config_lib, train
+from bmvae_tf.trainers import config as config_lib, train
 config = config_lib.from_dict(json.loads(sys.argv[2]))
 before = peak_rss_mb()  # imports: TF, Keras, Beam
 started = time.perf_counter()
@@ -151,7 +151,7 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "loss": 
 
 
 def training_peak_rss(data_dir: str, workdir: str, model: str, batch: int, shuffle_buffer: int) -> dict:
-    from trainers import config as config_lib
+    from bmvae_tf.trainers import config as config_lib
     config = model_config("digits", model, 1, batch_size=batch)
     config.data.dir = data_dir
     config.train.epochs = 1

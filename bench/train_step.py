@@ -26,7 +26,7 @@ TARGETS = {2: 1.8, 3: 2.6}  # BMVAE_M / MMVAE at M = 2 and M = 3 (issue 7)
 
 
 def takes_k(model: str) -> bool:
-    from trainers.config import model_parameters
+    from bmvae_tf.trainers.config import model_parameters
     return "K" in model_parameters(model)
 
 

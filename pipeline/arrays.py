@@ -33,7 +33,7 @@ import numpy as np
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline.permutation import permute_index
+from bmvae_tf.pipeline.permutation import permute_index
 
 LABEL_KEY = "label"
 SPLIT_KEY = "split"

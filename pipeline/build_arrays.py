@@ -23,7 +23,7 @@ import numpy as np
 from apache_beam.metrics.metric import Metrics
 
 from bmvae_tf import schema
-from pipeline import arrays, beam_io, sources
+from bmvae_tf.pipeline import arrays, beam_io, sources
 
 logger = logging.getLogger(__name__)
 

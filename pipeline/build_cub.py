@@ -46,7 +46,7 @@ from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHand
 
 from bmvae_tf import schema, sentence_vectors
 from bmvae_tf.errors import UserError
-from pipeline import beam_io, cub
+from bmvae_tf.pipeline import beam_io, cub
 
 logger = logging.getLogger(__name__)
 

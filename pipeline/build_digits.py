@@ -21,7 +21,7 @@ import sklearn
 from sklearn.datasets import load_digits
 
 from bmvae_tf import schema
-from pipeline import beam_io, digits
+from bmvae_tf.pipeline import beam_io, digits
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from apache_beam.metrics.metric import Metrics
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline import beam_io, mnist_svhn, sources
+from bmvae_tf.pipeline import beam_io, mnist_svhn, sources
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from bmvae_tf.errors import UserError
-from pipeline.permutation import permute_index
+from bmvae_tf.pipeline.permutation import permute_index
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(CLASS_NAMES)

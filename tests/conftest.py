@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pipeline import beam_io, build_digits  # noqa: E402
+from bmvae_tf.pipeline import beam_io, build_digits  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def built(tmp_path_factory) -> beam_io.BuildResult:
 def cub_built(tmp_path_factory):
     """The tiny CUB tree of tests/cub_tree.py built once (published split, image side 32, weights
     saved from ResNet101(weights=None), a small FastText hash table): (tree, weights, result)."""
-    from pipeline import build_cub
+    from bmvae_tf.pipeline import build_cub
     from tests import cub_tree
 
     root = tmp_path_factory.mktemp("cub")

@@ -16,7 +16,7 @@ import scipy.io
 import tensorflow as tf
 
 from bmvae_tf import schema
-from pipeline import sources
+from bmvae_tf.pipeline import sources
 
 # Per-class counts chosen so that n_c = min(#MNIST, #SVHN) switches side between classes, and one
 # class (9) has no SVHN image at all in train.

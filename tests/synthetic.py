@@ -133,8 +133,8 @@ def write_untrained_run(data_dir: str, workdir: str, *, model: dict, eval_settin
     """A run directory (config.yaml, a checkpoint, history.jsonl) of an untrained model on the
     dataset in `data_dir`, for tests of the commands that read runs. `prepare(model)` may set
     weights before the checkpoint is written. Returns (config, model)."""
-    from trainers import config as config_lib
-    from trainers import run_dir
+    from bmvae_tf.trainers import config as config_lib
+    from bmvae_tf.trainers import run_dir
 
     manifest = schema.read_manifest(data_dir)
     config = config_lib.from_dict({"data": {"dir": data_dir}, "model": model,

@@ -40,9 +40,9 @@ from scipy import stats
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline import digits
-from trainers import evaluate as evaluate_lib
-from trainers import input_pipeline, plots, report, run_dir
+from bmvae_tf.pipeline import digits
+from bmvae_tf.trainers import evaluate as evaluate_lib
+from bmvae_tf.trainers import input_pipeline, plots, report, run_dir
 
 logger = logging.getLogger(__name__)
 

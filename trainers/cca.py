@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema, sentence_vectors
 from bmvae_tf.errors import UserError
-from trainers import classifiers as classifiers_lib
+from bmvae_tf.trainers import classifiers as classifiers_lib
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def cca_coherence(model, manifest: schema.Manifest, batches: Callable[[str], tf.
     Returns:
       ({"ground_truth", "image->caption", "caption->image", "joint"}, counts of what was used).
     """
-    from trainers.evaluate import mask_inputs, prior_latents
+    from bmvae_tf.trainers.evaluate import mask_inputs, prior_latents
 
     spec = declared(manifest)
     image, caption = spec["image"], spec["caption"]

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
 
     from bmvae_tf.models import MODELS
-    from trainers.config import STRATEGIES
+    from bmvae_tf.trainers.config import STRATEGIES
 
     train = commands.add_parser("train", help="train a model; rerunning the same --workdir resumes")
     train.add_argument("--data", required=True, help="dataset directory (holds manifest.json)")
@@ -179,7 +179,7 @@ def _written(output: str, manifest, extra: str = "") -> str:
 
 
 def _cmd_build_digits(args, beam_args: list[str]) -> int:
-    from pipeline.build_digits import build_digits
+    from bmvae_tf.pipeline.build_digits import build_digits
 
     manifest = build_digits(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
                             num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
@@ -188,7 +188,7 @@ def _cmd_build_digits(args, beam_args: list[str]) -> int:
 
 
 def _cmd_build_mnist_svhn(args, beam_args: list[str]) -> int:
-    from pipeline.build_mnist_svhn import build_mnist_svhn
+    from bmvae_tf.pipeline.build_mnist_svhn import build_mnist_svhn
 
     manifest = build_mnist_svhn(
         args.output, with_text=args.with_text, source=args.source, source_dir=args.source_dir,
@@ -199,7 +199,7 @@ def _cmd_build_mnist_svhn(args, beam_args: list[str]) -> int:
 
 
 def _cmd_build_arrays(args, beam_args: list[str]) -> int:
-    from pipeline.build_arrays import build_arrays
+    from bmvae_tf.pipeline.build_arrays import build_arrays
 
     manifest = build_arrays(
         args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
@@ -210,7 +210,7 @@ def _cmd_build_arrays(args, beam_args: list[str]) -> int:
 
 
 def _cmd_build_cub(args, beam_args: list[str]) -> int:
-    from pipeline.build_cub import run_cub_job
+    from bmvae_tf.pipeline.build_cub import run_cub_job
 
     result = run_cub_job(
         args.output, cub_dir=args.cub_dir, captions_dir=args.captions_dir,
@@ -224,7 +224,7 @@ def _cmd_build_cub(args, beam_args: list[str]) -> int:
 
 
 def _cmd_train(args, beam_args: list[str]) -> int:
-    from trainers import train
+    from bmvae_tf.trainers import train
 
     overrides = list(args.set)
     if args.model:
@@ -242,7 +242,7 @@ def _cmd_train(args, beam_args: list[str]) -> int:
 
 
 def _cmd_evaluate(args, beam_args: list[str]) -> int:
-    from trainers import evaluate, run_dir
+    from bmvae_tf.trainers import evaluate, run_dir
 
     evaluate.evaluate(args.workdir, args.data, overrides=args.set)
     print(f"wrote {run_dir.RunPaths(args.workdir).metrics} and {args.workdir}/report.html")
@@ -251,7 +251,7 @@ def _cmd_evaluate(args, beam_args: list[str]) -> int:
 
 def _cmd_analyze(args, beam_args: list[str]) -> int:
     from bmvae_tf import schema
-    from trainers import analysis, run_dir
+    from bmvae_tf.trainers import analysis, run_dir
 
     factors = None
     if args.factor is not None:
@@ -274,7 +274,7 @@ def _cmd_analyze(args, beam_args: list[str]) -> int:
 
 
 def _cmd_compare(args, beam_args: list[str]) -> int:
-    from trainers import report
+    from bmvae_tf.trainers import report
 
     markdown, page = report.compare(args.runs, args.output)
     print(f"wrote {markdown} and {page}")
@@ -286,7 +286,7 @@ def _fmt(value) -> str:
 
 
 def _cmd_export(args, beam_args: list[str]) -> int:
-    from trainers import export
+    from bmvae_tf.trainers import export
 
     path = export.export_saved_model(args.workdir, args.output)
     print(f"wrote SavedModel {path}")
@@ -294,7 +294,7 @@ def _cmd_export(args, beam_args: list[str]) -> int:
 
 
 def _cmd_demo(args, beam_args: list[str]) -> int:
-    from trainers import demo
+    from bmvae_tf.trainers import demo
 
     demo.run_demo(args.workdir, epochs=args.epochs)
     return 0
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from trainers.train import TrainingDiverged
+    from bmvae_tf.trainers.train import TrainingDiverged
 
     try:
         if getattr(args, "simulate_devices", None):

@@ -42,10 +42,10 @@ from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from trainers import cca
-from trainers import classifiers as classifiers_lib
-from trainers import config as config_lib
-from trainers import input_pipeline, plots, report, robustness, run_dir
+from bmvae_tf.trainers import cca
+from bmvae_tf.trainers import classifiers as classifiers_lib
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import input_pipeline, plots, report, robustness, run_dir
 
 logger = logging.getLogger(__name__)
 

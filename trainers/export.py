@@ -46,7 +46,7 @@ import tensorflow_probability as tfp
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.models.base import MultimodalVAE
-from trainers import run_dir
+from bmvae_tf.trainers import run_dir
 
 tfd = tfp.distributions
 

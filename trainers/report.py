@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from trainers import plots, robustness, run_dir
+from bmvae_tf.trainers import plots, robustness, run_dir
 
 REPORT_HTML = "report.html"
 COMPARE_MARKDOWN = "report.md"

@@ -232,8 +232,8 @@ def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object]
       scales: `noise_scales`.
       seed: the run's seed.
     """
-    from trainers import classifiers as classifiers_lib
-    from trainers import evaluate as evaluate_lib  # evaluate imports this module
+    from bmvae_tf.trainers import classifiers as classifiers_lib
+    from bmvae_tf.trainers import evaluate as evaluate_lib  # evaluate imports this module
 
     specs = list(model.modalities)
     names = [s.name for s in specs]

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from trainers import config as config_lib
+from bmvae_tf.trainers import config as config_lib
 
 
 # RUN/checkpoints/best holds the best validation epoch's weights when early stopping is on.

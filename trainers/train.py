@@ -30,8 +30,8 @@ import tensorflow as tf
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.noise import Noise
-from trainers import config as config_lib
-from trainers import input_pipeline, run_dir, strategy as strategy_lib
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import input_pipeline, run_dir, strategy as strategy_lib
 
 log = logging.getLogger("bmvae.train")
 
@@ -455,7 +455,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         log.info("%s is already trained (%d epochs%s)", workdir, finished,
                  ", stopped early" if int(state.stopped.numpy()) else "")
     if write_report and chief:
-        from trainers import report  # matplotlib, only when a report is asked for
+        from bmvae_tf.trainers import report  # matplotlib, only when a report is asked for
 
         log.info("wrote %s", report.write_run_report(workdir))
     return history, state

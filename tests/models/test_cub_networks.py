@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from bmvae_tf import networks, schema
 from bmvae_tf.errors import UserError
-from trainers import config as config_lib
+from bmvae_tf.trainers import config as config_lib
 
 FEATURES = schema.ModalitySpec("image", "vector", (2048,))
 CAPTION = schema.ModalitySpec("caption", "sequence", (32,), "int64", "categorical",

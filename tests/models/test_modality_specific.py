@@ -202,7 +202,7 @@ def test_product_ms_models_need_gaussian_experts(name):
 
 def test_config_sets_the_private_dimensions_and_rejects_none():
     from bmvae_tf.errors import UserError
-    from trainers import config as config_lib
+    from bmvae_tf.trainers import config as config_lib
 
     specs = synthetic.digits_like_modalities(3)
     data = config_lib.apply_overrides({}, ["model.name=mmvae_ms", "model.latent_dim=6",

@@ -9,10 +9,10 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline import arrays, build_arrays
+from bmvae_tf.pipeline import arrays, build_arrays
 from tests.source_fixtures import read_bytes, read_split
-from trainers import config as config_lib
-from trainers import export
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import export
 
 IN_PROCESS = ["--runner=FnApiRunner"]
 N = 60
@@ -181,7 +181,7 @@ def test_export_takes_and_returns_source_units(built, source):
 
 @pytest.mark.slow
 def test_six_vector_modalities_of_different_sizes_and_scales_train_and_evaluate(tmp_path):
-    from trainers import cli
+    from bmvae_tf.trainers import cli
 
     rng = np.random.default_rng(0)
     n = 400

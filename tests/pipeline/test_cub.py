@@ -17,9 +17,9 @@ from PIL import Image
 
 from bmvae_tf import schema, sentence_vectors
 from bmvae_tf.errors import UserError
-from pipeline import build_cub, cub
+from bmvae_tf.pipeline import build_cub, cub
 from tests import cub_tree
-from trainers import input_pipeline
+from bmvae_tf.trainers import input_pipeline
 
 # ------------------------------------------------------------------------------------ listing
 
@@ -386,7 +386,7 @@ def test_pretrained_word2vec_vectors_replace_fasttext(tmp_path):
 
 
 def test_cli_builds_cub_with_its_options_and_reports_bad_input_in_one_line(tmp_path, capsys):
-    from trainers import cli
+    from bmvae_tf.trainers import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["data", "build", "cub", "--help"])

@@ -13,8 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline import beam_io, digits
-from pipeline.build_digits import array_sha256, build_digits, manifest_template
+from bmvae_tf.pipeline import beam_io, digits
+from bmvae_tf.pipeline.build_digits import array_sha256, build_digits, manifest_template
 
 # The in-process FnApiRunner, for tests that monkeypatch or must not depend on the network (the
 # DirectRunner first tries to download and start the Prism runner).

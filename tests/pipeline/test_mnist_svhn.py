@@ -14,10 +14,10 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from pipeline import beam_io, build_mnist_svhn, mnist_svhn, permutation, sources
+from bmvae_tf.pipeline import beam_io, build_mnist_svhn, mnist_svhn, permutation, sources
 from tests import source_fixtures as fixtures
 from tests.source_fixtures import read_bytes, read_split
-from trainers import config as config_lib
+from bmvae_tf.trainers import config as config_lib
 
 IN_PROCESS = ["--runner=FnApiRunner"]
 DM = 3
@@ -351,7 +351,7 @@ def test_bad_arguments(raw_dir, tmp_path, kwargs, culprit):
 
 
 def test_redraw_text_padding_moves_the_word_uniformly_within_range():
-    from trainers import input_pipeline
+    from bmvae_tf.trainers import input_pipeline
 
     labels = np.repeat(np.arange(10), 400)
     stored = np.stack([mnist_svhn.text_tokens(c, 0) for c in labels])
@@ -378,14 +378,14 @@ def test_redraw_text_padding_moves_the_word_uniformly_within_range():
 
 
 def read_texts(manifest, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from trainers import input_pipeline
+    from bmvae_tf.trainers import input_pipeline
 
     batches = list(input_pipeline.make_dataset(manifest, "train", 16, **kwargs).as_numpy_iterator())
     return tuple(np.concatenate([b[k] for b in batches]) for k in ("text", "label", "text_pad"))
 
 
 def test_dynamic_padding_changes_across_reads_and_the_fixed_variant_is_stable(built_text):
-    from trainers import input_pipeline
+    from bmvae_tf.trainers import input_pipeline
 
     manifest = built_text.manifest
     stored = read_split(manifest, "train")
@@ -404,7 +404,7 @@ def test_dynamic_padding_changes_across_reads_and_the_fixed_variant_is_stable(bu
 
 def test_dynamic_padding_on_a_dataset_without_text_padding_is_refused(tmp_path):
     from tests.synthetic import write_dataset
-    from trainers import input_pipeline
+    from bmvae_tf.trainers import input_pipeline
 
     manifest = write_dataset(str(tmp_path), num_train=8, num_test=8)
     assert input_pipeline.use_dynamic_text_padding(None, manifest) is False
@@ -424,7 +424,7 @@ SHORT_EVAL = ["--set", "eval.classifier_epochs=1", "--set", "eval.random_samples
 
 
 def test_cli_reports_a_bad_source_in_one_line(raw_dir, tmp_path, capsys):
-    from trainers import cli
+    from bmvae_tf.trainers import cli
 
     directory = copy_source(raw_dir, tmp_path)
     open(os.path.join(directory, "t10k-images-idx3-ubyte.gz"), "wb").write(b"\x1f\x8b\x08garbage")
@@ -447,7 +447,7 @@ PAPER_CONFIGS = [(dataset, os.path.relpath(path, CONFIGS))
 @pytest.fixture(scope="module")
 def paper_data(raw_dir, tmp_path_factory):
     """Each dataset built once from the raw fixtures with the CLI, for every config's run."""
-    from trainers import cli
+    from bmvae_tf.trainers import cli
 
     built = {}
 
@@ -465,7 +465,7 @@ def paper_data(raw_dir, tmp_path_factory):
 @pytest.mark.slow  # 10-30 s each: the paper's full-size networks, batch and K on 2 CPU cores
 @pytest.mark.parametrize("dataset, config", PAPER_CONFIGS, ids=[c for _, c in PAPER_CONFIGS])
 def test_build_train_evaluate_with_the_paper_config(paper_data, tmp_path, dataset, config):
-    from trainers import cli
+    from bmvae_tf.trainers import cli
 
     data, run = paper_data(dataset), str(tmp_path / "run")
     manifest = schema.read_manifest(data)

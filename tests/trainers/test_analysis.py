@@ -12,7 +12,7 @@ import pytest
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from tests import synthetic
-from trainers import analysis, cli
+from bmvae_tf.trainers import analysis, cli
 
 NAMES = ["a", "b", "c"]
 NUM_CLASSES = 5

@@ -15,7 +15,7 @@ import pytest
 
 from bmvae_tf import sentence_vectors
 from bmvae_tf.errors import UserError
-from trainers import cca, cli, input_pipeline
+from bmvae_tf.trainers import cca, cli, input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests import synthetic
-from trainers import cli
+from bmvae_tf.trainers import cli
 
 
 @pytest.fixture(scope="module")

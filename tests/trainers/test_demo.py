@@ -7,7 +7,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from trainers import demo
+from bmvae_tf.trainers import demo
 
 
 @pytest.mark.slow

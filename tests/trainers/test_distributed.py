@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests import synthetic
-from trainers import cli, strategy as strategy_lib
+from bmvae_tf.trainers import cli, strategy as strategy_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"latent_dim": 4, "hidden_units": [16], "channels": [8, 8, 8], "sequence_width": 8, "K": 2}
@@ -35,7 +35,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from bmvae_tf import schema
-from trainers import config as config_lib, train
+from bmvae_tf.trainers import config as config_lib, train
 
 data_dir, names, model, out = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3]), sys.argv[4]
 manifest = schema.read_manifest(data_dir)
@@ -89,14 +89,14 @@ json.dump(results, open(out, "w"))
 _WORKER_SCRIPT = """
 import json, os, sys
 import numpy as np
-from trainers import config as config_lib, train
+from bmvae_tf.trainers import config as config_lib, train
 data_dir, workdir, model, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 config = config_lib.from_dict({
     "data": {"dir": data_dir}, "model": model,
     "train": {"epochs": 2, "batch_size": 16, "strategy": "multi_worker", "checkpoint_every_steps": 3,
               "log_every_steps": 2}})
 from bmvae_tf import schema
-from trainers import strategy as strategy_lib
+from bmvae_tf.trainers import strategy as strategy_lib
 strategy = strategy_lib.make_strategy("multi_worker")
 history, state = train.run_training(config, workdir, strategy=strategy)
 np.savez(out, *[v.numpy() for v in state.model.weights])
@@ -195,7 +195,7 @@ def test_cli_trains_mirrored_on_simulated_devices(dataset, tmp_path):
     equivalence test's)."""
     workdir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "trainers.cli", "train", "--data", dataset, "--workdir", str(workdir),
+        [sys.executable, "-m", "bmvae_tf.trainers.cli", "train", "--data", dataset, "--workdir", str(workdir),
          "--strategy", "mirrored", "--simulate-devices", "2", "--epochs", "1",
          *[a for k, v in MODEL.items() for a in ("--set", f"model.{k}={json.dumps(v)}")],
          "--set", "train.batch_size=16", "--set", "train.jit_compile=true"],

@@ -18,9 +18,9 @@ import tensorflow_probability as tfp
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from tests import synthetic
-from trainers import config as config_lib
-from trainers import evaluate as evaluate_lib
-from trainers import plots, run_dir
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import evaluate as evaluate_lib
+from bmvae_tf.trainers import plots, run_dir
 
 tfd = tfp.distributions
 

@@ -18,9 +18,9 @@ from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.models.base import MultimodalVAE
 from tests import synthetic
-from trainers import config as config_lib
-from trainers import export
-from trainers import run_dir
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import export
+from bmvae_tf.trainers import run_dir
 
 MODEL = {"latent_dim": 4, "hidden_units": [16], "channels": [8, 8, 8], "sequence_width": 8}
 SUBSET = [True, False, True]  # "street" absent

@@ -19,9 +19,9 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from tests import synthetic
-from trainers import cli
-from trainers import config as config_lib
-from trainers import input_pipeline, run_dir, train
+from bmvae_tf.trainers import cli
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import input_pipeline, run_dir, train
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
@@ -53,7 +53,7 @@ def _read_jsonl(path):
 
 @pytest.mark.slow
 def test_rerun_after_kill_9_resumes_from_the_step_checkpoint_exactly(dataset, tmp_path):
-    args = [sys.executable, "-m", "trainers.cli", "train", "--data", dataset, *TINY,
+    args = [sys.executable, "-m", "bmvae_tf.trainers.cli", "train", "--data", dataset, *TINY,
             "--epochs", "4", "--set", "train.batch_size=16", "--set", "train.checkpoint_every_steps=5",
             "--set", "train.log_every_steps=1", "--set", "train.deterministic=true"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from bmvae_tf import schema
-from trainers import input_pipeline
+from bmvae_tf.trainers import input_pipeline
 
 
 def test_batches_have_the_manifest_shapes_dtypes_and_ranges(built):

@@ -10,7 +10,7 @@ from bmvae_tf import schema
 from bmvae_tf.models import MODELS
 from bmvae_tf.schema import subset_key, subset_names
 from tests import synthetic
-from trainers import cli
+from bmvae_tf.trainers import cli
 
 TINY = ["--set", "model.latent_dim=4", "--set", "model.hidden_units=[16]",
         "--set", "model.channels=[8,8,8]", "--set", "model.sequence_width=8",
@@ -74,7 +74,7 @@ def test_train_then_evaluate_every_model_on_four_modalities(name, four_modalitie
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_model_receives_its_configured_hyper_parameters(name):
-    from trainers import config as config_lib
+    from bmvae_tf.trainers import config as config_lib
 
     config = config_lib.from_dict(config_lib.apply_overrides({}, [
         f"model.name={name}", "model.latent_dim=5", "model.K=3", "model.ms.private_dim=2",

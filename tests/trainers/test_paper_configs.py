@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import build_cub, build_digits, build_mnist_svhn
+from bmvae_tf.pipeline import build_cub, build_digits, build_mnist_svhn
 from tests.synthetic import random_inputs
-from trainers import config as config_lib
-from trainers import run_dir
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import run_dir
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 # Config folder -> the manifest (without splits) of the dataset its configs train on.

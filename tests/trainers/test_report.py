@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bmvae_tf.errors import UserError
-from trainers import cli, plots, report
+from bmvae_tf.trainers import cli, plots, report
 
 LEVELS = [0.0, 0.5, 1.0]
 

@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bmvae_tf import schema
-from trainers import robustness
+from bmvae_tf.trainers import robustness
 
 tfd = tfp.distributions
 

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from tests import synthetic
-from trainers import config as config_lib
-from trainers import demo
-from trainers import run_dir, train
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import demo
+from bmvae_tf.trainers import run_dir, train
 
 SMALL_MODEL = {"latent_dim": 6, "hidden_units": [32], "channels": [8, 16, 16], "sequence_width": 16}
 
