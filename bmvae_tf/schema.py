@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
 
 FORMAT_VERSION = 1
@@ -276,20 +276,10 @@ def read_manifest(directory: str) -> Manifest:
         raise SchemaError(f"{path}: {e}") from None
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes to a temporary name beside `path`, then renames, so readers never see half a file."""
-    import tensorflow as tf
-
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def write_manifest(directory: str, manifest: Manifest) -> str:
     manifest.validate()
     path = manifest_path(directory)
-    write_text_atomic(path, json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
+    atomic.write_text(path, json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
     return path
 
 

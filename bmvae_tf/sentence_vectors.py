@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
 
 SIF_A = 1e-3
@@ -137,15 +138,8 @@ def to_bytes(embedding: SentenceEmbedding) -> bytes:
 
 
 def write(path: str, embedding: SentenceEmbedding) -> None:
-    """Writes the .npz under a temporary name beside `path`, then renames it."""
-    import uuid
-
-    import tensorflow as tf
-
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(to_bytes(embedding))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    """Publishes the .npz at `path` (written whole, see bmvae_tf.atomic)."""
+    atomic.write_bytes(path, to_bytes(embedding))
 
 
 def read(path: str, vocab: Sequence[str] | None = None) -> SentenceEmbedding:

@@ -30,7 +30,6 @@ import math
 import numbers
 import os
 import re
-import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
@@ -39,7 +38,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -209,11 +208,10 @@ def write_tfrecords(path: str, records: Iterable[bytes]) -> None:
 
     A retried or failed writer never leaves a half-written file under the final name.
     """
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.TFRecordWriter(tmp, options=schema.COMPRESSION) as writer:
-        for record in records:
-            writer.write(record)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with atomic.publishing(path) as tmp:
+        with tf.io.TFRecordWriter(tmp, options=schema.COMPRESSION) as writer:
+            for record in records:
+                writer.write(record)
 
 
 # --------------------------------------------------------------------------------------------

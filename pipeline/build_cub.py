@@ -44,7 +44,7 @@ from apache_beam.metrics.metric import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
 
-from bmvae_tf import schema, sentence_vectors
+from bmvae_tf import atomic, schema, sentence_vectors
 from bmvae_tf.errors import UserError
 from bmvae_tf.pipeline import beam_io, cub
 
@@ -519,7 +519,7 @@ def write_image_report(findings: Iterable[tuple[str, tuple[cub.ImageEntry, str]]
         "converted": [{"image_id": e.image_id, "path": e.path, "mode": mode} for e, mode in converted],
     }
     path = os.path.join(output_dir, REPORT_FILENAME)
-    schema.write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(report, indent=2) + "\n")
     if bad:
         logger.warning("%d unusable image(s), listed in %s", len(bad), path)
     cub.check_bad_fraction(len(bad), total, max_bad_fraction, path)

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.pipeline import digits
 from bmvae_tf.trainers import evaluate as evaluate_lib
@@ -290,10 +290,6 @@ def _swap_grids(model, manifest: schema.Manifest, sets: DimensionSets, inputs: M
     return written
 
 
-def weights_name(model_name: str) -> str:
-    return "E[pi]" if model_name.startswith("bmvae_p") else "alpha"
-
-
 def analyze(workdir: str, data_dir: str | None = None, *, threshold: float = DEFAULT_THRESHOLD,
             r2_threshold: float = DEFAULT_R2_THRESHOLD, factors: Mapping[str, str] | None = None,
             swap_examples: int = DEFAULT_SWAP_EXAMPLES, swap_samples: int = DEFAULT_SWAP_SAMPLES) -> dict:
@@ -339,7 +335,7 @@ def analyze(workdir: str, data_dir: str | None = None, *, threshold: float = DEF
 
     result: dict = {
         "model": config.model.name, "dataset": manifest.name, "modalities": names,
-        "dimension_numbering": "1-based", "weights_name": weights_name(config.model.name),
+        "dimension_numbering": "1-based", "weights_name": model.MIXTURE_WEIGHTS_NAME,
         "weights": weights.tolist(), "normalised_weights": normalised_weights(weights).tolist(),
         "threshold": threshold, "dimensions": sets.to_json(),
         "subvector_accuracy": None, "factors": None, "private_vs_factors": None,
@@ -429,7 +425,7 @@ def analyze(workdir: str, data_dir: str | None = None, *, threshold: float = DEF
                                             "samples": swap_samples}
 
     path = os.path.join(directory, ANALYSIS_JSON)
-    schema.write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    atomic.write_text(path, json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s in %.1f s", path, time.perf_counter() - started)
     logger.info("wrote %s", report.write_run_report(workdir))
     return result

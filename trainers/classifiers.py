@@ -23,13 +23,12 @@ import logging
 import math
 import os
 import time
-import uuid
 from typing import Callable, Iterable, Mapping
 
 import keras
 import tensorflow as tf
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +221,7 @@ def load_or_train(directory: str, manifest: schema.Manifest,
             model_path, print_path = _paths(directory, spec.name)
             _save_model_atomic(trained[spec.name], model_path)
             expected = fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
-            schema.write_text_atomic(print_path, json.dumps(expected, indent=2) + "\n")
+            atomic.write_text(print_path, json.dumps(expected, indent=2) + "\n")
         classifiers.update(trained)
     return {spec.name: classifiers[spec.name] for spec in manifest.modalities}
 
@@ -243,7 +242,6 @@ def _read_fingerprint(path: str) -> dict | None:
 
 def _save_model_atomic(model: keras.Model, path: str) -> None:
     # Keras insists on the .keras suffix, so the temporary name keeps it.
-    tmp = f"{path[:-len('.keras')]}.tmp-{uuid.uuid4().hex}.keras"
-    model.save(tmp)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with atomic.publishing(path, keep_suffix=".keras") as tmp:
+        model.save(tmp)
 

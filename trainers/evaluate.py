@@ -40,7 +40,7 @@ import tensorflow as tf
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import cca
 from bmvae_tf.trainers import classifiers as classifiers_lib
@@ -385,7 +385,7 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
         plots.save_figure(plots.robustness_figure(metrics["robustness"]), written[-1])
     logger.info("wrote %s", ", ".join(written))
 
-    schema.write_text_atomic(paths.metrics, json.dumps(metrics, indent=2) + "\n")
+    atomic.write_text(paths.metrics, json.dumps(metrics, indent=2) + "\n")
     logger.info("wrote %s in %.1f s", paths.metrics, time.perf_counter() - started)
     logger.info("wrote %s", report.write_run_report(workdir))
     return metrics

@@ -37,13 +37,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.models.base import MultimodalVAE
 from bmvae_tf.trainers import run_dir
@@ -196,17 +195,9 @@ def export_saved_model(workdir: str, output_dir: str, data_dir: str | None = Non
     parent = os.path.dirname(output_dir)
     if parent:
         tf.io.gfile.makedirs(parent)
-    tmp = f"{output_dir}.tmp-{uuid.uuid4().hex}"
-    try:
+    with atomic.publishing(output_dir, directory=True) as tmp:
         tf.saved_model.save(module, tmp, signatures=module.signatures())
         _check_free(output_dir)  # something may have been written there while we saved
-        if tf.io.gfile.exists(output_dir):
-            tf.io.gfile.rmtree(output_dir)  # empty; renaming onto a directory fails on some systems
-        tf.io.gfile.rename(tmp, output_dir)
-    except BaseException:
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
-        raise
     return output_dir
 
 

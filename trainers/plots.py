@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,7 +26,7 @@ from matplotlib import patches as matplotlib_patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 
 MIXTURE_WEIGHTS = "mixture_weights.png"
 CROSS_GENERATION = "cross_generation.png"
@@ -259,11 +258,8 @@ def cross_generation_figure(specs: Sequence[schema.ModalitySpec], inputs: Mappin
 
 
 def save_figure(figure: Figure, path: str) -> None:
-    """Writes a PNG to a temporary name beside `path`, then renames it into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        figure.savefig(f, format="png")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    """Publishes the figure as a PNG at `path`."""
+    atomic.write_bytes(path, figure_png(figure))
 
 
 def write_plots(directory: str, specs: Sequence[schema.ModalitySpec], *,

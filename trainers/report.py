@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import plots, robustness, run_dir
 
@@ -317,7 +317,7 @@ def write_run_report(workdir: str) -> str:
     page = render_html(title, [("Run", [f"Run directory: {os.path.abspath(workdir)}"]),
                                *run_sections(metrics, history, plot_files, analysis, analysis_files)])
     path = os.path.join(paths.root, REPORT_HTML)
-    schema.write_text_atomic(path, page)
+    atomic.write_text(path, page)
     return path
 
 
@@ -470,13 +470,9 @@ def compare(paths: Sequence[str], output: str) -> tuple[str, str]:
     title = f"bmvae comparison of {len(runs)} runs"
     tf.io.gfile.makedirs(os.path.join(output, "images"))
     for image in images:
-        path = os.path.join(output, image.filename)
-        tmp = f"{path}.tmp"
-        with tf.io.gfile.GFile(tmp, "wb") as f:
-            f.write(image.png)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        atomic.write_bytes(os.path.join(output, image.filename), image.png)
     markdown_path = os.path.join(output, COMPARE_MARKDOWN)
     html_path = os.path.join(output, COMPARE_HTML)
-    schema.write_text_atomic(markdown_path, render_markdown(title, sections))
-    schema.write_text_atomic(html_path, render_html(title, sections))
+    atomic.write_text(markdown_path, render_markdown(title, sections))
+    atomic.write_text(html_path, render_html(title, sections))
     return markdown_path, html_path

@@ -27,7 +27,7 @@ import time
 import keras
 import tensorflow as tf
 
-from bmvae_tf import schema
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.noise import Noise
 from bmvae_tf.trainers import config as config_lib
@@ -204,7 +204,7 @@ def steps_per_epoch(manifest: schema.Manifest, validation: Validation | None, gl
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    schema.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -350,7 +350,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
     progress_log = [p for p in _read_jsonl(paths.progress) if p["step"] <= restored_step]
     if chief:
         tf.io.gfile.makedirs(paths.root)
-        schema.write_text_atomic(paths.config, config_lib.dump_yaml(config))
+        atomic.write_text(paths.config, config_lib.dump_yaml(config))
         _write_jsonl(paths.history, history)
         _write_jsonl(paths.progress, progress_log)
     writer = tf.summary.create_file_writer(paths.logs) if chief else tf.summary.create_noop_writer()

@@ -153,6 +153,9 @@ class MultimodalVAE(keras.Model):
         return {spec.name: distributions.likelihood_mean(spec, self.decode_params(i, z))
                 for i, spec in enumerate(self.modalities)}
 
+    # What mixture_weights() returns, as reports name it ("alpha" for BMVAE_M, "E[pi]" for BMVAE_P).
+    MIXTURE_WEIGHTS_NAME: str | None = None
+
     def mixture_weights(self) -> tf.Tensor | None:
         """[D, M] learned per-dimension weights over modalities, for BMVAE models; else None."""
         return None

@@ -32,6 +32,8 @@ class BMVAEM(MultimodalVAE):
       learn_weights: False gives the uniform ablation BMVAE_M^u (alpha = 1/M, no KL term).
     """
 
+    MIXTURE_WEIGHTS_NAME = "alpha"
+
     def __init__(self, modalities, latent_dim: int, *, K: int = 1, lambda_c: float = 10.0,
                  tau_low: float = 0.5, tau_high: float = 2.0, learn_weights: bool = True, **kwargs):
         super().__init__(modalities, latent_dim, **kwargs)

@@ -45,6 +45,7 @@ class BMVAEP(MultimodalVAE):
     """
 
     POSTERIOR_FAMILIES = ("gaussian",)  # products of Gaussians are Gaussian in closed form
+    MIXTURE_WEIGHTS_NAME = "E[pi]"
 
     def __init__(self, modalities, latent_dim: int, *, lambda_zq: float = 1.0,
                  lambda_mq: float | None = None, lambda_mz: float | None = None, eta: float = 1.0,
