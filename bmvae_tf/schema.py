@@ -138,6 +138,9 @@ class Manifest:
     splits: Mapping[str, SplitInfo]
     label: LabelSpec | None = None
     metadata_keys: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # {metadata key: modality}: the metadata that are ground-truth private factors of a modality
+    # (Digits' street colours belong to `street`); `bmvae analyze` checks the latents against them.
+    factors: Mapping[str, str] = dataclasses.field(default_factory=dict)
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     pipeline_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -179,6 +182,11 @@ class Manifest:
         for key in self.metadata_keys:
             if key in reserved:
                 raise SchemaError(f"metadata key {key!r} clashes with a modality or the label")
+        for key, modality in self.factors.items():
+            if key not in self.metadata_keys:
+                raise SchemaError(f"factor {key!r} is not a metadata key (they are {list(self.metadata_keys)})")
+            if modality not in names:
+                raise SchemaError(f"factor {key!r}: no modality {modality!r} (they are {names})")
         if not self.splits:
             raise SchemaError("a dataset needs at least one split")
 
@@ -190,6 +198,7 @@ class Manifest:
                             "names": list(self.label.names) if self.label.names else None}
         out["metadata_keys"] = list(self.metadata_keys)
         out["metadata_shapes"] = {k: list(v) for k, v in self.metadata_keys.items()}
+        out["factors"] = dict(self.factors)
         out["splits"] = {k: {"files": list(v.files), "count": v.count} for k, v in self.splits.items()}
         out["source"] = dict(self.source)
         out["pipeline_options"] = dict(self.pipeline_options)
@@ -223,6 +232,9 @@ class Manifest:
                 raise SchemaError(f"label: malformed ({e})") from None
         shapes = obj.get("metadata_shapes") or {}
         metadata = {str(k): tuple(int(s) for s in shapes.get(k, [1])) for k in obj.get("metadata_keys") or []}
+        factors = obj.get("factors") or {}  # absent from manifests written before it existed
+        if not isinstance(factors, Mapping) or not all(isinstance(v, str) for v in factors.values()):
+            raise SchemaError("'factors' must be an object of metadata key -> modality name")
         splits = {}
         if not isinstance(obj["splits"], Mapping):
             raise SchemaError("'splits' must be an object")
@@ -236,9 +248,10 @@ class Manifest:
                 raise SchemaError(f"splits.{name}: no files")
             splits[str(name)] = SplitInfo(files=files, count=count)
         known = {"name", "format_version", "modalities", "label", "metadata_keys", "metadata_shapes",
-                 "splits", "source", "pipeline_options"}
+                 "factors", "splits", "source", "pipeline_options"}
         manifest = cls(name=str(obj["name"]), modalities=modalities, splits=splits, label=label,
-                       metadata_keys=metadata, source=obj.get("source") or {},
+                       metadata_keys=metadata, factors={str(k): v for k, v in factors.items()},
+                       source=obj.get("source") or {},
                        pipeline_options=obj.get("pipeline_options") or {},
                        extras={k: v for k, v in obj.items() if k not in known}, directory=directory)
         manifest.validate()

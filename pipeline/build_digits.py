@@ -125,7 +125,8 @@ def manifest_template(*, source: dict, pipeline_options: dict) -> schema.Manifes
     return schema.Manifest(
         name=DATASET_NAME, modalities=modalities, splits={},
         label=schema.LabelSpec(key="label", num_classes=digits.NUM_CLASSES, names=digits.CLASS_NAMES),
-        metadata_keys=dict(digits.METADATA_SHAPES), source=source, pipeline_options=pipeline_options)
+        metadata_keys=dict(digits.METADATA_SHAPES), factors=dict(digits.PRIVATE_FACTORS),
+        source=source, pipeline_options=pipeline_options)
 
 
 class RenderPairFn(beam.DoFn):

@@ -155,18 +155,22 @@ def manifest_template(name: str, *, source: dict, pipeline_options: dict) -> sch
         schema.ModalitySpec("mnist", "image", shapes["mnist"], "uint8", "laplace", weights["mnist"]),
         schema.ModalitySpec("svhn", "image", shapes["svhn"], "uint8", "laplace", weights["svhn"]),
     ]
+    # The source indices are identities, not factors; the text's random start is text-private.
     metadata = {"mnist_index": (1,), "svhn_index": (1,)}
+    factors = {}
     extras: dict[str, Any] = {}
     if with_text:
         modalities.append(schema.ModalitySpec("text", "sequence", shapes["text"], "int64", "categorical",
                                               weights["text"], vocab=mnist_svhn.VOCAB))
         metadata["text_pad"] = (1,)
+        factors["text_pad"] = "text"
         extras["text_padding"] = mnist_svhn.text_padding_spec("text", "text_pad")
     return schema.Manifest(
         name=name, modalities=tuple(modalities), splits={},
         label=schema.LabelSpec(key="label", num_classes=mnist_svhn.NUM_CLASSES,
                                names=mnist_svhn.CLASS_NAMES),
-        metadata_keys=metadata, source=source, pipeline_options=pipeline_options, extras=extras)
+        metadata_keys=metadata, factors=factors, source=source, pipeline_options=pipeline_options,
+        extras=extras)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ METADATA_SHAPES: Mapping[str, tuple[int, ...]] = {
 }
 
 # The metadata that are ground-truth private factors, and the modality each belongs to: the street
-# style (colours and shift) and the text padding carry nothing of the class. `bmvae analyze`
-# checks that the latent dimensions the mixture weights call private carry them. The source
-# indices are identities, not factors.
+# style (colours and shift) and the text padding carry nothing of the class. The manifest
+# declares them (`factors`), and `bmvae analyze` checks that the latent dimensions the mixture
+# weights call private carry them. The source indices are identities, not factors.
 PRIVATE_FACTORS: Mapping[str, str] = {
     "street_fg": "street", "street_bg": "street", "street_shift": "street", "text_pad": "text",
 }

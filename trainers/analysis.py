@@ -11,7 +11,8 @@ which modality's expert each latent dimension trusts (Sect. 7.1, Fig. 6). From t
 - dimension-swap generation (Sect. 7.3, Fig. 7): a latent from one modality's posterior with its
   private dimensions resampled from the prior (the rest kept), then the reverse, decoded into
   that modality;
-- on data with ground-truth private factors (Digits' street colours and shift, text padding):
+- on data whose manifest declares ground-truth private factors (`factors`: Digits' street
+  colours and shift, text padding):
   the out-of-sample R^2 with which each latent dimension alone (of the modality's own posterior
   mean) predicts each factor's class-independent part, the dimensions that carry a modality's
   factors (R^2 >= r2_threshold), the precision and recall of the dimensions the weights call
@@ -40,7 +41,7 @@ from scipy import stats
 
 from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
-from bmvae_tf.pipeline import digits
+from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import evaluate as evaluate_lib
 from bmvae_tf.trainers import input_pipeline, plots, report, run_dir
 
@@ -226,10 +227,8 @@ def precision_recall(predicted: Sequence[int], actual: Sequence[int]) -> dict:
 
 
 def default_factors(manifest: schema.Manifest) -> dict[str, str]:
-    """{metadata key: modality} of the known private factors the dataset carries (Digits)."""
-    names = set(manifest.modality_names)
-    return {key: modality for key, modality in digits.PRIVATE_FACTORS.items()
-            if key in manifest.metadata_keys and modality in names}
+    """{metadata key: modality}: the ground-truth private factors the manifest declares."""
+    return dict(manifest.factors)
 
 
 def parse_factors(items: Sequence[str], manifest: schema.Manifest) -> dict[str, str]:
@@ -255,6 +254,100 @@ def _collect_metadata(batches, keys: Sequence[str]) -> dict[str, np.ndarray]:
         for key in keys:
             parts[key].append(np.asarray(batch[key]))
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+@dataclasses.dataclass
+class FactorScores:
+    """What the factors section of analysis.json holds, and the R^2 heatmap it draws.
+
+    factors: {factor column: {"modality", "r2": [D] (None for NaN)}}. private_vs_factors:
+    {modality: private and carrying dimensions (1-based), precision, recall, rank correlation}.
+    r2: [D, F] over all factor columns, in the order of `columns`. marked: (dimension, column)
+    cells where the dimension is private to the column's modality.
+    """
+
+    factors: dict[str, dict]
+    private_vs_factors: dict[str, dict]
+    columns: list[str]
+    r2: np.ndarray
+    marked: list[tuple[int, int]]
+
+
+def score_factors(factors: Mapping[str, str], train, test, meta_train: Mapping[str, np.ndarray],
+                  meta_test: Mapping[str, np.ndarray], weights: np.ndarray, names: Sequence[str],
+                  sets: DimensionSets, r2_threshold: float) -> FactorScores:
+    """Scores each modality's latent dimensions against that modality's factors.
+
+    train, test: encoded splits (`evaluate.encode_split`): `means` {encoder: [N, D]} and
+    `labels` [N] or None (with labels, the factors are residualised on them first).
+    meta_train, meta_test: {metadata key: [N, ...]} of every key in `factors`.
+    weights: the mixture weights [D, M] over `names`.
+    """
+    scores = FactorScores(factors={}, private_vs_factors={}, columns=[], r2=np.zeros((0, 0)), marked=[])
+    r2_columns = []
+    for modality in dict.fromkeys(factors.values()):
+        keys = [k for k, m in factors.items() if m == modality]
+        columns, f_train = factor_columns({k: meta_train[k] for k in keys})
+        _, f_test = factor_columns({k: meta_test[k] for k in keys})
+        if test.labels is not None:
+            f_train, f_test = residualise_on_labels(f_train, train.labels, f_test, test.labels)
+        r2 = factor_r2(train.means[modality], f_train, test.means[modality], f_test)
+        first = len(scores.columns)
+        for c, column in enumerate(columns):
+            scores.factors[column] = {"modality": modality,
+                                      "r2": [None if np.isnan(v) else float(v) for v in r2[:, c]]}
+            scores.columns.append(column)
+            r2_columns.append(r2[:, c])
+        private = sets.private[modality]
+        carrying = carrying_dimensions(r2, r2_threshold)
+        scores.private_vs_factors[modality] = {
+            "private": [d + 1 for d in private], "carrying": [d + 1 for d in carrying],
+            **precision_recall(private, carrying),
+            # Threshold-free: do dimensions that weight m more carry more of m's factors?
+            "rank_correlation": rank_correlation(normalised_weights(weights)[:, names.index(modality)],
+                                                 np.nan_to_num(r2, nan=0.0).max(axis=1))}
+        scores.marked += [(d, first + c) for d in private for c in range(len(columns))]
+    scores.r2 = np.stack(r2_columns, axis=1)
+    return scores
+
+
+def _check_settings(r2_threshold: float, swap_examples: int, swap_samples: int) -> None:
+    if not 0.0 <= r2_threshold <= 1.0:
+        raise UserError(f"r2 threshold must be in [0, 1], got {r2_threshold}")
+    if swap_examples < 1 or swap_samples < 1:
+        raise UserError("swap examples and samples must be at least 1")
+
+
+def _fresh_directory(run_root: str) -> str:
+    """RUN/analysis/, without the swap grids a previous analysis (another threshold) drew."""
+    directory = os.path.join(run_root, "analysis")
+    tf.io.gfile.makedirs(directory)
+    for stale in tf.io.gfile.glob(os.path.join(directory, "swap_*.png")):
+        tf.io.gfile.remove(stale)
+    return directory
+
+
+def _dimension_labels(latent_dim: int) -> list[str]:
+    return [str(d + 1) for d in range(latent_dim)]
+
+
+def _plot_factor_r2(scores: FactorScores, latent_dim: int, path: str) -> None:
+    plots.save_figure(plots.heatmap_figure(
+        np.clip(np.nan_to_num(scores.r2, nan=0.0), 0.0, 1.0), _dimension_labels(latent_dim),
+        scores.columns,
+        title="R^2 of each factor from one latent dimension of its modality's encoder\n"
+              "(red: dimensions the weights call private to that modality)",
+        colour_label="test R^2 (clipped to [0, 1])", marked=scores.marked), path)
+
+
+def _plot_weights(weights: np.ndarray, names: Sequence[str], sets: DimensionSets, threshold: float,
+                  weights_name: str, path: str) -> None:
+    marked = [(d, names.index(m)) for m, dims in sets.private.items() for d in dims]
+    plots.save_figure(plots.heatmap_figure(
+        weights, _dimension_labels(len(weights)), names,
+        title=f"{weights_name} per dimension and modality\n"
+              f"(red: private at normalised weight >= {threshold:g})",
+        colour_label=weights_name, marked=marked), path)
 
 
 def _swap_grids(model, manifest: schema.Manifest, sets: DimensionSets, inputs: Mapping[str, tf.Tensor],
@@ -290,6 +383,77 @@ def _swap_grids(model, manifest: schema.Manifest, sets: DimensionSets, inputs: M
     return written
 
 
+@dataclasses.dataclass
+class _Analysis:
+    """One analysis under way: the trained run, its dataset, the weights [D, M] and their sets."""
+
+    config: config_lib.Config
+    manifest: schema.Manifest
+    model: object
+    weights: np.ndarray
+    sets: DimensionSets
+    directory: str  # RUN/analysis
+
+    @property
+    def names(self) -> list[str]:
+        return self.manifest.modality_names
+
+    def batches(self, split: str, batch_size: int | None = None, limit: int | None = None):
+        """The split as evaluation reads it (eval.batch_size, at most eval.max_examples)."""
+        return input_pipeline.make_dataset(self.manifest, split, batch_size or self.config.eval.batch_size,
+                                           take=limit or self.config.eval.max_examples)
+
+
+def _subvector_section(run: _Analysis, train, test, result: dict) -> None:
+    """Table 12: probes on each encoder's means restricted to every named set of dimensions."""
+    if test.labels is None:
+        result["skipped"]["subvector_accuracy"] = f"dataset {run.manifest.name!r} declares no label"
+        return
+    stage = time.perf_counter()
+    named = run.sets.named_sets()
+    encoders = [*run.names, schema.subset_key(run.names)]
+    result["subvector_accuracy"] = subvector_accuracy(
+        {e: train.means[e] for e in encoders}, train.labels,
+        {e: test.means[e] for e in encoders}, test.labels, named)
+    result["subvector_sets"] = {k: [d + 1 for d in v] for k, v in named.items()}
+    result["num_examples"]["subvector_accuracy"] = {"train": train.num_examples, "test": test.num_examples}
+    logger.info("sub-vector probes: %.1f s", time.perf_counter() - stage)
+
+
+def _factor_section(run: _Analysis, factors: Mapping[str, str], r2_threshold: float, train, test,
+                    result: dict) -> None:
+    """The private dimensions against the ground-truth factors, and RUN/analysis/factor_r2.png."""
+    if not factors:
+        result["skipped"]["factors"] = (
+            f"dataset {run.manifest.name!r} declares no ground-truth factors (its manifest's "
+            f"'factors' is empty or absent); name them with --factor KEY=MODALITY")
+        return
+    stage = time.perf_counter()
+    scores = score_factors(factors, train, test, _collect_metadata(run.batches("train"), list(factors)),
+                           _collect_metadata(run.batches("test"), list(factors)), run.weights, run.names,
+                           run.sets, r2_threshold)
+    result["factors"], result["private_vs_factors"] = scores.factors, scores.private_vs_factors
+    result["num_examples"]["factors"] = {"train": train.num_examples, "test": test.num_examples}
+    result["factors_residualised_on_label"] = test.labels is not None
+    _plot_factor_r2(scores, run.model.latent_dim, os.path.join(run.directory, "factor_r2.png"))
+    result["files"]["factor_r2"] = "factor_r2.png"
+    logger.info("factor R^2: %.1f s", time.perf_counter() - stage)
+
+
+def _picture_section(run: _Analysis, threshold: float, swap_examples: int, swap_samples: int,
+                     result: dict) -> None:
+    """The weights heatmap (Fig. 6) and the dimension-swap grids (Fig. 7)."""
+    _plot_weights(run.weights, run.names, run.sets, threshold, result["weights_name"],
+                  os.path.join(run.directory, "mixture_weights.png"))
+    result["files"]["mixture_weights"] = "mixture_weights.png"
+    examples = next(iter(run.batches("test", swap_examples, swap_examples)))
+    result["files"]["swap_grids"] = _swap_grids(
+        run.model, run.manifest, run.sets, {n: examples[n] for n in run.names}, run.directory,
+        swap_samples, run.config.train.seed)
+    result["num_examples"]["swap_grids"] = {"examples": int(tf.shape(examples[run.names[0]])[0]),
+                                            "samples": swap_samples}
+
+
 def analyze(workdir: str, data_dir: str | None = None, *, threshold: float = DEFAULT_THRESHOLD,
             r2_threshold: float = DEFAULT_R2_THRESHOLD, factors: Mapping[str, str] | None = None,
             swap_examples: int = DEFAULT_SWAP_EXAMPLES, swap_samples: int = DEFAULT_SWAP_SAMPLES) -> dict:
@@ -301,130 +465,42 @@ def analyze(workdir: str, data_dir: str | None = None, *, threshold: float = DEF
       data_dir: the dataset (default: the one the run trained on).
       threshold: normalised weight at or above which a dimension is private, in (0, 1].
       r2_threshold: R^2 at or above which a dimension carries a factor.
-      factors: {metadata key: modality} ground-truth private factors; None: the dataset's known
-        ones (`default_factors`), {} for none.
+      factors: {metadata key: modality} ground-truth private factors; None: the ones the
+        dataset's manifest declares (`default_factors`), {} for none.
       swap_examples, swap_samples: rows and resampled columns of each swap grid.
 
     Raises:
       UserError: a model without mixture weights, a bad threshold, a missing run or dataset.
     """
     started = time.perf_counter()
-    paths = run_dir.RunPaths(workdir)
     config, manifest, model = run_dir.load_trained_model(workdir, data_dir)
     weights = model.mixture_weights()
     if weights is None:
         raise UserError(f"{workdir}: model {config.model.name!r} has no mixture weights; "
                         f"`bmvae analyze` reads the alpha of bmvae_m or the E[pi] of bmvae_p")
-    if not 0.0 <= r2_threshold <= 1.0:
-        raise UserError(f"r2 threshold must be in [0, 1], got {r2_threshold}")
-    if swap_examples < 1 or swap_samples < 1:
-        raise UserError("swap examples and samples must be at least 1")
+    _check_settings(r2_threshold, swap_examples, swap_samples)
     weights = np.asarray(weights, np.float64)
-    names = manifest.modality_names
-    sets = dimension_sets(weights, names, threshold)
+    sets = dimension_sets(weights, manifest.modality_names, threshold)
     factors = default_factors(manifest) if factors is None else dict(factors)
-    directory = os.path.join(paths.root, "analysis")
-    tf.io.gfile.makedirs(directory)
-    # A previous analysis (another threshold) may have drawn grids for other modalities.
-    for stale in tf.io.gfile.glob(os.path.join(directory, "swap_*.png")):
-        tf.io.gfile.remove(stale)
-    seed, take = config.train.seed, config.eval.max_examples
-
-    def batches(split: str, batch_size: int = config.eval.batch_size, limit: int = take):
-        return input_pipeline.make_dataset(manifest, split, batch_size, take=limit)
-
+    run = _Analysis(config, manifest, model, weights, sets, _fresh_directory(run_dir.RunPaths(workdir).root))
     result: dict = {
-        "model": config.model.name, "dataset": manifest.name, "modalities": names,
+        "model": config.model.name, "dataset": manifest.name, "modalities": run.names,
         "dimension_numbering": "1-based", "weights_name": model.MIXTURE_WEIGHTS_NAME,
         "weights": weights.tolist(), "normalised_weights": normalised_weights(weights).tolist(),
         "threshold": threshold, "dimensions": sets.to_json(),
         "subvector_accuracy": None, "factors": None, "private_vs_factors": None,
         "r2_threshold": r2_threshold, "num_examples": {}, "files": {}, "skipped": {},
     }
-
     stage = time.perf_counter()
-    train = evaluate_lib.encode_split(model, batches("train"))
-    test = evaluate_lib.encode_split(model, batches("test"))
+    train = evaluate_lib.encode_split(model, run.batches("train"))
+    test = evaluate_lib.encode_split(model, run.batches("test"))
     logger.info("encoded %d train and %d test examples: %.1f s", train.num_examples,
                 test.num_examples, time.perf_counter() - stage)
-    encoders = [*names, schema.subset_key(names)]
+    _subvector_section(run, train, test, result)
+    _factor_section(run, factors, r2_threshold, train, test, result)
+    _picture_section(run, threshold, swap_examples, swap_samples, result)
 
-    if test.labels is None:
-        result["skipped"]["subvector_accuracy"] = f"dataset {manifest.name!r} declares no label"
-    else:
-        stage = time.perf_counter()
-        named = sets.named_sets()
-        result["subvector_accuracy"] = subvector_accuracy(
-            {e: train.means[e] for e in encoders}, train.labels,
-            {e: test.means[e] for e in encoders}, test.labels, named)
-        result["subvector_sets"] = {k: [d + 1 for d in v] for k, v in named.items()}
-        result["num_examples"]["subvector_accuracy"] = {"train": train.num_examples,
-                                                        "test": test.num_examples}
-        logger.info("sub-vector probes: %.1f s", time.perf_counter() - stage)
-
-    if not factors:
-        result["skipped"]["factors"] = (f"dataset {manifest.name!r} has no known private factors "
-                                        f"(name them with --factor KEY=MODALITY)")
-    else:
-        stage = time.perf_counter()
-        meta_train = _collect_metadata(batches("train"), list(factors))
-        meta_test = _collect_metadata(batches("test"), list(factors))
-        result["factors"], result["private_vs_factors"] = {}, {}
-        r2_rows, r2_columns, marked = [], [], []
-        for modality in dict.fromkeys(factors.values()):
-            keys = [k for k, m in factors.items() if m == modality]
-            columns, f_train = factor_columns({k: meta_train[k] for k in keys})
-            _, f_test = factor_columns({k: meta_test[k] for k in keys})
-            if test.labels is not None:
-                f_train, f_test = residualise_on_labels(f_train, train.labels, f_test, test.labels)
-            r2 = factor_r2(train.means[modality], f_train, test.means[modality], f_test)
-            for c, column in enumerate(columns):
-                result["factors"][column] = {
-                    "modality": modality,
-                    "r2": [None if np.isnan(v) else float(v) for v in r2[:, c]]}
-                r2_columns.append(column)
-                r2_rows.append(r2[:, c])
-            carrying = carrying_dimensions(r2, r2_threshold)
-            result["private_vs_factors"][modality] = {
-                "private": [d + 1 for d in sets.private[modality]],
-                "carrying": [d + 1 for d in carrying],
-                **precision_recall(sets.private[modality], carrying),
-                # Threshold-free: do dimensions that weight m more carry more of m's factors?
-                "rank_correlation": rank_correlation(
-                    normalised_weights(weights)[:, names.index(modality)],
-                    np.nan_to_num(r2, nan=0.0).max(axis=1))}
-            first = len(r2_columns) - len(columns)
-            marked += [(d, first + c) for d in sets.private[modality] for c in range(len(columns))]
-        result["num_examples"]["factors"] = {"train": train.num_examples, "test": test.num_examples}
-        result["factors_residualised_on_label"] = test.labels is not None
-        r2_matrix = np.stack(r2_rows, axis=1)
-        plots.save_figure(plots.heatmap_figure(
-            np.clip(np.nan_to_num(r2_matrix, nan=0.0), 0.0, 1.0),
-            [str(d + 1) for d in range(model.latent_dim)], r2_columns,
-            title="R^2 of each factor from one latent dimension of its modality's encoder\n"
-                  "(red: dimensions the weights call private to that modality)",
-            colour_label="test R^2 (clipped to [0, 1])", marked=marked),
-            os.path.join(directory, "factor_r2.png"))
-        result["files"]["factor_r2"] = "factor_r2.png"
-        logger.info("factor R^2: %.1f s", time.perf_counter() - stage)
-
-    marked = [(d, names.index(m)) for m, dims in sets.private.items() for d in dims]
-    plots.save_figure(plots.heatmap_figure(
-        weights, [str(d + 1) for d in range(model.latent_dim)], names,
-        title=f"{result['weights_name']} per dimension and modality\n"
-              f"(red: private at normalised weight >= {threshold:g})",
-        colour_label=result["weights_name"], marked=marked),
-        os.path.join(directory, "mixture_weights.png"))
-    result["files"]["mixture_weights"] = "mixture_weights.png"
-
-    examples = next(iter(batches("test", swap_examples, swap_examples)))
-    swaps = _swap_grids(model, manifest, sets, {n: examples[n] for n in names}, directory,
-                        swap_samples, seed)
-    result["files"]["swap_grids"] = swaps
-    result["num_examples"]["swap_grids"] = {"examples": int(tf.shape(examples[names[0]])[0]),
-                                            "samples": swap_samples}
-
-    path = os.path.join(directory, ANALYSIS_JSON)
+    path = os.path.join(run.directory, ANALYSIS_JSON)
     atomic.write_text(path, json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s in %.1f s", path, time.perf_counter() - started)
     logger.info("wrote %s", report.write_run_report(workdir))

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="R^2 at or above which a dimension carries a ground-truth factor (default 0.1)")
     analyze.add_argument("--factor", action="append", default=None, metavar="KEY=MODALITY",
                          help="a metadata key that is a private factor of MODALITY (repeatable); "
-                              "default: the dataset's known ones (digits: street_*, text_pad)")
+                              "default: the ones the dataset's manifest declares (digits: street_*, text_pad)")
     analyze.add_argument("--swap-examples", type=int, default=6, help="rows of each swap grid")
     analyze.add_argument("--swap-samples", type=int, default=8, help="resampled columns of each swap grid")
     analyze.set_defaults(func=_cmd_analyze)

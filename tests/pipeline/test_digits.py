@@ -260,6 +260,10 @@ def test_build_writes_a_valid_manifest_and_reports_counters(built, source):
     assert manifest.modality("text").vocab == digits.VOCAB
     assert manifest.label == schema.LabelSpec("label", 10, digits.CLASS_NAMES)
     assert dict(manifest.metadata_keys) == dict(digits.METADATA_SHAPES)
+    assert dict(manifest.factors) == {"street_fg": "street", "street_bg": "street",
+                                      "street_shift": "street", "text_pad": "text"}
+    with open(schema.manifest_path(manifest.directory)) as f:
+        assert json.load(f)["factors"] == dict(manifest.factors)
     assert {k: (v.files, v.count) for k, v in manifest.splits.items()} == {
         "train": (("train-00000-of-00001.tfrecord.gz",), 1437),
         "test": (("test-00000-of-00001.tfrecord.gz",), 360)}
@@ -267,6 +271,31 @@ def test_build_writes_a_valid_manifest_and_reports_counters(built, source):
     assert (manifest.source["num_images"], manifest.source["seed"], manifest.source["dm"]) == (1797, 0, 1)
     assert manifest.pipeline_options["runner"] == "DirectRunner"
     assert built.counters == {"train_records": 1437, "test_records": 360, "shards_written": 2}
+
+
+def manifest_json(**changes) -> dict:
+    template = manifest_template(source={}, pipeline_options={})
+    obj = template.to_json()
+    obj["splits"] = {"train": {"files": ["train-00000-of-00001.tfrecord.gz"], "count": 1}}
+    obj.update(changes)
+    return obj
+
+
+def test_manifest_refuses_factors_that_are_not_metadata_keys_or_modalities():
+    assert schema.Manifest.from_json(manifest_json()).factors == digits.PRIVATE_FACTORS
+    with pytest.raises(schema.SchemaError, match="factor 'colour' is not a metadata key"):
+        schema.Manifest.from_json(manifest_json(factors={"street_fg": "street", "colour": "street"}))
+    with pytest.raises(schema.SchemaError, match="factor 'text_pad': no modality 'caption'"):
+        schema.Manifest.from_json(manifest_json(factors={"text_pad": "caption"}))
+    with pytest.raises(schema.SchemaError, match="'factors' must be an object"):
+        schema.Manifest.from_json(manifest_json(factors=["street_fg"]))
+
+
+def test_manifest_without_factors_declares_none():
+    """Manifests written before `factors` existed still load."""
+    obj = manifest_json()
+    del obj["factors"]
+    assert schema.Manifest.from_json(obj).factors == {}
 
 
 def test_build_records_read_back_with_the_schema(built, source):

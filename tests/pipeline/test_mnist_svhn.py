@@ -167,6 +167,7 @@ def test_build_writes_the_paper_manifest(built_text):
     assert manifest.extras["text_padding"] == {"modality": "text", "space_token": mnist_svhn.SPACE_TOKEN,
                                                "length": 8, "start_metadata": "text_pad",
                                                "dynamic_default": True}
+    assert dict(manifest.factors) == {"text_pad": "text"}  # the indices are identities, not factors
     assert (manifest.source["kind"], manifest.source["dm"], manifest.source["max_d"]) == ("raw", DM, 10000)
     assert set(manifest.source["files"]) == {
         *sources.MNIST_FILES["train"], *sources.MNIST_FILES["test"], *sources.SVHN_FILES.values()}
@@ -230,7 +231,7 @@ def test_mnist_svhn_without_text_from_tfds(tmp_path):
             num_shards=3, beam_args=IN_PROCESS)
     manifest = result.manifest
     assert manifest.name == "mnist-svhn" and manifest.modality_names == ["mnist", "svhn"]
-    assert "text_padding" not in manifest.extras
+    assert "text_padding" not in manifest.extras and dict(manifest.factors) == {}
     n = mnist_svhn.class_counts(labels["mnist"], labels["svhn"], 10000)
     assert manifest.splits["train"].count == 2 * sum(n)
     assert len(manifest.splits["train"].files) == 3

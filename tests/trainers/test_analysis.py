@@ -3,8 +3,10 @@ planted shared and private dimensions, then the command on a tiny run with plant
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -198,11 +200,30 @@ def test_analyze_command_prints_the_sets_and_rejects_bad_input(planted_run, tmp_
     assert "has no mixture weights" in capsys.readouterr().err
 
 
-def test_default_factors_are_the_digits_style_factors():
+def test_default_factors_are_the_ones_the_manifest_declares():
+    digits_factors = {"street_fg": "street", "street_bg": "street", "street_shift": "street",
+                      "text_pad": "text"}
     manifest = schema.Manifest(
         name="digits", modalities=tuple(synthetic.digits_like_modalities()), label=None,
         metadata_keys={"street_fg": (3,), "street_bg": (3,), "street_shift": (2,), "text_pad": (1,),
-                       "digit_source": (1,)},
+                       "digit_source": (1,)}, factors=digits_factors,
         splits={"train": schema.SplitInfo(("x",), 1)})
-    assert analysis.default_factors(manifest) == {"street_fg": "street", "street_bg": "street",
-                                                  "street_shift": "street", "text_pad": "text"}
+    assert analysis.default_factors(manifest) == digits_factors
+    assert analysis.default_factors(dataclasses.replace(manifest, factors={})) == {}
+
+
+def test_analyze_uses_the_factors_the_manifest_declares(planted_run, tmp_path):
+    data_dir, workdir = planted_run
+    undeclared = analysis.analyze(workdir, swap_examples=1, swap_samples=1)
+    assert undeclared["factors"] is None
+    assert "declares no ground-truth factors" in undeclared["skipped"]["factors"]
+
+    declared = str(tmp_path / "declared")
+    shutil.copytree(data_dir, declared)
+    manifest = schema.read_manifest(declared)
+    schema.write_manifest(declared, dataclasses.replace(manifest, factors={"noise_seed": "street"}))
+    result = analysis.analyze(workdir, declared, swap_examples=1, swap_samples=1)
+    assert "factors" not in result["skipped"]
+    assert set(result["factors"]) == {"noise_seed"} and result["factors"]["noise_seed"]["modality"] == "street"
+    assert list(result["private_vs_factors"]) == ["street"]
+    assert result["files"]["factor_r2"] == "factor_r2.png"
