@@ -44,9 +44,9 @@ from apache_beam.metrics.metric import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
 
-from bmvae_tf import atomic, schema, sentence_vectors
+from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
-from bmvae_tf.pipeline import beam_io, cub
+from bmvae_tf.pipeline import beam_io, cub, sentence_vectors
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bmvae_tf import schema, sentence_vectors
+from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from bmvae_tf.pipeline import build_cub, cub
+from bmvae_tf.pipeline import build_cub, cub, sentence_vectors
 from tests import cub_tree
 from bmvae_tf.trainers import input_pipeline
 

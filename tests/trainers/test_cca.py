@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from bmvae_tf import sentence_vectors
+from bmvae_tf.pipeline import sentence_vectors
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import cca, cli, input_pipeline
 

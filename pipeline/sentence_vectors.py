@@ -13,8 +13,9 @@ u the first principal component (unit right-singular vector) of the centred trai
 vectors v(s). `<exc>` takes the frequency mass of all words outside the vocabulary; `<pad>` and
 `<eos>` weigh 0. The special tokens' vectors are -1 (`<exc>`), 0 (`<pad>`) and +1 (`<eos>`).
 
-This module owns the file format, like `schema` owns the manifest: the Beam writer and the
-evaluation read and write it only through `write` and `read`.
+This module owns the file format, like `schema` owns the manifest: the Beam writer
+(`pipeline/build_cub.py`) and the evaluation read and write it only through `write` and `read`.
+It lives beside the CUB pipeline, not in `bmvae_tf`, because it reads and writes files.
 """
 
 from __future__ import annotations
