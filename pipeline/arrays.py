@@ -330,13 +330,7 @@ def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool =
     keys = check_members(path, members, sequences)
     count = members[keys[0]].count
     has_split = SPLIT_KEY in members
-    if has_split:
-        split_ids = np.concatenate([split_names(chunk, path, start)
-                                    for start, chunk in iter_chunks(path, members[SPLIT_KEY])])
-    else:
-        if not 0.0 < test_fraction < 1.0:
-            raise UserError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-        split_ids = test_rows(count, test_fraction, seed, np.arange(count)).astype(np.int64)
+    split_ids = _split_ids(path, members, count, test_fraction, seed)
     split_counts = {name: int(np.sum(split_ids == i)) for i, name in enumerate(SPLIT_NAMES)}
     for name, n in split_counts.items():
         if n == 0:
@@ -349,49 +343,63 @@ def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool =
         if low < 0:
             raise UserError(f"{path}: key 'label' holds {low}; labels must be class ids >= 0")
         num_classes = int(high) + 1
-
-    sizes = {key: math.prod(modality_shape(members[key])) for key in keys}
-    weights = _balanced_weights(sizes)
-    modalities = []
-    for key in keys:
-        member = members[key]
-        kind = modality_kind(member, sequences)
-        shape = modality_shape(member)
-        if kind == "sequence":
-            low, high = _value_range(path, member)
-            if low < 0:
-                raise UserError(f"{path}: key {key!r} holds token id {low}; token ids must be >= 0")
-            vocab = tuple(str(i) for i in range(int(high) + 1))
-            modalities.append(schema.ModalitySpec(key, "sequence", shape, "int64", "categorical",
-                                                  weights[key], vocab=vocab))
-            continue
-        moments = _Moments(sizes[key]) if kind == "vector" else None
-        low, high = np.inf, -np.inf
-        for start, chunk in iter_chunks(path, member):
-            values = chunk.astype(np.float64)
-            finite = np.isfinite(values)
-            if not finite.all():
-                bad = np.argwhere(~finite)[0]
-                raise UserError(f"{path}: key {key!r} holds {values[tuple(bad)]} at example "
-                                f"{start + int(bad[0])}; values must be finite")
-            if chunk.size:
-                low, high = min(low, float(values.min())), max(high, float(values.max()))
-            if moments is not None:
-                moments.add(values[split_ids[start:start + len(chunk)] == 0])
-        standardization = None
-        if kind == "image":
-            standardization = _image_scaling(path, key, member, low, high)
-        elif standardize:
-            std = moments.std()
-            standardization = {
-                "method": "standardize", "offset": moments.mean.tolist(),
-                "scale": np.where(std > 0, std, 1.0).tolist(), "split": "train", "count": moments.count,
-                "constant_features": int(np.sum(std == 0))}
-        modalities.append(schema.ModalitySpec(key, kind, shape, "float32", "laplace", weights[key],
-                                              standardization=standardization))
-    return Plan(path=path, members=members, modalities=tuple(modalities), count=count,
+    weights = _balanced_weights({key: math.prod(modality_shape(members[key])) for key in keys})
+    modalities = tuple(
+        _plan_modality(path, key, members[key], modality_kind(members[key], sequences), weights[key],
+                       train_rows=split_ids == 0, standardize=standardize)
+        for key in keys)
+    return Plan(path=path, members=members, modalities=modalities, count=count,
                 split_counts=split_counts, has_split=has_split, num_classes=num_classes, seed=seed,
                 test_fraction=test_fraction)
+
+
+def _split_ids(path: str, members: Mapping[str, Member], count: int, test_fraction: float,
+               seed: int) -> np.ndarray:
+    """[count] int64 split ids (0 train, 1 test): the archive's `split`, else the seeded draw."""
+    if SPLIT_KEY in members:
+        return np.concatenate([split_names(chunk, path, start)
+                               for start, chunk in iter_chunks(path, members[SPLIT_KEY])])
+    if not 0.0 < test_fraction < 1.0:
+        raise UserError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    return test_rows(count, test_fraction, seed, np.arange(count)).astype(np.int64)
+
+
+def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float, *,
+                   train_rows: np.ndarray, standardize: bool) -> schema.ModalitySpec:
+    """One array's modality: sequences get the vocabulary of their ids; images and vectors are
+    checked finite in one streaming pass, which also gathers the vectors' train moments and the
+    images' value range. train_rows: [N] bool, the train split's rows."""
+    shape = modality_shape(member)
+    if kind == "sequence":
+        low, high = _value_range(path, member)
+        if low < 0:
+            raise UserError(f"{path}: key {key!r} holds token id {low}; token ids must be >= 0")
+        vocab = tuple(str(i) for i in range(int(high) + 1))
+        return schema.ModalitySpec(key, "sequence", shape, "int64", "categorical", weight, vocab=vocab)
+    moments = _Moments(math.prod(shape)) if kind == "vector" else None
+    low, high = np.inf, -np.inf
+    for start, chunk in iter_chunks(path, member):
+        values = chunk.astype(np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = np.argwhere(~finite)[0]
+            raise UserError(f"{path}: key {key!r} holds {values[tuple(bad)]} at example "
+                            f"{start + int(bad[0])}; values must be finite")
+        if chunk.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+        if moments is not None:
+            moments.add(values[train_rows[start:start + len(chunk)]])
+    standardization = None
+    if kind == "image":
+        standardization = _image_scaling(path, key, member, low, high)
+    elif standardize:
+        std = moments.std()
+        standardization = {
+            "method": "standardize", "offset": moments.mean.tolist(),
+            "scale": np.where(std > 0, std, 1.0).tolist(), "split": "train", "count": moments.count,
+            "constant_features": int(np.sum(std == 0))}
+    return schema.ModalitySpec(key, kind, shape, "float32", "laplace", weight,
+                               standardization=standardization)
 
 
 def _balanced_weights(sizes: Mapping[str, int]) -> dict[str, float]:

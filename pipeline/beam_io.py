@@ -20,6 +20,7 @@ All file access goes through tf.io.gfile, so output directories may be gs:// or 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -30,7 +31,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
@@ -301,6 +302,24 @@ def run_build(pipeline: beam.Pipeline, *, output_dir: str, namespace: str) -> Bu
     logger.info("%s: wrote dataset %r: %s; counters %s", output_dir, manifest.name,
                 {k: v.count for k, v in manifest.splits.items()}, counters)
     return BuildResult(manifest=manifest, counters=counters)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildCommand:
+    """`bmvae data build NAME`, as a dataset job offers itself to the command line.
+
+    Each `pipeline/build_<name>.py` lists its own in `COMMANDS`; trainers/cli.py registers
+    them from one list of those modules and adds what every job takes: `--output`,
+    `--num-shards`, `--overwrite` and the Beam arguments after `--`.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # the job's own options
+    run: Callable[[argparse.Namespace, list[str]], BuildResult]  # (parsed args, Beam args)
+    description: str | None = None
+    # What the printed "wrote DIR/manifest.json (...)" line adds, e.g. CUB's unusable images.
+    note: Callable[[schema.Manifest], str] | None = None
 
 
 def query_counters(result: PipelineResult, namespace: str) -> dict[str, int]:

@@ -27,6 +27,7 @@ out and listed in the report.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import hashlib
@@ -62,28 +63,19 @@ _BAD = "bad"
 _CONVERTED = "converted"
 
 
-def build_cub(output_dir: str, *, cub_dir: str, captions_dir: str, **kwargs) -> schema.Manifest:
+def build_cub(output_dir: str, *, cub_dir: str, captions_dir: str,
+              train_classes: str | None = None, test_classes: str | None = None,
+              resnet_weights: str | None = "imagenet", fasttext: str | None = None,
+              image_size: int = cub.IMAGE_SIZE, batch_size: int = 32,
+              max_bad_fraction: float = 0.01, seed: int = 0, num_shards: int | None = None,
+              overwrite: bool = False, beam_args: list[str] | None = None,
+              fasttext_bucket: int = FASTTEXT_BUCKETS) -> schema.Manifest:
     """Builds the CUB dataset into `output_dir` and returns its manifest.
 
     Args:
       output_dir: local path or URL; must hold no dataset unless `overwrite`.
       cub_dir: CUB_200_2011 (holds images.txt and images/).
       captions_dir: Reed et al.'s text_c10 (<class>/<image>.txt, ten captions each).
-      **kwargs: as `run_cub_job`.
-    """
-    return run_cub_job(output_dir, cub_dir=cub_dir, captions_dir=captions_dir, **kwargs).manifest
-
-
-def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
-                train_classes: str | None = None, test_classes: str | None = None,
-                resnet_weights: str | None = "imagenet", fasttext: str | None = None,
-                image_size: int = cub.IMAGE_SIZE, batch_size: int = 32,
-                max_bad_fraction: float = 0.01, seed: int = 0, num_shards: int | None = None,
-                overwrite: bool = False, beam_args: list[str] | None = None,
-                fasttext_bucket: int = FASTTEXT_BUCKETS) -> beam_io.BuildResult:
-    """`build_cub`, also returning the job's counters (`cub/train_records`, `cub/images_bad`, ...).
-
-    Args:
       train_classes, test_classes: files of class folder names, one per line; by default the
         published split (pipeline/cub_splits).
       resnet_weights: a Keras weights file of `ResNet101(include_top=False)`, "imagenet" (Keras
@@ -94,63 +86,76 @@ def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
       batch_size: images per ResNet call (all of one resized shape).
       max_bad_fraction: the job fails if more than this fraction of the images is unusable.
       seed: FastText's seed.
-      fasttext_bucket: FastText's number of subword hash buckets (gensim's default; its
-        [buckets, 300] table takes 2.4 GB, so tests pass a small number).
       num_shards: shards per split; by default about one per 4096 pairs.
       overwrite: replace a dataset already in `output_dir`.
       beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
+      fasttext_bucket: FastText's number of subword hash buckets (gensim's default; its
+        [buckets, 300] table takes 2.4 GB, so tests pass a small number).
 
     Raises:
       UserError: bad arguments or input files (named); raised inside the job for an unreadable
         caption file or too many bad images.
     """
+    return run_cub_job(output_dir, cub_dir=cub_dir, captions_dir=captions_dir, train_classes=train_classes,
+                       test_classes=test_classes, resnet_weights=resnet_weights, fasttext=fasttext,
+                       image_size=image_size, batch_size=batch_size, max_bad_fraction=max_bad_fraction,
+                       seed=seed, num_shards=num_shards, overwrite=overwrite, beam_args=beam_args,
+                       fasttext_bucket=fasttext_bucket).manifest
+
+
+def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
+                train_classes: str | None = None, test_classes: str | None = None,
+                resnet_weights: str | None = "imagenet", fasttext: str | None = None,
+                image_size: int = cub.IMAGE_SIZE, batch_size: int = 32,
+                max_bad_fraction: float = 0.01, seed: int = 0, num_shards: int | None = None,
+                overwrite: bool = False, beam_args: list[str] | None = None,
+                fasttext_bucket: int = FASTTEXT_BUCKETS) -> beam_io.BuildResult:
+    """`build_cub`, also returning the job's counters (`cub/train_records`, `cub/images_bad`, ...)."""
     _check_arguments(output_dir, cub_dir=cub_dir, captions_dir=captions_dir, image_size=image_size,
                      batch_size=batch_size, max_bad_fraction=max_bad_fraction, seed=seed,
                      num_shards=num_shards, resnet_weights=resnet_weights, fasttext=fasttext,
                      fasttext_bucket=fasttext_bucket)
-    images_txt = os.path.join(cub_dir, "images.txt")
-    images_text = _read_text(images_txt, "CUB images list")
-    class_files = {"train": train_classes or cub.DEFAULT_CLASS_FILES["train"],
-                   "test": test_classes or cub.DEFAULT_CLASS_FILES["test"]}
-    class_texts = {split: _read_text(path, f"{split} class list") for split, path in class_files.items()}
-    images = cub.parse_images_list(images_text, images_txt)
-    split_classes = {split: cub.parse_class_list(text, class_files[split])
-                     for split, text in class_texts.items()}
-    plan = cub.plan_images(images, split_classes, class_files)
-    unused_classes = cub.classes_without_images(images, split_classes)
-    for split, names in unused_classes.items():
-        if names:
-            logger.warning("%d %s class(es) of %s have no image in %s, e.g. %s", len(names), split,
-                           class_files[split], images_txt, names[0])
-    planned_images = {split: len(entries) for split, entries in plan.items()}
+    plan, listing = plan_splits(cub_dir, train_classes, test_classes)
+    planned_images = listing["num_images"]
     shards = {split: int(num_shards or beam_io.default_num_shards(n * cub.CAPTIONS_PER_IMAGE))
               for split, n in planned_images.items()}
-
     pipeline = beam_io.make_pipeline(beam_args)
-    template = manifest_template(
-        source={
-            "dataset": "CUB_200_2011 images with the captions of Reed et al. (2016)",
-            "cub_dir": cub_dir, "captions_dir": captions_dir,
-            "images_txt_sha256": _sha256(images_text),
-            "class_files": {split: {"path": path, "sha256": _sha256(class_texts[split])}
-                            for split, path in class_files.items()},
-            "num_images": planned_images,
-            "num_classes": {split: len(names) - len(unused_classes[split])
-                            for split, names in split_classes.items()},
-            "image_size": int(image_size), "resnet_weights": resnet_weights or "random (none)",
-            "preprocessing": "shorter side to image_size (bilinear, no crop), "
-                             "keras.applications.resnet.preprocess_input",
-            "tokenizer": "nltk PunktSentenceTokenizer (untrained) + NLTKWordTokenizer",
-            "nltk_version": _version("nltk"), "gensim_version": _version("gensim"),
-            "word_vectors": fasttext or {"gensim.models.FastText": {
-                **FASTTEXT_PARAMS, "bucket": int(fasttext_bucket), "seed": int(seed), "workers": 1}},
-            "max_bad_fraction": float(max_bad_fraction),
-        },
-        pipeline_options=beam_io.options_to_json(pipeline.options))
+    source = {"dataset": "CUB_200_2011 images with the captions of Reed et al. (2016)", "cub_dir": cub_dir,
+              "captions_dir": captions_dir, **listing,
+              **_processing_record(image_size, resnet_weights, fasttext, fasttext_bucket, seed),
+              "max_bad_fraction": float(max_bad_fraction)}
+    template = manifest_template(source=source, pipeline_options=beam_io.options_to_json(pipeline.options))
 
-    entries = sorted(e for split in cub.SPLITS for e in plan[split])
-    listed = pipeline | "ListImages" >> beam.Create(entries)
+    listed = pipeline | "ListImages" >> beam.Create(sorted(e for split in cub.SPLITS for e in plan[split]))
+    captions, vocab, sentence_file = _caption_stages(listed, captions_dir, output_dir, fasttext=fasttext,
+                                                     seed=int(seed), bucket=int(fasttext_bucket))
+    features, report = _image_stages(listed, cub_dir, output_dir, image_size=image_size,
+                                     batch_size=batch_size, resnet_weights=resnet_weights,
+                                     planned_images=planned_images, max_bad_fraction=max_bad_fraction)
+    _ = ({"features": features, "captions": captions}
+         | "JoinByImage" >> beam.CoGroupByKey()
+         | "MakePairs" >> beam.ParDo(MakePairsFn(template), vocab=beam.pvalue.AsSingleton(vocab))
+         | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=NAMESPACE)
+         | "CollectShards" >> beam.combiners.ToList()
+         | "WriteManifest" >> beam.Map(
+             finish_cub_manifest, vocab=beam.pvalue.AsSingleton(vocab), report=beam.pvalue.AsSingleton(report),
+             sentence_file=beam.pvalue.AsSingleton(sentence_file), output_dir=output_dir,
+             template=template, num_shards=shards))
 
+    # Only now that every argument has been checked, so bad input never deletes an old dataset.
+    beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
+    logger.info("%s: building CUB from %s images %s in %s shards", output_dir, sum(planned_images.values()),
+                planned_images, shards)
+    return beam_io.run_build(pipeline, output_dir=output_dir, namespace=NAMESPACE)
+
+
+def _caption_stages(listed: beam.PCollection, captions_dir: str, output_dir: str, *,
+                    fasttext: str | None, seed: int, bucket: int):
+    """ReadCaptions, the vocabulary of the train captions and DIR/sentence_vectors.npz.
+
+    Returns (captions: (key, (entry, token lists)) per image, vocab: one list of words,
+    sentence_file: one file name), the last two for side inputs.
+    """
     captions = listed | "ReadCaptions" >> beam.Map(read_captions, captions_dir=captions_dir)
     train_captions = captions | "TrainCaptions" >> beam.Filter(lambda item: item[0][0] == "train")
     counts = train_captions | "CountWords" >> beam.CombineGlobally(CountWordsFn())
@@ -160,8 +165,17 @@ def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
                      | "FitSentenceVectors" >> beam.Map(
                          fit_sentence_vectors, vocab=beam.pvalue.AsSingleton(vocab),
                          counts=beam.pvalue.AsSingleton(counts), output_dir=output_dir,
-                         fasttext=fasttext, seed=int(seed), bucket=int(fasttext_bucket)))
+                         fasttext=fasttext, seed=seed, bucket=bucket))
+    return captions, vocab, sentence_file
 
+
+def _image_stages(listed: beam.PCollection, cub_dir: str, output_dir: str, *, image_size: int,
+                  batch_size: int, resnet_weights: str | None, planned_images: Mapping[str, int],
+                  max_bad_fraction: float):
+    """DecodeImages, ResNet-101 in same-shape batches, and DIR/image_report.json.
+
+    Returns (features: (key, [2048]) per usable image, report: one {split: bad images}).
+    """
     checked = listed | "DecodeImages" >> beam.ParDo(
         DecodeImageFn(cub_dir, image_size)).with_outputs(_BAD, _CONVERTED, main="ok")
     features = (checked.ok
@@ -176,23 +190,48 @@ def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
               | "CollectImageFindings" >> beam.combiners.ToList()
               | "ReportBadImages" >> beam.Map(write_image_report, planned=planned_images,
                                               output_dir=output_dir, max_bad_fraction=max_bad_fraction))
+    return features, report
 
-    records = ({"features": features, "captions": captions}
-               | "JoinByImage" >> beam.CoGroupByKey()
-               | "MakePairs" >> beam.ParDo(MakePairsFn(template), vocab=beam.pvalue.AsSingleton(vocab)))
-    _ = (records
-         | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=NAMESPACE)
-         | "CollectShards" >> beam.combiners.ToList()
-         | "WriteManifest" >> beam.Map(
-             finish_cub_manifest, vocab=beam.pvalue.AsSingleton(vocab),
-             report=beam.pvalue.AsSingleton(report), sentence_file=beam.pvalue.AsSingleton(sentence_file),
-             output_dir=output_dir, template=template, num_shards=shards))
 
-    # Only now that every argument has been checked, so bad input never deletes an old dataset.
-    beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
-    logger.info("%s: building CUB from %s images %s in %s shards", output_dir, sum(planned_images.values()),
-                planned_images, shards)
-    return beam_io.run_build(pipeline, output_dir=output_dir, namespace=NAMESPACE)
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cub-dir", required=True, help="CUB_200_2011 directory (images.txt, images/)")
+    parser.add_argument("--captions-dir", required=True, help="text_c10 directory (<class>/<image>.txt)")
+    parser.add_argument("--train-classes", help="class folder names, one per line "
+                                                "(default: the published 150-class split)")
+    parser.add_argument("--test-classes", help="class folder names, one per line "
+                                               "(default: the published 50-class split)")
+    parser.add_argument("--resnet-weights", default="imagenet", metavar="PATH",
+                        help="Keras weights file of ResNet101(include_top=False), or 'imagenet' "
+                             "(downloaded by Keras; the default)")
+    parser.add_argument("--fasttext", metavar="PATH",
+                        help="pretrained word vectors (.bin FastText or word2vec text) instead of "
+                             "training FastText on the train captions")
+    parser.add_argument("--image-size", type=int, default=224, help="shorter image side fed to ResNet")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per ResNet call")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="fail if more than this fraction of the images is unusable")
+    parser.add_argument("--seed", type=int, default=0, help="FastText's seed")
+
+
+def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
+    return run_cub_job(
+        args.output, cub_dir=args.cub_dir, captions_dir=args.captions_dir,
+        train_classes=args.train_classes, test_classes=args.test_classes,
+        resnet_weights=args.resnet_weights, fasttext=args.fasttext, image_size=args.image_size,
+        batch_size=args.batch_size, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
+        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+
+
+COMMANDS = (beam_io.BuildCommand(
+    DATASET_NAME, help="CUB-200-2011 photos (ResNet-101 features) paired with Reed et al.'s captions",
+    description="Reads CUB_200_2011 (images.txt, images/) and the text_c10 captions; writes "
+                "image features, captions, DIR/sentence_vectors.npz and DIR/image_report.json.",
+    add_arguments=_add_arguments, run=_run_from_args,
+    note=lambda manifest: f"; {sum(manifest.source['num_bad_images'].values())} unusable image(s)"),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +255,47 @@ def _check_arguments(output_dir: str, *, cub_dir: str, captions_dir: str, image_
         raise UserError(f"--resnet-weights {resnet_weights}: no such file (or pass 'imagenet')")
     if fasttext is not None and not tf.io.gfile.exists(fasttext):
         raise UserError(f"--fasttext {fasttext}: no such file")
+
+
+def plan_splits(cub_dir: str, train_classes: str | None, test_classes: str | None
+                ) -> tuple[dict[str, list[cub.ImageEntry]], dict]:
+    """Reads images.txt and the class lists: {split: image entries} and what the manifest's
+    `source` records of them (checksums, images per split, classes with images per split)."""
+    images_txt = os.path.join(cub_dir, "images.txt")
+    images_text = _read_text(images_txt, "CUB images list")
+    class_files = {"train": train_classes or cub.DEFAULT_CLASS_FILES["train"],
+                   "test": test_classes or cub.DEFAULT_CLASS_FILES["test"]}
+    class_texts = {split: _read_text(path, f"{split} class list") for split, path in class_files.items()}
+    images = cub.parse_images_list(images_text, images_txt)
+    split_classes = {split: cub.parse_class_list(text, class_files[split])
+                     for split, text in class_texts.items()}
+    plan = cub.plan_images(images, split_classes, class_files)
+    unused_classes = cub.classes_without_images(images, split_classes)
+    for split, names in unused_classes.items():
+        if names:
+            logger.warning("%d %s class(es) of %s have no image in %s, e.g. %s", len(names), split,
+                           class_files[split], images_txt, names[0])
+    listing = {
+        "images_txt_sha256": _sha256(images_text),
+        "class_files": {split: {"path": path, "sha256": _sha256(class_texts[split])}
+                        for split, path in class_files.items()},
+        "num_images": {split: len(entries) for split, entries in plan.items()},
+        "num_classes": {split: len(names) - len(unused_classes[split])
+                        for split, names in split_classes.items()}}
+    return plan, listing
+
+
+def _processing_record(image_size: int, resnet_weights: str | None, fasttext: str | None,
+                       fasttext_bucket: int, seed: int) -> dict:
+    """How the features and the word vectors were made, for the manifest's `source`."""
+    return {
+        "image_size": int(image_size), "resnet_weights": resnet_weights or "random (none)",
+        "preprocessing": "shorter side to image_size (bilinear, no crop), "
+                         "keras.applications.resnet.preprocess_input",
+        "tokenizer": "nltk PunktSentenceTokenizer (untrained) + NLTKWordTokenizer",
+        "nltk_version": _version("nltk"), "gensim_version": _version("gensim"),
+        "word_vectors": fasttext or {"gensim.models.FastText": {
+            **FASTTEXT_PARAMS, "bucket": int(fasttext_bucket), "seed": int(seed), "workers": 1}}}
 
 
 def _read_text(path: str, what: str) -> str:

@@ -11,6 +11,7 @@ deterministic shards and, last, the manifest:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 from typing import Iterator
@@ -90,6 +91,22 @@ def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fractio
     beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
     logger.info("%s: building %s pairs in %s shards", output_dir, expected_counts, shards)
     return beam_io.run_build(pipeline, output_dir=output_dir, namespace=DATASET_NAME)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dm", type=int, default=10, help="random pairings per source image (Shi et al.)")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+
+
+def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
+    return run_digits_job(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
+                          num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+
+
+COMMANDS = (beam_io.BuildCommand(
+    DATASET_NAME, help="the embedded Digits data (scikit-learn load_digits): digit, street, text",
+    add_arguments=_add_arguments, run=_run_from_args),)
 
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, test_fraction: float,

@@ -18,6 +18,9 @@ metadata, and for the text variant the text and its start (`text_pad`).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import functools
 import logging
 from typing import Any, Iterable, Iterator
 
@@ -79,53 +82,106 @@ def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str 
                                  download=download)
     logger.info("checking the %s source files", source)
     source_record = reader.validate()
-    plans, cutoffs, class_counts = {}, {}, {}
-    for split in mnist_svhn.SPLITS:
-        labels = {dataset: reader.labels(dataset, split) for dataset in sources.DATASETS}
-        mnist_svhn.check_labels({f"{d} {split} labels": v for d, v in labels.items()})
-        plans[split] = mnist_svhn.class_plans(labels["mnist"], labels["svhn"], split=split, dm=dm,
-                                              max_d=max_d)
-        class_counts[split] = mnist_svhn.class_counts(labels["mnist"], labels["svhn"], max_d)
-        # Source images past a class's first n are never paired; the readers drop them early.
-        cutoffs[split] = {dataset: _cutoffs(plans[split], dataset) for dataset in sources.DATASETS}
-    expected_counts = {split: dm * sum(class_counts[split]) for split in mnist_svhn.SPLITS}
-    for split, count in expected_counts.items():
-        if count == 0:
-            raise UserError(f"the {split} split pairs nothing: no class has images in both "
-                            f"MNIST and SVHN ({source_record.get('directory') or source})")
-    shards = {split: int(num_shards or beam_io.default_num_shards(n)) for split, n in expected_counts.items()}
-    source_record.update({"seed": seed, "dm": dm, "max_d": max_d, "class_counts": class_counts})
+    plan = plan_pairs(reader, dm=dm, max_d=max_d, where=source_record.get("directory") or source)
+    shards = {split: int(num_shards or beam_io.default_num_shards(n)) for split, n in plan.counts.items()}
+    source_record.update({"seed": seed, "dm": dm, "max_d": max_d, "class_counts": plan.class_counts})
     template = manifest_template(name, source=source_record,
                                  pipeline_options=beam_io.options_to_json(pipeline.options))
-
-    encoded = []
-    for split in mnist_svhn.SPLITS:
-        title = split.capitalize()
-        pairs = (pipeline
-                 | f"Plan{title}" >> beam.Create(plans[split])
-                 | f"Pairs{title}" >> beam.ParDo(ExpandPlanFn(dm, seed, with_text)))
-        images = {
-            dataset: (pipeline
-                      | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, split)])
-                      | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
-                          ReadImagesFn(reader, cutoffs[split][dataset])))
-            for dataset in sources.DATASETS}
-        with_mnist = ({"pairs": pairs, "image": images["mnist"]}
-                      | f"JoinMnist{title}" >> beam.CoGroupByKey()
-                      | f"AttachMnist{title}" >> beam.ParDo(AttachMnistFn()))
-        encoded.append({"pairs": with_mnist, "image": images["svhn"]}
-                       | f"JoinSvhn{title}" >> beam.CoGroupByKey()
-                       | f"Encode{title}" >> beam.ParDo(EncodePairFn(template, split)))
+    encoded = [_split_stages(pipeline, split, plan, reader, template, dm=dm, seed=seed, with_text=with_text)
+               for split in mnist_svhn.SPLITS]
     _ = (encoded
          | "AllSplits" >> beam.Flatten()
          | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=NAMESPACE)
-         | "WriteManifest" >> beam_io.WriteManifest(output_dir, template, expected_counts, shards))
+         | "WriteManifest" >> beam_io.WriteManifest(output_dir, template, plan.counts, shards))
 
     # Only now that every argument and source file has been checked, so bad input never
     # deletes an old dataset.
     beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
-    logger.info("%s: building %s %s pairs in %s shards", output_dir, name, expected_counts, shards)
+    logger.info("%s: building %s %s pairs in %s shards", output_dir, name, plan.counts, shards)
     return beam_io.run_build(pipeline, output_dir=output_dir, namespace=NAMESPACE)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairPlan:
+    """The driver's plan of both splits, from the labels alone.
+
+    class_plans: {split: [ClassPlan]}; cutoffs: {split: {dataset: {class: largest paired source
+    index}}}; class_counts: {split: [n_c per class]}; counts: {split: pairs = dm * sum(n_c)}.
+    """
+
+    class_plans: dict[str, list[mnist_svhn.ClassPlan]]
+    cutoffs: dict[str, dict[str, dict[int, int]]]
+    class_counts: dict[str, list[int]]
+    counts: dict[str, int]
+
+
+def plan_pairs(reader, *, dm: int, max_d: int, where: str) -> PairPlan:
+    """Reads every split's labels and plans its pairs; UserError if a split would pair nothing."""
+    class_plans, cutoffs, class_counts = {}, {}, {}
+    for split in mnist_svhn.SPLITS:
+        labels = {dataset: reader.labels(dataset, split) for dataset in sources.DATASETS}
+        mnist_svhn.check_labels({f"{d} {split} labels": v for d, v in labels.items()})
+        class_plans[split] = mnist_svhn.class_plans(labels["mnist"], labels["svhn"], split=split, dm=dm,
+                                                    max_d=max_d)
+        class_counts[split] = mnist_svhn.class_counts(labels["mnist"], labels["svhn"], max_d)
+        # Source images past a class's first n are never paired; the readers drop them early.
+        cutoffs[split] = {dataset: _cutoffs(class_plans[split], dataset) for dataset in sources.DATASETS}
+    counts = {split: dm * sum(class_counts[split]) for split in mnist_svhn.SPLITS}
+    for split, count in counts.items():
+        if count == 0:
+            raise UserError(f"the {split} split pairs nothing: no class has images in both "
+                            f"MNIST and SVHN ({where})")
+    return PairPlan(class_plans, cutoffs, class_counts, counts)
+
+
+def _split_stages(pipeline: beam.Pipeline, split: str, plan: PairPlan, reader, template: schema.Manifest,
+                  *, dm: int, seed: int, with_text: bool) -> beam.PCollection:
+    """One split's pairs, drawn, joined to their two images and encoded (module docstring)."""
+    title = split.capitalize()
+    pairs = (pipeline
+             | f"Plan{title}" >> beam.Create(plan.class_plans[split])
+             | f"Pairs{title}" >> beam.ParDo(ExpandPlanFn(dm, seed, with_text)))
+    images = {
+        dataset: (pipeline
+                  | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, split)])
+                  | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
+                      ReadImagesFn(reader, plan.cutoffs[split][dataset])))
+        for dataset in sources.DATASETS}
+    with_mnist = ({"pairs": pairs, "image": images["mnist"]}
+                  | f"JoinMnist{title}" >> beam.CoGroupByKey()
+                  | f"AttachMnist{title}" >> beam.ParDo(AttachMnistFn()))
+    return ({"pairs": with_mnist, "image": images["svhn"]}
+            | f"JoinSvhn{title}" >> beam.CoGroupByKey()
+            | f"Encode{title}" >> beam.ParDo(EncodePairFn(template, split)))
+
+
+def _add_arguments(parser: argparse.ArgumentParser, dm: int) -> None:
+    parser.add_argument("--source", choices=("raw", "tfds"), default="raw",
+                        help="raw: the published files in --source-dir; tfds: TFDS mnist and svhn_cropped")
+    parser.add_argument("--source-dir", help="directory of train-images-idx3-ubyte.gz, ..., "
+                                             "train_32x32.mat, test_32x32.mat")
+    parser.add_argument("--tfds-data-dir", help="TFDS data directory (default: TFDS's own)")
+    parser.add_argument("--download", action="store_true",
+                        help="with --source tfds: download and prepare the datasets first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dm", type=int, default=dm, help=f"random pairings per class (default {dm})")
+    parser.add_argument("--max-d", type=int, default=mnist_svhn.DEFAULT_MAX_D,
+                        help="at most this many images per class")
+
+
+def _run_from_args(args: argparse.Namespace, beam_args: list[str], *, with_text: bool) -> beam_io.BuildResult:
+    return run_mnist_svhn_job(
+        args.output, with_text=with_text, source=args.source, source_dir=args.source_dir,
+        tfds_data_dir=args.tfds_data_dir, download=args.download, seed=args.seed, dm=args.dm,
+        max_d=args.max_d, num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+
+
+COMMANDS = tuple(
+    beam_io.BuildCommand(name, help=what,
+                         add_arguments=functools.partial(_add_arguments, dm=mnist_svhn.DEFAULT_DM[name]),
+                         run=functools.partial(_run_from_args, with_text=name == NAMES[1]))
+    for name, what in ((NAMES[0], "MNIST and SVHN pairs of the same digit (Shi et al.)"),
+                       (NAMES[1], "MNIST-SVHN plus the digit's name as text (Sutter et al.)")))
 
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, max_d: int, num_shards: int | None,

@@ -6,6 +6,7 @@ User errors print one line naming the culprit and exit with code 2, without a tr
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -13,6 +14,11 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 
 from bmvae_tf.errors import UserError  # noqa: E402  (after the environment is set)
+
+
+# The dataset jobs (bmvae_tf.pipeline.<module>); each module's COMMANDS declare its
+# `bmvae data build NAME`, options and job. Adding a dataset adds its module here.
+DATASET_JOBS = ("build_digits", "build_mnist_svhn", "build_arrays", "build_cub")
 
 
 def _add_data_commands(commands) -> None:
@@ -24,86 +30,34 @@ def _add_data_commands(commands) -> None:
                     "`-- --runner=DataflowRunner --project=P --region=R --temp_location=gs://...` "
                     "or `-- --direct_num_workers=2 --direct_running_mode=multi_processing`.")
     datasets = build.add_subparsers(dest="dataset", required=True, metavar="NAME")
-    digits = datasets.add_parser(
-        "digits", help="the embedded Digits data (scikit-learn load_digits): digit, street, text")
-    digits.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
-    digits.add_argument("--seed", type=int, default=0)
-    digits.add_argument("--dm", type=int, default=10, help="random pairings per source image (Shi et al.)")
-    digits.add_argument("--test-fraction", type=float, default=0.2)
-    digits.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
-    digits.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
-    digits.set_defaults(func=_cmd_build_digits)
-    _add_mnist_svhn_commands(datasets)
-    _add_arrays_command(datasets)
-    _add_cub_command(datasets)
+    for module in DATASET_JOBS:
+        for job in importlib.import_module(f"bmvae_tf.pipeline.{module}").COMMANDS:
+            command = datasets.add_parser(job.name, help=job.help, description=job.description)
+            command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
+            job.add_arguments(command)
+            command.add_argument("--num-shards", type=int, default=None,
+                                 help="shards per split (default: by size)")
+            command.add_argument("--overwrite", action="store_true",
+                                 help="replace a dataset already in --output")
+            command.set_defaults(func=_cmd_build, job=job)
 
 
-def _add_mnist_svhn_commands(datasets) -> None:
-    for name, dm, what in (
-            ("mnist-svhn", 30, "MNIST and SVHN pairs of the same digit (Shi et al.)"),
-            ("mnist-svhn-text", 20, "MNIST-SVHN plus the digit's name as text (Sutter et al.)")):
-        command = datasets.add_parser(name, help=what)
-        command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
-        command.add_argument("--source", choices=("raw", "tfds"), default="raw",
-                             help="raw: the published files in --source-dir; tfds: TFDS mnist and svhn_cropped")
-        command.add_argument("--source-dir", help="directory of train-images-idx3-ubyte.gz, ..., "
-                                                  "train_32x32.mat, test_32x32.mat")
-        command.add_argument("--tfds-data-dir", help="TFDS data directory (default: TFDS's own)")
-        command.add_argument("--download", action="store_true",
-                             help="with --source tfds: download and prepare the datasets first")
-        command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--dm", type=int, default=dm, help=f"random pairings per class (default {dm})")
-        command.add_argument("--max-d", type=int, default=10000, help="at most this many images per class")
-        command.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
-        command.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
-        command.set_defaults(func=_cmd_build_mnist_svhn, with_text=name == "mnist-svhn-text")
-
-
-def _add_arrays_command(datasets) -> None:
-    command = datasets.add_parser(
-        "arrays", help="your own paired data: one array per modality in a .npz file",
-        description="Every array of the .npz is a modality (first axis = examples; 1-D per example: "
-                    "vector, 2-D or 3-D: image), except `label` (int) and `split` ('train'/'test').")
-    command.add_argument("--input", required=True, help="the .npz file (local, gs://, hdfs://)")
-    command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
-    command.add_argument("--name", help="dataset name (default: the file name)")
-    command.add_argument("--sequence", action="append", default=[], metavar="NAME",
-                         help="treat the integer [N, L] array NAME as token sequences (repeatable)")
-    command.add_argument("--no-standardize", action="store_true",
-                         help="keep vector modalities as they are (default: standardise with train stats)")
-    command.add_argument("--test-fraction", type=float, default=0.2, help="without a `split` array")
-    command.add_argument("--seed", type=int, default=0, help="draws the test rows without a `split` array")
-    command.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
-    command.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
-    command.set_defaults(func=_cmd_build_arrays)
-
-
-def _add_cub_command(datasets) -> None:
-    cub = datasets.add_parser(
-        "cub", help="CUB-200-2011 photos (ResNet-101 features) paired with Reed et al.'s captions",
-        description="Reads CUB_200_2011 (images.txt, images/) and the text_c10 captions; writes "
-                    "image features, captions, DIR/sentence_vectors.npz and DIR/image_report.json.")
-    cub.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
-    cub.add_argument("--cub-dir", required=True, help="CUB_200_2011 directory (images.txt, images/)")
-    cub.add_argument("--captions-dir", required=True, help="text_c10 directory (<class>/<image>.txt)")
-    cub.add_argument("--train-classes", help="class folder names, one per line "
-                                             "(default: the published 150-class split)")
-    cub.add_argument("--test-classes", help="class folder names, one per line "
-                                            "(default: the published 50-class split)")
-    cub.add_argument("--resnet-weights", default="imagenet", metavar="PATH",
-                     help="Keras weights file of ResNet101(include_top=False), or 'imagenet' "
-                          "(downloaded by Keras; the default)")
-    cub.add_argument("--fasttext", metavar="PATH",
-                     help="pretrained word vectors (.bin FastText or word2vec text) instead of "
-                          "training FastText on the train captions")
-    cub.add_argument("--image-size", type=int, default=224, help="shorter image side fed to ResNet")
-    cub.add_argument("--batch-size", type=int, default=32, help="images per ResNet call")
-    cub.add_argument("--max-bad-fraction", type=float, default=0.01,
-                     help="fail if more than this fraction of the images is unusable")
-    cub.add_argument("--seed", type=int, default=0, help="FastText's seed")
-    cub.add_argument("--num-shards", type=int, default=None, help="shards per split (default: by size)")
-    cub.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
-    cub.set_defaults(func=_cmd_build_cub)
+def _add_analyze_command(commands) -> None:
+    analyze = commands.add_parser(
+        "analyze", help="mixture-weight analysis of a BMVAE run (paper Sect. 7) -> RUN/analysis/")
+    analyze.add_argument("--workdir", required=True)
+    analyze.add_argument("--data", help="dataset directory (default: the one the run trained on)")
+    analyze.add_argument("--threshold", type=float, default=0.5,
+                         help="normalised weight (w - 1/M) / (1 - 1/M) at or above which a dimension "
+                              "is private to its top modality (default 0.5)")
+    analyze.add_argument("--r2-threshold", type=float, default=0.1,
+                         help="R^2 at or above which a dimension carries a ground-truth factor (default 0.1)")
+    analyze.add_argument("--factor", action="append", default=None, metavar="KEY=MODALITY",
+                         help="a metadata key that is a private factor of MODALITY (repeatable); "
+                              "default: the ones the dataset's manifest declares (digits: street_*, text_pad)")
+    analyze.add_argument("--swap-examples", type=int, default=6, help="rows of each swap grid")
+    analyze.add_argument("--swap-samples", type=int, default=8, help="resampled columns of each swap grid")
+    analyze.set_defaults(func=_cmd_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,21 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "--set eval.log_likelihood_samples=1000")
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    analyze = commands.add_parser(
-        "analyze", help="mixture-weight analysis of a BMVAE run (paper Sect. 7) -> RUN/analysis/")
-    analyze.add_argument("--workdir", required=True)
-    analyze.add_argument("--data", help="dataset directory (default: the one the run trained on)")
-    analyze.add_argument("--threshold", type=float, default=0.5,
-                         help="normalised weight (w - 1/M) / (1 - 1/M) at or above which a dimension "
-                              "is private to its top modality (default 0.5)")
-    analyze.add_argument("--r2-threshold", type=float, default=0.1,
-                         help="R^2 at or above which a dimension carries a ground-truth factor (default 0.1)")
-    analyze.add_argument("--factor", action="append", default=None, metavar="KEY=MODALITY",
-                         help="a metadata key that is a private factor of MODALITY (repeatable); "
-                              "default: the ones the dataset's manifest declares (digits: street_*, text_pad)")
-    analyze.add_argument("--swap-examples", type=int, default=6, help="rows of each swap grid")
-    analyze.add_argument("--swap-samples", type=int, default=8, help="resampled columns of each swap grid")
-    analyze.set_defaults(func=_cmd_analyze)
+    _add_analyze_command(commands)
 
     compare = commands.add_parser("compare", help="Markdown and HTML report of several evaluated runs")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.json)")
@@ -178,48 +118,9 @@ def _written(output: str, manifest, extra: str = "") -> str:
     return f"wrote {output}/manifest.json ({counts}{extra})"
 
 
-def _cmd_build_digits(args, beam_args: list[str]) -> int:
-    from bmvae_tf.pipeline.build_digits import build_digits
-
-    manifest = build_digits(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
-                            num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    print(_written(args.output, manifest))
-    return 0
-
-
-def _cmd_build_mnist_svhn(args, beam_args: list[str]) -> int:
-    from bmvae_tf.pipeline.build_mnist_svhn import build_mnist_svhn
-
-    manifest = build_mnist_svhn(
-        args.output, with_text=args.with_text, source=args.source, source_dir=args.source_dir,
-        tfds_data_dir=args.tfds_data_dir, download=args.download, seed=args.seed, dm=args.dm,
-        max_d=args.max_d, num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    print(_written(args.output, manifest))
-    return 0
-
-
-def _cmd_build_arrays(args, beam_args: list[str]) -> int:
-    from bmvae_tf.pipeline.build_arrays import build_arrays
-
-    manifest = build_arrays(
-        args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
-        standardize=not args.no_standardize, test_fraction=args.test_fraction, seed=args.seed,
-        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    print(_written(args.output, manifest))
-    return 0
-
-
-def _cmd_build_cub(args, beam_args: list[str]) -> int:
-    from bmvae_tf.pipeline.build_cub import run_cub_job
-
-    result = run_cub_job(
-        args.output, cub_dir=args.cub_dir, captions_dir=args.captions_dir,
-        train_classes=args.train_classes, test_classes=args.test_classes,
-        resnet_weights=args.resnet_weights, fasttext=args.fasttext, image_size=args.image_size,
-        batch_size=args.batch_size, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
-        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
-    bad = sum(result.manifest.source["num_bad_images"].values())
-    print(_written(args.output, result.manifest, f"; {bad} unusable image(s)"))
+def _cmd_build(args, beam_args: list[str]) -> int:
+    result = args.job.run(args, beam_args)
+    print(_written(args.output, result.manifest, args.job.note(result.manifest) if args.job.note else ""))
     return 0
 
 
