@@ -122,14 +122,15 @@ def random_batch(manifest, batch: int, seed: int = 0) -> dict:
 
 
 def build_step(config, manifest, strategy=None):
-    """(train_step, state) of trainers.train for `config` on `manifest`."""
+    """(train_step, trainer) of trainers.training for `config` on `manifest`."""
     import tensorflow as tf
-    from bmvae_tf.trainers import train
+    from bmvae_tf.trainers.training import steps
+    from bmvae_tf.trainers.training.trainer import Trainer
     strategy = strategy or tf.distribute.get_strategy()
-    state = train.build_state(config, manifest, strategy)
-    step = train.make_train_step(state, strategy, config.train.batch_size, config.train.seed,
+    trainer = Trainer(config, manifest, strategy)
+    step = steps.make_train_step(trainer, strategy, config.train.batch_size, config.train.seed,
                                  jit_compile=config.train.jit_compile)
-    return step, state
+    return step, trainer
 
 
 # ------------------------------------------------------------------------------------ timing

@@ -46,7 +46,8 @@ def reader_rate(data_dir: str, batch: int, epochs: int) -> dict:
     manifest = schema.read_manifest(data_dir)
     rates = []
     for epoch in range(epochs):
-        dataset = input_pipeline.make_dataset(manifest, "train", batch, shuffle=True, seed=epoch)
+        dataset = input_pipeline.make_dataset(manifest, "train", batch,
+                                               input_pipeline.ReadOptions(shuffle=True, seed=epoch))
         started, count = time.perf_counter(), 0
         for b in dataset:
             count += int(b["label"].shape[0])
@@ -57,18 +58,18 @@ def reader_rate(data_dir: str, batch: int, epochs: int) -> dict:
 def fed_from_records_vs_memory(data_dir: str, model: str, batch: int, rounds: int, steps: int) -> dict:
     import tensorflow as tf
     from bmvae_tf import schema
-    from bmvae_tf.trainers import train
+    from bmvae_tf.trainers.training import inputs
     manifest = schema.read_manifest(data_dir)
     config = model_config("digits", model, 1, batch_size=batch)
     config.data.dir = data_dir
     strategy = tf.distribute.get_strategy()
     step, _ = common.build_step(config, manifest, strategy)
-    validation = train.choose_validation(manifest, config.train)
-    per_epoch = train.steps_per_epoch(manifest, validation, batch)
+    validation = inputs.choose_validation(manifest, config.train)
+    per_epoch = inputs.steps_per_epoch(manifest, validation, batch)
 
     def records(epoch):
         return iter(strategy.distribute_datasets_from_function(
-            lambda ctx: train._epoch_dataset(ctx, manifest, config, validation, epoch, 0, per_epoch, False)))
+            lambda ctx: inputs.epoch_dataset(ctx, manifest, config, validation, epoch, 0, per_epoch, False)))
 
     # A round is one whole epoch from TFRecords, its dataset built and its shuffle buffer filled as
     # the trainer does at every epoch, against as many steps on batches already in memory. Rounds

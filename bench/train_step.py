@@ -1,4 +1,4 @@
-"""Examples per second of the training step (trainers.train.make_train_step) for every model.
+"""Examples per second of the training step (trainers.training.steps.make_train_step) for every model.
 
 Random data of the paper's shapes: MNIST-SVHN (M = 2, Table 3 networks, latent 20, Laplace),
 MNIST-SVHN-Text (M = 3, Table 8 networks, Gaussian) and digits (M = 3, configs/digits). Each

@@ -416,7 +416,8 @@ def _label_metrics(metrics: dict, manifest: schema.Manifest, model, paths: run_d
     stage = time.perf_counter()
     classifiers = classifiers_lib.load_or_train(
         paths.classifiers, manifest,
-        lambda: batches("train", CLASSIFIER_BATCH_SIZE, shuffle=True, seed=seed),
+        lambda: batches("train", CLASSIFIER_BATCH_SIZE,
+                        options=input_pipeline.ReadOptions(shuffle=True, seed=seed)),
         train_examples=train_count, batch_size=CLASSIFIER_BATCH_SIZE,
         epochs=eval_config.classifier_epochs, seed=seed)
     metrics["classifier_accuracy"] = classifiers_lib.accuracy(

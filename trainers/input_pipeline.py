@@ -6,6 +6,8 @@ Batches are parsed vectorised (tf.io.parse_example after batching), in parallel,
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 from bmvae_tf import schema
@@ -32,26 +34,75 @@ def in_holdout(serialized: tf.Tensor, fraction: float) -> tf.Tensor:
     return bucket < int(round(fraction * HOLDOUT_BUCKETS))
 
 
-def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, repeat: bool = False, drop_remainder: bool = False,
-                 shuffle_buffer: int = 10000, input_context: tf.distribute.InputContext | None = None,
-                 take: int = 0, holdout_fraction: float = 0.0, holdout: bool = False,
-                 skip_batches: int = 0, dynamic_text_padding: bool = False) -> tf.data.Dataset:
+@dataclasses.dataclass(frozen=True)
+class Holdout:
+    """A validation set carved out of a split by record hash (see `in_holdout`).
+
+    fraction: the share of records held out. held_out: read only those records (the validation
+    set) when True, every other record (the training set) when False.
+    """
+
+    fraction: float
+    held_out: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How `make_dataset` reads a split beyond one plain pass in stored order.
+
+    shuffle: a seeded order, shards then records (a buffer of `shuffle_buffer` records).
+    seed: keys the shuffle and the re-drawn text paddings; a given seed reads the same batches.
+    repeat: cycle through the records endlessly (the training loop takes a fixed number of steps).
+    drop_remainder: only full batches.
+    holdout: keep only, or drop, a hashed fraction of the records.
+    skip_batches: start this many batches in, without parsing the skipped records (a mid-epoch
+        resume replays the epoch's order up to where it stopped).
+    dynamic_text_padding: re-draw the padding of the manifest's `text_padding` modality on every
+        read (`redraw_text_padding`), keyed by (seed, batch number), so each epoch (a new seed in
+        training) sees new paddings while a given seed reads the same batches.
+    """
+
+    shuffle: bool = False
+    seed: int = 0
+    shuffle_buffer: int = 10000
+    repeat: bool = False
+    drop_remainder: bool = False
+    holdout: Holdout | None = None
+    skip_batches: int = 0
+    dynamic_text_padding: bool = False
+
+
+def make_dataset(manifest: schema.Manifest, split: str, batch_size: int,
+                 options: ReadOptions = ReadOptions(), *, take: int = 0,
+                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
     """Batches {modality: [B, *shape], "label": [B], metadata: [B, *shape]} of one split.
 
     batch_size is per input pipeline (per replica when called from
     `distribute_datasets_from_function`). With an `input_context` the shards are divided between
     input pipelines when there are enough of them, else the records are.
+    options: order, repetition, holdout and text re-padding (`ReadOptions`); the default reads
+        the split once in stored order, as evaluation does.
     take: keep only the first `take` records (0 = all), for quick evaluations.
-    holdout_fraction: with holdout=False drop that fraction of records (see `in_holdout`), with
-        holdout=True keep only them: a validation set carved out of a split.
-    skip_batches: start this many batches in, without parsing the skipped records (a
-        mid-epoch resume replays the epoch's order up to where it stopped).
-    dynamic_text_padding: re-draw the padding of the manifest's `text_padding` modality on every
-        read (`redraw_text_padding`), keyed by (seed, batch number), so each epoch (a new seed in
-        training) sees new paddings while a given seed reads the same batches.
     """
-    padding = text_padding(manifest) if dynamic_text_padding else None
+    padding = text_padding(manifest) if options.dynamic_text_padding else None
+    records = _records(manifest, split, options, input_context)
+    if take:
+        records = records.take(take)
+    if options.shuffle:
+        records = records.shuffle(options.shuffle_buffer, seed=options.seed,
+                                  reshuffle_each_iteration=True)
+    if options.repeat:
+        records = records.repeat()
+    if options.skip_batches:
+        records = records.skip(options.skip_batches * batch_size)
+    batches = records.batch(batch_size, drop_remainder=options.drop_remainder)
+    return _parse(manifest, batches, padding, options, input_context).prefetch(tf.data.AUTOTUNE)
+
+
+def _records(manifest: schema.Manifest, split: str, options: ReadOptions,
+             input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """The split's serialized records for this input pipeline, shards shuffled when asked, the
+    holdout applied."""
     paths = check_shards(manifest, split)
     files = tf.data.Dataset.from_tensor_slices(paths)
     record_sharded = False
@@ -60,49 +111,46 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
             files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         else:
             record_sharded = True
-    if shuffle:
-        files = files.shuffle(len(paths), seed=seed)
+    if options.shuffle:
+        files = files.shuffle(len(paths), seed=options.seed)
     # Deterministic interleave keeps a seeded run reproducible; parallel reads still overlap.
     records = files.interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type=schema.COMPRESSION),
         cycle_length=min(len(paths), 4), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if record_sharded:
         records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    if holdout_fraction > 0:
-        records = records.filter(lambda r: in_holdout(r, holdout_fraction) == holdout)
-    if take:
-        records = records.take(take)
-    if shuffle:
-        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        records = records.repeat()
-    if skip_batches:
-        records = records.skip(skip_batches * batch_size)
+    holdout = options.holdout
+    if holdout is not None and holdout.fraction > 0:
+        records = records.filter(lambda r: in_holdout(r, holdout.fraction) == holdout.held_out)
+    return records
+
+
+def _parse(manifest: schema.Manifest, batches: tf.data.Dataset, padding: dict | None,
+           options: ReadOptions, input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+    """Serialized batches -> decoded batches; with a `padding` (`text_padding`), the text's
+    padding re-drawn per batch."""
     spec = schema.feature_spec(manifest)
-    batches = records.batch(batch_size, drop_remainder=drop_remainder)
     if padding is None:
-        batches = batches.map(
+        return batches.map(
             lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-        base_seed = tf.constant([seed, 0], tf.int64)
-        if input_context is not None:
-            base_seed = tf.random.experimental.stateless_fold_in(base_seed, input_context.input_pipeline_id)
+    base_seed = tf.constant([options.seed, 0], tf.int64)
+    if input_context is not None:
+        base_seed = tf.random.experimental.stateless_fold_in(base_seed, input_context.input_pipeline_id)
 
-        def parse_and_repad(number, serialized):
-            batch = schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec))
-            batch_seed = tf.random.experimental.stateless_fold_in(base_seed, number)
-            tokens, start = redraw_text_padding(batch[padding["modality"]], batch_seed,
-                                                padding["space_token"])
-            batch[padding["modality"]] = tokens
-            if padding.get("start_metadata") in batch:
-                batch[padding["start_metadata"]] = tf.cast(start, tf.float32)[:, None]
-            return batch
+    def parse_and_repad(number, serialized):
+        batch = schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec))
+        batch_seed = tf.random.experimental.stateless_fold_in(base_seed, number)
+        tokens, start = redraw_text_padding(batch[padding["modality"]], batch_seed,
+                                            padding["space_token"])
+        batch[padding["modality"]] = tokens
+        if padding.get("start_metadata") in batch:
+            batch[padding["start_metadata"]] = tf.cast(start, tf.float32)[:, None]
+        return batch
 
-        # Numbered from skip_batches, so a resumed epoch re-pads as the uninterrupted one did.
-        batches = batches.enumerate(start=skip_batches).map(parse_and_repad, num_parallel_calls=tf.data.AUTOTUNE,
-                                          deterministic=True)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    # Numbered from skip_batches, so a resumed epoch re-pads as the uninterrupted one did.
+    return batches.enumerate(start=options.skip_batches).map(
+        parse_and_repad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def text_padding(manifest: schema.Manifest) -> dict:

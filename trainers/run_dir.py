@@ -61,11 +61,17 @@ def read_config(paths: RunPaths) -> config_lib.Config:
     return config_lib.from_dict(config_lib.load_yaml(paths.config), source=paths.config)
 
 
-def read_history(paths: RunPaths) -> list[dict]:
-    if not tf.io.gfile.exists(paths.history):
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file (history.jsonl, progress.jsonl); none if it is absent."""
+    if not tf.io.gfile.exists(path):
         return []
-    with tf.io.gfile.GFile(paths.history) as f:
+    with tf.io.gfile.GFile(path) as f:
         return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+
+
+def read_history(paths: RunPaths) -> list[dict]:
+    """RUN/history.jsonl: one record per finished epoch."""
+    return read_jsonl(paths.history)
 
 
 def dummy_inputs(manifest: schema.Manifest, batch: int = 1) -> dict:

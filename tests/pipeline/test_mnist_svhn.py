@@ -381,7 +381,7 @@ def test_redraw_text_padding_moves_the_word_uniformly_within_range():
 def read_texts(manifest, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from bmvae_tf.trainers import input_pipeline
 
-    batches = list(input_pipeline.make_dataset(manifest, "train", 16, **kwargs).as_numpy_iterator())
+    batches = list(input_pipeline.make_dataset(manifest, "train", 16, input_pipeline.ReadOptions(**kwargs)).as_numpy_iterator())
     return tuple(np.concatenate([b[k] for b in batches]) for k in ("text", "label", "text_pad"))
 
 

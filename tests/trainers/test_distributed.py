@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from tests import synthetic
-from bmvae_tf.trainers import cli, strategy as strategy_lib
+from bmvae_tf.trainers import cli
+from bmvae_tf.trainers.training import strategy as strategy_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = {"latent_dim": 4, "hidden_units": [16], "channels": [8, 8, 8], "sequence_width": 8, "K": 2}
@@ -35,7 +36,9 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from bmvae_tf import schema
-from bmvae_tf.trainers import config as config_lib, train
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers.training import inputs, steps
+from bmvae_tf.trainers.training.trainer import Trainer
 
 data_dir, names, model, out = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3]), sys.argv[4]
 manifest = schema.read_manifest(data_dir)
@@ -48,17 +51,17 @@ for name in names:
     runs, feeds = {}, {}
     for kind, seed in (("default", 3), ("mirrored", 3), ("other_seed", 4)):
         strategy = mirrored if kind == "mirrored" else tf.distribute.get_strategy()
-        state = train.build_state(config, manifest, strategy)
+        state = Trainer(config, manifest, strategy)
         with strategy.scope():
             state.optimizer = keras.optimizers.SGD(0.1)
             state.optimizer.build(state.model.trainable_variables)
         initial = [v.numpy() for v in state.model.trainable_variables]
-        step = train.make_train_step(state, strategy, 8, seed)
+        step = steps.make_train_step(state, strategy, 8, seed)
         # The trainer's own input path: epoch 1's first global batch of 8, as 4 + 4 on two
         # replicas (replica r must hold rows [4 r, 4 r + 4) for the keyed noise to match).
-        steps = train.steps_per_epoch(manifest, None, 8)
+        per_epoch = inputs.steps_per_epoch(manifest, None, 8)
         dataset = strategy.distribute_datasets_from_function(
-            lambda ctx: train._epoch_dataset(ctx, manifest, config, None, 1, 0, steps, False))
+            lambda ctx: inputs.epoch_dataset(ctx, manifest, config, None, 1, 0, per_epoch, False))
         feed = next(iter(dataset))
         if kind == "mirrored":
             assert strategy.num_replicas_in_sync == 2
@@ -90,21 +93,22 @@ _WORKER_SCRIPT = """
 import json, os, sys
 import numpy as np
 from bmvae_tf.trainers import config as config_lib, train
+from bmvae_tf.trainers.training import inputs
 data_dir, workdir, model, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 config = config_lib.from_dict({
     "data": {"dir": data_dir}, "model": model,
     "train": {"epochs": 2, "batch_size": 16, "strategy": "multi_worker", "checkpoint_every_steps": 3,
               "log_every_steps": 2}})
 from bmvae_tf import schema
-from bmvae_tf.trainers import strategy as strategy_lib
+from bmvae_tf.trainers.training import strategy as strategy_lib
 strategy = strategy_lib.make_strategy("multi_worker")
-history, state = train.run_training(config, workdir, strategy=strategy)
-np.savez(out, *[v.numpy() for v in state.model.weights])
+history, trainer = train.run_training(config, workdir, strategy=strategy)
+np.savez(out, *[v.numpy() for v in trainer.model.weights])
 # The records this worker's input pipeline feeds in epoch 1 (noise_seed holds the record index).
 manifest = schema.read_manifest(data_dir)
-steps = train.steps_per_epoch(manifest, None, 16)
+steps = inputs.steps_per_epoch(manifest, None, 16)
 epoch = strategy.distribute_datasets_from_function(
-    lambda ctx: train._epoch_dataset(ctx, manifest, config, None, 1, 0, steps, False))
+    lambda ctx: inputs.epoch_dataset(ctx, manifest, config, None, 1, 0, steps, False))
 records = [int(r) for batch in epoch for part in strategy.experimental_local_results(batch)
            for r in part["noise_seed"].numpy().ravel()]
 json.dump({"history": history, "records": records}, open(out + ".json", "w"))

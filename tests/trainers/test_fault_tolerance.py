@@ -22,6 +22,8 @@ from tests import synthetic
 from bmvae_tf.trainers import cli
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir, train
+from bmvae_tf.trainers.training import steps as steps_lib
+from bmvae_tf.trainers.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
@@ -103,7 +105,7 @@ def test_rerun_after_kill_9_resumes_from_the_step_checkpoint_exactly(dataset, tm
 def test_weights_made_non_finite_by_an_update_are_never_checkpointed(dataset, tmp_path, monkeypatch):
     """A step's loss is computed before its update: poison a weight after step 8's (finite) loss,
     just before the step-8 checkpoint. Training stops and ckpt-6 stays the latest."""
-    real_make_train_step = train.make_train_step
+    real_make_train_step = steps_lib.make_train_step
 
     def poisoned_after_step_8(state, *args, **kwargs):
         step_fn = real_make_train_step(state, *args, **kwargs)
@@ -117,7 +119,7 @@ def test_weights_made_non_finite_by_an_update_are_never_checkpointed(dataset, tm
 
         return step
 
-    monkeypatch.setattr(train, "make_train_step", poisoned_after_step_8)
+    monkeypatch.setattr(steps_lib, "make_train_step", poisoned_after_step_8)
     workdir = str(tmp_path / "run")
     with pytest.raises(train.TrainingDiverged, match="a weight became NaN or Inf by step 8") as error:
         train.train(_config(dataset, checkpoint_every_steps=2), workdir)
@@ -174,23 +176,26 @@ def test_early_stopping_refuses_to_select_on_the_test_split(dataset, tmp_path):
 def test_held_out_validation_records_are_disjoint_from_training_and_cover_the_split(dataset):
     manifest = schema.read_manifest(dataset)
 
-    def keys(**kwargs):
-        ds = input_pipeline.make_dataset(manifest, "train", 64, **kwargs)
+    def keys(fraction=0.0, held_out=False, **kwargs):
+        holdout = input_pipeline.Holdout(fraction, held_out) if fraction else None
+        ds = input_pipeline.make_dataset(manifest, "train", 64,
+                                         input_pipeline.ReadOptions(holdout=holdout, **kwargs))
         return [float(v) for b in ds for v in b["noise_seed"].numpy().ravel()]
 
-    train_keys = keys(holdout_fraction=0.25, holdout=False)
-    held_keys = keys(holdout_fraction=0.25, holdout=True)
+    train_keys = keys(0.25, held_out=False)
+    held_keys = keys(0.25, held_out=True)
     assert not set(train_keys) & set(held_keys)
     assert sorted(train_keys + held_keys) == sorted(keys())
     assert 0.12 < len(held_keys) / 192 < 0.38
     # The choice follows the record, not its position: a shuffled read holds out the same ones.
-    assert sorted(keys(holdout_fraction=0.25, holdout=True, shuffle=True, seed=5)) == sorted(held_keys)
+    assert sorted(keys(0.25, held_out=True, shuffle=True, seed=5)) == sorted(held_keys)
 
 
 def test_skip_batches_starts_the_seeded_epoch_order_part_way(dataset):
     manifest = schema.read_manifest(dataset)
     order = lambda skip: [b["noise_seed"].numpy().ravel().tolist() for b in input_pipeline.make_dataset(
-        manifest, "train", 16, shuffle=True, seed=9, drop_remainder=True, skip_batches=skip)]
+        manifest, "train", 16, input_pipeline.ReadOptions(shuffle=True, seed=9, drop_remainder=True,
+                                                          skip_batches=skip))]
     assert order(5) == order(0)[5:]
 
 
@@ -202,7 +207,7 @@ def test_mixed_precision_trains_float32_variables_to_a_loss_near_float32(dataset
     assert all(w.dtype == np.float32 for w in _weights(str(tmp_path / "mixed")))
     # The networks really computed in float16.
     config = _config(dataset, mixed_precision=True)
-    state = train.build_state(config, schema.read_manifest(dataset), tf.distribute.get_strategy())
+    state = Trainer(config, schema.read_manifest(dataset), tf.distribute.get_strategy())
     assert state.model.encoders[0].dtype_policy.compute_dtype == "float16"
     assert "LossScaleOptimizer" in type(state.optimizer).__name__
 
@@ -211,11 +216,11 @@ def _one_sgd_step(config, manifest, batch, jit_compile):
     """Weight deltas and loss of one SGD step (SGD's update is the gradient itself; Adam's first
     steps are about lr * sign(g) and would amplify rounding in near-zero gradients)."""
     strategy = tf.distribute.get_strategy()
-    state = train.build_state(config, manifest, strategy)
+    state = Trainer(config, manifest, strategy)
     state.optimizer = keras.optimizers.SGD(0.1)
     state.optimizer.build(state.model.trainable_variables)
     initial = [v.numpy() for v in state.model.trainable_variables]
-    loss = float(train.make_train_step(state, strategy, 16, 3, jit_compile=jit_compile)(batch))
+    loss = float(steps_lib.make_train_step(state, strategy, 16, 3, jit_compile=jit_compile)(batch))
     delta = np.concatenate([(v.numpy() - i).ravel() for v, i in zip(state.model.trainable_variables, initial)])
     return loss, delta
 
@@ -231,12 +236,12 @@ def test_mixed_precision_scales_the_loss_so_the_update_is_the_float32_update(dat
     def one_step(mixed):
         config = _config(dataset, mixed_precision=mixed)
         strategy = tf.distribute.get_strategy()
-        state = train.build_state(config, manifest, strategy)
+        state = Trainer(config, manifest, strategy)
         sgd = keras.optimizers.SGD(0.1)
         state.optimizer = keras.optimizers.LossScaleOptimizer(sgd, initial_scale=16.0) if mixed else sgd
         state.optimizer.build(state.model.trainable_variables)
         initial = [v.numpy() for v in state.model.trainable_variables]
-        train.make_train_step(state, strategy, 16, 3)(batch)
+        steps_lib.make_train_step(state, strategy, 16, 3)(batch)
         return np.concatenate([(v.numpy() - i).ravel()
                                for v, i in zip(state.model.trainable_variables, initial)])
 
@@ -265,18 +270,48 @@ def test_xla_training_runs_an_epoch(dataset, tmp_path):
     assert np.isfinite(history[0]["loss"])
 
 
-def test_deterministic_option_enables_op_determinism(tmp_path, dataset):
+def test_determinism_and_dtype_policy_are_set_for_each_run_and_restored_after(dataset, tmp_path,
+                                                                             monkeypatch):
+    """train.deterministic and train.mixed_precision hold during their run only: two runs with
+    different settings in one process each see their own, and the process's state is as before
+    after each, also after a run that fails."""
     # TensorFlow exports the switch but not its query; the query lives in tensorflow.python.
-    script = ("import sys, tensorflow as tf\n"
-              "from tensorflow.python.framework import config as tf_config\n"
-              "from trainers import config as c, train\n"
-              "assert not tf_config.is_op_determinism_enabled()\n"
-              "train.train(c.from_dict({'data': {'dir': sys.argv[1]}, 'model': %r,"
-              " 'train': {'epochs': 1, 'batch_size': 16, 'deterministic': True}}), sys.argv[2])\n"
-              "assert tf_config.is_op_determinism_enabled()\n" % SMALL_MODEL)
-    result = subprocess.run([sys.executable, "-c", script, dataset, str(tmp_path / "run")],
-                            env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    from tensorflow.python.framework import config as tf_config
+    from bmvae_tf.trainers.training import loop
+
+    during = []
+    real_run = loop.Controller.run
+
+    def recording_run(self):
+        during.append((tf_config.is_op_determinism_enabled(), keras.config.dtype_policy().name,
+                       self.trainer.model.encoders[0].dtype_policy.compute_dtype,
+                       {w.dtype for w in self.trainer.model.weights}))
+        return real_run(self)
+
+    monkeypatch.setattr(loop.Controller, "run", recording_run)
+    state = lambda: (tf_config.is_op_determinism_enabled(), keras.config.dtype_policy().name)
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()  # an earlier test may have left it on
+    try:
+        assert state() == (False, "float32")
+        train.train(_config(dataset, epochs=1, deterministic=True, mixed_precision=True),
+                    str(tmp_path / "first"))
+        assert state() == (False, "float32")
+        train.train(_config(dataset, epochs=1), str(tmp_path / "second"))
+        assert state() == (False, "float32")
+        with pytest.raises(config_lib.UserError, match="batch_size"):
+            train.train(_config(dataset, batch_size=4096, deterministic=True, mixed_precision=True),
+                        str(tmp_path / "failed"))
+        assert state() == (False, "float32")
+        # A caller's own setting stands through a run that does not ask for determinism.
+        tf_config.enable_op_determinism()
+        train.train(_config(dataset, epochs=1), str(tmp_path / "third"))
+        assert state() == (True, "float32")
+    finally:
+        (tf_config.enable_op_determinism if was_deterministic else tf_config.disable_op_determinism)()
+    assert during == [(True, "mixed_float16", "float16", {"float32"}),
+                      (False, "float32", "float32", {"float32"}),
+                      (True, "float32", "float32", {"float32"})]
 
 
 def test_progress_is_logged_with_rates(dataset, tmp_path, caplog):

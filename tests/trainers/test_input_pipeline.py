@@ -34,7 +34,7 @@ def test_shuffle_is_seeded(built):
     manifest = schema.read_manifest(built.manifest.directory)
 
     def first_labels(seed):
-        ds = input_pipeline.make_dataset(manifest, "train", 64, shuffle=True, seed=seed)
+        ds = input_pipeline.make_dataset(manifest, "train", 64, input_pipeline.ReadOptions(shuffle=True, seed=seed))
         return next(iter(ds))["label"].numpy()
 
     np.testing.assert_array_equal(first_labels(3), first_labels(3))

@@ -11,6 +11,7 @@ from tests import synthetic
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import demo
 from bmvae_tf.trainers import run_dir, train
+from bmvae_tf.trainers.training import steps as steps_lib
 
 SMALL_MODEL = {"latent_dim": 6, "hidden_units": [32], "channels": [8, 16, 16], "sequence_width": 16}
 
@@ -84,14 +85,14 @@ def test_train_step_is_traced_once_across_epochs(dataset, tmp_path, monkeypatch,
     """A new dataset per epoch must not retrace the step (retracing costs seconds per epoch, and
     under jit_compile each retrace is an XLA compilation)."""
     steps = []
-    original = train.make_train_step
+    original = steps_lib.make_train_step
 
     def recording(*args, **kwargs):
         step = original(*args, **kwargs)
         steps.append(step)
         return step
 
-    monkeypatch.setattr(train, "make_train_step", recording)
+    monkeypatch.setattr(steps_lib, "make_train_step", recording)
     train.train(_config(dataset, epochs=3, jit_compile=jit_compile), str(tmp_path / "run"))
     assert len(steps) == 1
     assert steps[0].experimental_get_tracing_count() == 1
@@ -122,8 +123,8 @@ def test_auto_jit_compile_compiles_a_run_long_enough(dataset, tmp_path, monkeypa
     assert config_lib.load_yaml(demo.DEMO_CONFIG)["train"]["jit_compile"] is None
     monkeypatch.setattr(config_lib, "JIT_MIN_STEPS", 24)  # this run: 2 epochs x 12 steps
     steps = []
-    original = train.make_train_step
-    monkeypatch.setattr(train, "make_train_step",
+    original = steps_lib.make_train_step
+    monkeypatch.setattr(steps_lib, "make_train_step",
                         lambda *a, **k: steps.append(original(*a, **k)) or steps[-1])
     with caplog.at_level("INFO", logger="bmvae.train"):
         train.train(_config(dataset, epochs=2, jit_compile=None), str(tmp_path / "run"))

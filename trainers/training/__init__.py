@@ -1,0 +1,13 @@
+"""The training loop, in the manner of Orbit (tensorflow/models orbit, official/core).
+
+- `trainer.Trainer`: one run's model, optimizer, counters, step functions and checkpoints.
+- `steps`: the per-replica optimisation step under `strategy.run` and the evaluation step.
+- `loop.run_training`: the controller; runs epochs of a Trainer and composes the helpers:
+  `history` (history.jsonl, progress.jsonl, TensorBoard), `nonfinite` (the NaN/Inf guard),
+  `early_stopping` and `progress` (bar or log lines).
+- `inputs`: what the loop reads (each epoch's batches, the validation set).
+- `strategy`: the tf.distribute strategy, made once at the entry point.
+- `global_state`: op determinism and the dtype policy, set for a run and restored after it.
+
+`bmvae_tf.trainers.train` is the entry point the CLI calls.
+"""

@@ -1,0 +1,91 @@
+"""What the training loop reads: each epoch's batches and the validation set.
+
+Each epoch's input order is a pure function of (seed, epoch), so a rerun replays the epoch up
+to its checkpoint and continues from the exact step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import input_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Where validation examples come from: a split, or a held-out fraction of `train`."""
+
+    split: str
+    holdout_fraction: float = 0.0
+
+    @property
+    def description(self) -> str:
+        if self.holdout_fraction:
+            return f"{self.holdout_fraction:g} of the train split held out"
+        return f"the {self.split} split"
+
+    @property
+    def selects(self) -> bool:
+        """Whether the validation loss may select the model (early stopping, the best
+        checkpoint): never on the test split, which is there for monitoring only."""
+        return self.split != "test"
+
+
+def choose_validation(manifest: schema.Manifest, train_config: config_lib.TrainConfig) -> Validation | None:
+    """`validation` when the dataset has it; else a held-out fraction of train when configured;
+    else `test` for monitoring only. Early stopping never selects on the test split."""
+    if "validation" in manifest.splits:
+        return Validation("validation")
+    if train_config.validation_fraction > 0:
+        return Validation("train", train_config.validation_fraction)
+    if train_config.early_stopping_patience:
+        raise UserError(
+            f"train.early_stopping_patience: {manifest.directory} has no validation split; set "
+            f"train.validation_fraction (e.g. 0.1) to hold out part of the train split")
+    return Validation("test") if "test" in manifest.splits else None
+
+
+def steps_per_epoch(manifest: schema.Manifest, validation: Validation | None, global_batch: int) -> int:
+    """Full global batches per epoch; a held-out fraction is taken out of the count (its exact
+    size depends on record hashes, so this is the expected size; epochs repeat the data and
+    take exactly this many steps)."""
+    count = manifest.split("train").count
+    if validation is not None and validation.split == "train":
+        count = int(count * (1.0 - validation.holdout_fraction))
+    return count // global_batch
+
+
+def validation_dataset(manifest: schema.Manifest, validation: Validation,
+                       batch_size: int) -> tf.data.Dataset:
+    """The validation examples, once, in stored order."""
+    holdout = input_pipeline.Holdout(validation.holdout_fraction, held_out=True)
+    return input_pipeline.make_dataset(manifest, validation.split, batch_size,
+                                       input_pipeline.ReadOptions(holdout=holdout))
+
+
+def epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
+                  config: config_lib.Config, validation: Validation | None, epoch: int, done: int,
+                  steps: int, dynamic_text_padding: bool) -> tf.data.Dataset:
+    """Epoch `epoch`'s batches for one input pipeline, from global step `done` of the epoch on.
+
+    The order is a pure function of (seed, epoch). Each pipeline feeds
+    num_replicas / num_input_pipelines replicas, one batch each per step; the data repeat and
+    every pipeline takes exactly `steps` steps' worth, so workers with unequal shards stay in
+    lockstep.
+    """
+    t = config.train
+    per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    holdout = (input_pipeline.Holdout(validation.holdout_fraction, held_out=False)
+               if validation is not None and validation.split == "train" else None)
+    options = input_pipeline.ReadOptions(
+        shuffle=True, seed=t.seed * 100003 + epoch, shuffle_buffer=t.shuffle_buffer, repeat=True,
+        drop_remainder=True, holdout=holdout, skip_batches=done * per_pipeline,
+        dynamic_text_padding=dynamic_text_padding)
+    dataset = input_pipeline.make_dataset(manifest, "train", ctx.get_per_replica_batch_size(t.batch_size),
+                                          options, input_context=ctx)
+    return dataset.take((steps - done) * per_pipeline)

@@ -1,0 +1,187 @@
+"""The training loop: a controller that runs epochs of a `Trainer` (Orbit's Controller role).
+
+It composes small helpers: `History` (history.jsonl, progress.jsonl, TensorBoard),
+`NonFiniteGuard`, `EarlyStopping` and `Progress`. Checkpoints come every
+`train.checkpoint_every_steps` steps and at each epoch's end; a non-finite loss stops training
+before any checkpoint of the diverged weights is written, and no checkpoint is written of
+weights that are not finite.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import tensorflow as tf
+
+from bmvae_tf import atomic, schema
+from bmvae_tf.errors import UserError
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import input_pipeline, run_dir
+from bmvae_tf.trainers.training import global_state, inputs
+from bmvae_tf.trainers.training import strategy as strategy_lib
+from bmvae_tf.trainers.training.early_stopping import EarlyStopping
+from bmvae_tf.trainers.training.history import History
+from bmvae_tf.trainers.training.nonfinite import NonFiniteGuard
+from bmvae_tf.trainers.training.progress import Progress
+from bmvae_tf.trainers.training.trainer import Trainer
+
+log = logging.getLogger("bmvae.train")
+
+
+def run_training(config: config_lib.Config, workdir: str, *,
+                 strategy: tf.distribute.Strategy | None = None,
+                 write_report: bool = False) -> tuple[list[dict], Trainer]:
+    """Trains (or resumes) the run in `workdir`; returns the whole history (one dict per epoch)
+    and the trainer (each worker's own copy of the weights).
+
+    Op determinism and the dtype policy are set for the run only (`global_state`).
+    write_report: the chief also writes RUN/report.html (training curves so far; `evaluate` and
+    `analyze` rewrite it with their tables and plots).
+    """
+    # First: MultiWorkerMirroredStrategy must be made before the runtime starts.
+    strategy = strategy or strategy_lib.make_strategy(config.train.strategy)
+    with global_state.run_settings(config.train):
+        controller = Controller(config, workdir, strategy)
+        history = controller.run()
+    if write_report and controller.chief:
+        from bmvae_tf.trainers import report  # matplotlib, only when a report is asked for
+
+        log.info("wrote %s", report.write_run_report(workdir))
+    return history, controller.trainer
+
+
+def plan_epochs(config: config_lib.Config, manifest: schema.Manifest,
+                strategy: tf.distribute.Strategy) -> tuple[inputs.Validation | None, int]:
+    """(where validation examples come from, steps per epoch), after checking that the global
+    batch divides between the replicas and fits in the training data."""
+    global_batch, replicas = config.train.batch_size, strategy.num_replicas_in_sync
+    if global_batch % replicas:
+        raise UserError(f"train.batch_size={global_batch} is not divisible by the "
+                        f"{replicas} replicas of the {type(strategy).__name__}")
+    input_pipeline.check_shards(manifest, "train")
+    validation = inputs.choose_validation(manifest, config.train)
+    steps = inputs.steps_per_epoch(manifest, validation, global_batch)
+    if steps < 1:
+        raise UserError(f"train.batch_size={global_batch} exceeds the {manifest.split('train').count} "
+                        f"training examples of {config.data.dir}")
+    return validation, steps
+
+
+class Controller:
+    """Runs the epochs of one run: opens the run directory, resumes the trainer from its latest
+    checkpoint, and for each epoch trains, validates, checkpoints and records."""
+
+    def __init__(self, config: config_lib.Config, workdir: str, strategy: tf.distribute.Strategy):
+        t = config.train
+        self.config, self.workdir, self.strategy = config, workdir, strategy
+        self.paths = run_dir.RunPaths(workdir)
+        self.manifest = schema.read_manifest(config.data.dir)
+        self.chief = strategy_lib.is_chief(strategy)
+        self.validation, self.steps = plan_epochs(config, self.manifest, strategy)
+        # Training re-draws text paddings when asked; validation and evaluation read the stored text.
+        self.repad = input_pipeline.use_dynamic_text_padding(config.data.dynamic_text_padding,
+                                                             self.manifest)
+        self.trainer = trainer = Trainer(config, self.manifest, strategy)
+        restored = trainer.restore_or_initialize(self.paths)
+        if restored:
+            log.info("resumed %s at epoch %d, step %d", restored, trainer.finished_epochs + 1,
+                     trainer.global_step)
+        self.finished = trainer.finished_epochs
+        if self.chief:
+            tf.io.gfile.makedirs(self.paths.root)
+            atomic.write_text(self.paths.config, config_lib.dump_yaml(config))
+        self.history = History(self.paths, self.chief, finished_epochs=self.finished,
+                               restored_step=trainer.global_step)
+        jit_compile = config_lib.resolve_jit_compile(t, t.epochs * self.steps)
+        if t.jit_compile is None:
+            log.info("XLA %s (train.jit_compile: null, %d steps)", "on" if jit_compile else "off",
+                     t.epochs * self.steps)
+        trainer.build_steps(t.batch_size, jit_compile=jit_compile)
+        if self.validation is not None:
+            log.info("validation on %s", self.validation.description)
+        self.guard = NonFiniteGuard(trainer)
+        selects = self.validation is not None and self.validation.selects
+        self.early_stopping = EarlyStopping(
+            t.early_stopping_patience if selects else 0, t.early_stopping_min_delta,
+            best_val_loss=trainer.best_val_loss, bad_epochs=trainer.bad_epochs, stopped=trainer.stopped)
+
+    def run(self) -> list[dict]:
+        """Trains the epochs not yet done; returns the whole history."""
+        for epoch in range(self.finished + 1, self.config.train.epochs + 1):
+            if self.early_stopping.stopped:
+                break
+            loss, seconds, progress = self._train_epoch(epoch)
+            self._end_epoch(epoch, loss, seconds, progress)
+        if len(self.history.epochs) == self.finished:
+            log.info("%s is already trained (%d epochs%s)", self.workdir, self.finished,
+                     ", stopped early" if self.early_stopping.stopped else "")
+        return self.history.epochs
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float, Progress]:
+        """Runs epoch `epoch` from where its checkpoint left it; returns (the epoch's mean loss,
+        including the steps before a resume; seconds; its progress)."""
+        t, trainer = self.config.train, self.trainer
+        done = int(trainer.epoch_step.numpy())
+        resumed_steps, resumed_loss_sum = done, float(trainer.epoch_loss_sum.numpy())
+        dataset = self.strategy.distribute_datasets_from_function(functools.partial(
+            inputs.epoch_dataset, manifest=self.manifest, config=self.config,
+            validation=self.validation, epoch=epoch, done=done, steps=self.steps,
+            dynamic_text_padding=self.repad))
+        started = time.perf_counter()
+        progress = Progress(self.steps, t.batch_size, epoch, t.epochs, done)
+        losses = []
+        step = trainer.global_step  # counted on the host after this: no sync per step
+        for batch in dataset:
+            loss = trainer.train_step(batch)
+            losses.append(loss)
+            self.guard.add(loss)
+            done += 1
+            step += 1
+            self._log_progress(epoch, done, step, progress)
+            if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and done < self.steps:
+                self.guard.check_pending(epoch)
+                trainer.epoch_loss_sum.assign(resumed_loss_sum + float(tf.reduce_sum(losses)))
+                self._save(step)
+        self.guard.check_epoch(losses, epoch)
+        steps_run = resumed_steps + len(losses)
+        loss_sum = resumed_loss_sum + (float(tf.reduce_sum(losses)) if losses else 0.0)
+        loss = loss_sum / steps_run if steps_run else float("nan")
+        seconds = time.perf_counter() - started
+        progress.finish(done, loss, seconds)
+        return loss, seconds, progress
+
+    def _log_progress(self, epoch: int, done: int, step: int, progress: Progress) -> None:
+        """Every `train.log_every_steps` steps a log line and a progress record; on a terminal
+        the bar also moves every 10 steps. Either checks the losses since the last check."""
+        logs = done % self.config.train.log_every_steps == 0
+        if logs or (progress.bar is not None and done % 10 == 0):
+            record = progress.update(done, step, self.guard.check_pending(epoch))
+            if logs:
+                self.history.add_progress(record)
+
+    def _end_epoch(self, epoch: int, loss: float, seconds: float, progress: Progress) -> None:
+        """Validates, updates early stopping, checkpoints the finished epoch and records it."""
+        t, trainer = self.config.train, self.trainer
+        val_loss = (trainer.validation_loss(self.validation, self.config.eval.batch_size)
+                    if self.validation is not None else None)
+        improved = self.early_stopping.update(val_loss)
+        trainer.finish_epoch(epoch)
+        step = trainer.global_step
+        self._save(step, best=improved)
+        record = {"epoch": epoch, "step": step, "loss": loss, "val_loss": val_loss, "seconds": seconds}
+        if self.early_stopping.stopped:
+            record["stopped_early"] = True
+        self.history.add_epoch(record)
+        log.info("epoch %d/%d  loss %.4f  val_loss %s  %.1fs (%.0f examples/s)", epoch, t.epochs, loss,
+                 "n/a" if val_loss is None else f"{val_loss:.4f}", seconds,
+                 (self.steps - progress.done) * t.batch_size / max(seconds, 1e-9))
+        if record.get("stopped_early"):
+            log.info("early stopping: no improvement of the validation loss for %d epochs; best %.4f",
+                     t.early_stopping_patience, self.early_stopping.best)
+
+    def _save(self, step: int, *, best: bool = False) -> None:
+        """Checkpoint `step` (and the best one), unless a weight is no longer finite."""
+        self.guard.check_weights(step)
+        self.trainer.save(step, best=best)
