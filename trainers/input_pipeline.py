@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import TrainingStream
 
 
 def check_shards(manifest: schema.Manifest, split: str) -> list[str]:
@@ -85,7 +86,7 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int, *, shuf
             lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        base_seed = tf.constant([seed, 0], tf.int64)
+        base_seed = tf.constant([seed, TrainingStream.TEXT_PADDING], tf.int64)
         if input_context is not None:
             base_seed = tf.random.experimental.stateless_fold_in(base_seed, input_context.input_pipeline_id)
 
