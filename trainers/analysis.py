@@ -42,8 +42,9 @@ from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
 from bmvae_tf.pipeline import digits
-from bmvae_tf.trainers import evaluate as evaluate_lib
-from bmvae_tf.trainers import input_pipeline, plots, report, run_dir
+from bmvae_tf.trainers import evaluation as evaluate_lib
+from bmvae_tf.trainers import input_pipeline, run_dir
+from bmvae_tf.trainers.reporting import plots, report
 
 logger = logging.getLogger(__name__)
 

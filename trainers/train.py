@@ -455,7 +455,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         log.info("%s is already trained (%d epochs%s)", workdir, finished,
                  ", stopped early" if int(state.stopped.numpy()) else "")
     if write_report and chief:
-        from bmvae_tf.trainers import report  # matplotlib, only when a report is asked for
+        from bmvae_tf.trainers.reporting import report  # matplotlib, only when a report is asked for
 
         log.info("wrote %s", report.write_run_report(workdir))
     return history, state
