@@ -150,6 +150,29 @@ def test_mask_inputs_zeroes_exactly_the_absent_modalities():
     np.testing.assert_array_equal(masked["b"], np.zeros([2, 4]))
 
 
+def test_run_subsets_masks_each_subset_and_folds_the_seeds_it_names():
+    specs = [schema.ModalitySpec(name="a", kind="vector", shape=(2,)),
+             schema.ModalitySpec(name="b", kind="vector", shape=(3,))]
+    step = subsets.masked_step(specs, lambda inputs, present, seed: {"sum": tf.reduce_sum(inputs["b"]),
+                                                                     "seed": seed})
+    batches = [{"a": tf.ones([2, 2]), "b": tf.ones([2, 3]), "label": tf.constant([0, 1], tf.int64)}] * 2
+    base = tf.constant([7, 1], tf.int32)
+    fold = tf.random.experimental.stateless_fold_in
+    expected = {subsets.SeedScheme.BATCH_THEN_SUBSET: lambda b, k: fold(fold(base, b), k),
+                subsets.SeedScheme.BATCH: lambda b, k: fold(base, b),
+                subsets.SeedScheme.SUBSET: lambda b, k: fold(base, k),
+                subsets.SeedScheme.NONE: lambda b, k: tf.zeros([2], tf.int32)}
+    for scheme, seed_of in expected.items():
+        runs = list(subsets.run_subsets(step, batches, ["a", "b"], [("a",), ("b",), ("a", "b")],
+                                        seed=base, scheme=scheme))
+        assert len(runs) == 2 and "label" in runs[0][0]
+        for b, (_, outputs) in enumerate(runs):
+            assert list(outputs) == ["a", "b", "a+b"]
+            assert [float(o["sum"]) for o in outputs.values()] == [0.0, 6.0, 6.0]  # b absent: zeros
+            for k, out in enumerate(outputs.values()):
+                np.testing.assert_array_equal(out["seed"], seed_of(b, k))
+
+
 # ------------------------------------------------------------------------------------ GMM sampler
 
 
