@@ -34,12 +34,12 @@ import numpy as np
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.pipeline.permutation import permute_index
+from bmvae_tf.random_streams import ArraysStream
 
 LABEL_KEY = "label"
 SPLIT_KEY = "split"
 SPLIT_NAMES = ("train", "test")
 ROWS_PER_CHUNK = 4096
-_SPLIT_STREAM = 7  # keys the permutation that picks the test rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +278,7 @@ def test_rows(count: int, test_fraction: float, seed: int, rows: np.ndarray) -> 
     """Whether each of `rows` is held out for test when the archive has no `split`: the rows
     whose keyed permutation falls below round(test_fraction * count). bool, rows' shape."""
     n_test = int(round(test_fraction * count))
-    return permute_index(rows, count, (seed, _SPLIT_STREAM)) < n_test
+    return permute_index(rows, count, (seed, ArraysStream.TEST_SPLIT)) < n_test
 
 
 def split_names(split_values: np.ndarray, path: str, start: int = 0) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import DigitsStream
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -60,11 +61,6 @@ PRIVATE_FACTORS: Mapping[str, str] = {
     "street_fg": "street", "street_bg": "street", "street_shift": "street", "text_pad": "text",
 }
 
-# Random streams. numpy's SeedSequence treats entropy lists that differ only by trailing zeros as
-# equal ([s] == [s, 0]), so each stream gets a non-zero tag in the second position; the split
-# permutation uses default_rng(seed) itself.
-_STREAM_PAIRING = 1
-_STREAM_RENDER = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +122,7 @@ def make_pairs(labels: np.ndarray, source_indices: np.ndarray, *, dm: int, seed:
         raise UserError(f"dm must be at least 1, got {dm!r}")
     labels = np.asarray(labels)
     source_indices = np.sort(np.asarray(source_indices, dtype=np.int64))
-    rng = np.random.default_rng([seed, _STREAM_PAIRING, split_id(split)])
+    rng = np.random.default_rng([seed, DigitsStream.PAIRING, split_id(split)])
     digit_parts, street_parts = [], []
     for c in range(NUM_CLASSES):
         idx_c = source_indices[labels[source_indices] == c]
@@ -249,7 +245,7 @@ def render_pair(pair: Pair, images: np.ndarray, seed: int) -> dict[str, np.ndarr
       {"digit": [8, 8, 1] float32, "street": [16, 16, 3] float32, "text": [8] int64,
        "label": int, and the METADATA_SHAPES keys as float32 arrays}.
     """
-    rng = np.random.default_rng([seed, _STREAM_RENDER, split_id(pair.split), pair.index])
+    rng = np.random.default_rng([seed, DigitsStream.RENDER, split_id(pair.split), pair.index])
     fg, bg, shift = draw_street_style(rng)
     street = compose_street(images[pair.street_source], fg, bg, shift)
     street = np.clip(street + rng.normal(0.0, NOISE_STD, STREET_SHAPE), 0.0, 1.0)

@@ -25,6 +25,7 @@ import numpy as np
 
 from bmvae_tf.errors import UserError
 from bmvae_tf.pipeline.permutation import permute_index
+from bmvae_tf.random_streams import MnistSvhnStream
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -41,10 +42,6 @@ SPACE_TOKEN = ALPHABET.index(" ")
 DEFAULT_MAX_D = 10000
 DEFAULT_DM = {"mnist-svhn": 30, "mnist-svhn-text": 20}
 
-# Random streams; the second entropy word tags the stream (see pipeline/digits.py on why non-zero).
-_STREAM_PAIRING = 1
-_STREAM_TEXT = 2
-_STREAM_ORDER = 3
 
 
 def split_id(split: str) -> int:
@@ -112,16 +109,16 @@ def expand_plan(plan: ClassPlan, *, dm: int, seed: int, with_text: bool
     "svhn": [dm*n] source indices, "text_start": [dm*n] (only with_text)}.
     Depends only on (seed, split, class), so workers can draw classes in any order.
     """
-    rng = np.random.default_rng([seed, _STREAM_PAIRING, split_id(plan.split), plan.label])
+    rng = np.random.default_rng([seed, MnistSvhnStream.PAIRING, split_id(plan.split), plan.label])
     mnist_parts, svhn_parts = [], []
     for _ in range(dm):  # as rand_match_on_idx: one permutation of each side per round
         mnist_parts.append(rng.permutation(plan.mnist))
         svhn_parts.append(rng.permutation(plan.svhn))
     positions = plan.offset + np.arange(dm * plan.n, dtype=np.int64)
-    out = {"index": permute_index(positions, plan.total, (seed, _STREAM_ORDER, split_id(plan.split))),
+    out = {"index": permute_index(positions, plan.total, (seed, MnistSvhnStream.ORDER, split_id(plan.split))),
            "mnist": np.concatenate(mnist_parts), "svhn": np.concatenate(svhn_parts)}
     if with_text:
-        text_rng = np.random.default_rng([seed, _STREAM_TEXT, split_id(plan.split), plan.label])
+        text_rng = np.random.default_rng([seed, MnistSvhnStream.TEXT, split_id(plan.split), plan.label])
         out["text_start"] = text_rng.integers(0, max_text_start(plan.label) + 1, size=dm * plan.n)
     return out
 

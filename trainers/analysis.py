@@ -41,9 +41,11 @@ from scipy import stats
 
 from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import EvalStream
 from bmvae_tf.trainers import config as config_lib
-from bmvae_tf.trainers import evaluate as evaluate_lib
-from bmvae_tf.trainers import input_pipeline, plots, report, run_dir
+from bmvae_tf.trainers import evaluation as evaluate_lib
+from bmvae_tf.trainers import input_pipeline, run_dir
+from bmvae_tf.trainers.reporting import plots, report
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,6 @@ DEFAULT_SWAP_EXAMPLES = 6
 DEFAULT_SWAP_SAMPLES = 8
 POLYNOMIAL_DEGREE = 3  # a factor may be encoded monotonically but not linearly in a dimension
 ANALYSIS_JSON = "analysis.json"
-_STREAM_SWAP = 6  # evaluate uses streams 1-4 of the run's seed, robustness 5
 
 
 # ------------------------------------------------------------------------------------ weights
@@ -355,7 +356,7 @@ def _swap_grids(model, manifest: schema.Manifest, sets: DimensionSets, inputs: M
     """Fig. 7 for every modality with private dimensions; returns {modality: {kind: filename}}."""
     names = manifest.modality_names
     num = int(tf.shape(inputs[names[0]])[0])
-    base_seed = tf.constant([seed, _STREAM_SWAP], tf.int32)
+    base_seed = tf.constant([seed, EvalStream.DIMENSION_SWAP], tf.int32)
     written = {}
     for m, spec in enumerate(manifest.modalities):
         private = sets.private[spec.name]

@@ -143,7 +143,8 @@ def _cmd_train(args, beam_args: list[str]) -> int:
 
 
 def _cmd_evaluate(args, beam_args: list[str]) -> int:
-    from bmvae_tf.trainers import evaluate, run_dir
+    from bmvae_tf.trainers import run_dir
+    from bmvae_tf.trainers.evaluation import evaluate
 
     evaluate.evaluate(args.workdir, args.data, overrides=args.set)
     print(f"wrote {run_dir.RunPaths(args.workdir).metrics} and {args.workdir}/report.html")
@@ -175,9 +176,9 @@ def _cmd_analyze(args, beam_args: list[str]) -> int:
 
 
 def _cmd_compare(args, beam_args: list[str]) -> int:
-    from bmvae_tf.trainers import report
+    from bmvae_tf.trainers.reporting import compare
 
-    markdown, page = report.compare(args.runs, args.output)
+    markdown, page = compare.compare(args.runs, args.output)
     print(f"wrote {markdown} and {page}")
     return 0
 

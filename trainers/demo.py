@@ -22,7 +22,8 @@ DEMO_CONFIG = os.path.join(CONFIG_DIR, "digits", "bmvae_m.yaml")
 def run_demo(workdir: str, epochs: int | None = None, stream=None) -> dict:
     """Runs the demo in `workdir` (data/, run/, export/) and prints the summary; returns metrics."""
     from bmvae_tf.pipeline.build_digits import build_digits
-    from bmvae_tf.trainers import evaluate, export, train
+    from bmvae_tf.trainers import export, train
+    from bmvae_tf.trainers.evaluation import evaluate
 
     if not os.path.exists(DEMO_CONFIG):
         raise UserError(f"{DEMO_CONFIG}: the demo config is missing (install the project from its "

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import TrainingStream
 
 
 def check_shards(manifest: schema.Manifest, split: str) -> list[str]:
@@ -134,7 +135,7 @@ def _parse(manifest: schema.Manifest, batches: tf.data.Dataset, padding: dict | 
         return batches.map(
             lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    base_seed = tf.constant([options.seed, 0], tf.int64)
+    base_seed = tf.constant([options.seed, TrainingStream.TEXT_PADDING], tf.int64)
     if input_context is not None:
         base_seed = tf.random.experimental.stateless_fold_in(base_seed, input_context.input_pipeline_id)
 

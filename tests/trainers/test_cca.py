@@ -1,4 +1,4 @@
-"""Tests of trainers.cca (CCA coherence) and bmvae_tf.sentence_vectors (SIF sentence vectors).
+"""Tests of trainers.evaluation.cca (CCA coherence) and bmvae_tf.pipeline.sentence_vectors (SIF sentence vectors).
 
 The maths is checked on data with known answers: a planted canonical correlation, SIF weights
 and averages computed by hand. The end-to-end test trains a CUB config for one epoch on the tiny
@@ -15,7 +15,8 @@ import pytest
 
 from bmvae_tf.pipeline import sentence_vectors
 from bmvae_tf.errors import UserError
-from bmvae_tf.trainers import cca, cli, input_pipeline
+from bmvae_tf.trainers import cli, input_pipeline
+from bmvae_tf.trainers.evaluation import cca
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,4 +1,5 @@
-"""Tests of trainers.evaluate, trainers.classifiers and trainers.plots.
+"""Tests of trainers.evaluation (the maths of each metric family, and `evaluate` end to end) and
+trainers.reporting.plots.
 
 The maths is checked on inputs with known answers (a perfect model scores 1.0, one that ignores
 its input scores chance); `evaluate` runs end to end on a tiny synthetic dataset with a small
@@ -19,8 +20,10 @@ from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from tests import synthetic
 from bmvae_tf.trainers import config as config_lib
-from bmvae_tf.trainers import evaluate as evaluate_lib
-from bmvae_tf.trainers import plots, run_dir
+from bmvae_tf.trainers import run_dir
+from bmvae_tf.trainers.evaluation import coherence, encodings, probes, random_coherence, subsets
+from bmvae_tf.trainers.evaluation import evaluate as evaluate_lib
+from bmvae_tf.trainers.reporting import plots
 
 tfd = tfp.distributions
 
@@ -41,7 +44,7 @@ def test_latent_accuracy_is_one_on_separable_latents():
     y_train, y_test = rng.integers(NUM_CLASSES, size=300), rng.integers(NUM_CLASSES, size=200)
     z_train = centres[y_train] + rng.normal(0, 0.1, (300, 4))
     z_test = centres[y_test] + rng.normal(0, 0.1, (200, 4))
-    assert evaluate_lib.latent_accuracy(z_train, y_train, z_test, y_test) == 1.0
+    assert probes.latent_accuracy(z_train, y_train, z_test, y_test) == 1.0
 
 
 def test_latent_accuracy_is_chance_on_latents_independent_of_labels():
@@ -49,7 +52,7 @@ def test_latent_accuracy_is_chance_on_latents_independent_of_labels():
     n_train, n_test = 1000, 2000
     z_train, z_test = rng.normal(size=(n_train, 4)), rng.normal(size=(n_test, 4))
     y_train, y_test = rng.integers(NUM_CLASSES, size=n_train), rng.integers(NUM_CLASSES, size=n_test)
-    accuracy = evaluate_lib.latent_accuracy(z_train, y_train, z_test, y_test)
+    accuracy = probes.latent_accuracy(z_train, y_train, z_test, y_test)
     assert abs(accuracy - 1 / NUM_CLASSES) < _chance_tolerance(n_test, NUM_CLASSES)
 
 
@@ -97,54 +100,77 @@ def _identity_classifiers():
 
 
 def test_cross_coherence_of_a_perfect_generator_is_one():
-    split = evaluate_lib.encode_split(_OneHotModel(), _one_hot_batches(300, 0),
+    split = encodings.encode_split(_OneHotModel(), _one_hot_batches(300, 0),
                                       classifiers=_identity_classifiers())
     assert sorted(split.cross_predictions) == ["a|b", "b|a"]
     for predicted in split.cross_predictions.values():
-        assert evaluate_lib.cross_coherence(predicted, split.labels) == 1.0
+        assert coherence.cross_coherence(predicted, split.labels) == 1.0
     assert sorted(split.means) == ["a", "a+b", "b"]
     assert split.means["a+b"].shape == (300, NUM_CLASSES)
 
 
 def test_cross_coherence_of_a_generator_that_ignores_its_input_is_chance():
     num = 2000
-    split = evaluate_lib.encode_split(_OneHotModel(ignore_input=True), _one_hot_batches(num, 1),
+    split = encodings.encode_split(_OneHotModel(ignore_input=True), _one_hot_batches(num, 1),
                                       classifiers=_identity_classifiers())
     for predicted in split.cross_predictions.values():
-        score = evaluate_lib.cross_coherence(predicted, split.labels)
+        score = coherence.cross_coherence(predicted, split.labels)
         assert abs(score - 1 / NUM_CLASSES) < _chance_tolerance(num, NUM_CLASSES)
 
 
 def test_cross_coherence_needs_every_generated_modality_right():
     labels = np.array([0, 1, 2, 3])
     predictions = np.array([[0, 1, 2, 0], [0, 0, 2, 3]])
-    assert evaluate_lib.cross_coherence(predictions, labels) == 0.5
-    assert evaluate_lib.cross_coherence(predictions[1], labels) == 0.75
+    assert coherence.cross_coherence(predictions, labels) == 0.5
+    assert coherence.cross_coherence(predictions[1], labels) == 0.75
 
 
 def test_joint_coherence_counts_samples_where_all_classifiers_agree():
     agree = np.tile(np.arange(8), (3, 1))
-    assert evaluate_lib.joint_coherence(agree) == 1.0
+    assert coherence.joint_coherence(agree) == 1.0
     disagree = np.stack([np.arange(8), np.arange(8) + 1, np.arange(8)])
-    assert evaluate_lib.joint_coherence(disagree) == 0.0
+    assert coherence.joint_coherence(disagree) == 0.0
     half = agree.copy()
     half[2, :4] = 9
-    assert evaluate_lib.joint_coherence(half) == 0.5
+    assert coherence.joint_coherence(half) == 0.5
 
 
 def test_random_coherence_of_consistent_decoders_is_one():
     z = np.eye(NUM_CLASSES, dtype=np.float32)[np.arange(50) % NUM_CLASSES]
-    predictions = evaluate_lib.generated_predictions(_OneHotModel(), _identity_classifiers(), z, 16)
+    predictions = random_coherence.generated_predictions(_OneHotModel(), _identity_classifiers(), z, 16)
     assert predictions.shape == (2, 50)
     np.testing.assert_array_equal(predictions[0], np.arange(50) % NUM_CLASSES)
-    assert evaluate_lib.joint_coherence(predictions) == 1.0
+    assert coherence.joint_coherence(predictions) == 1.0
 
 
 def test_mask_inputs_zeroes_exactly_the_absent_modalities():
     inputs = {"a": tf.ones([2, 3]), "b": tf.fill([2, 4], 2.0)}
-    masked = evaluate_lib.mask_inputs(inputs, tf.constant([True, False]), ["a", "b"])
+    masked = subsets.mask_inputs(inputs, tf.constant([True, False]), ["a", "b"])
     np.testing.assert_array_equal(masked["a"], inputs["a"])
     np.testing.assert_array_equal(masked["b"], np.zeros([2, 4]))
+
+
+def test_run_subsets_masks_each_subset_and_folds_the_seeds_it_names():
+    specs = [schema.ModalitySpec(name="a", kind="vector", shape=(2,)),
+             schema.ModalitySpec(name="b", kind="vector", shape=(3,))]
+    step = subsets.masked_step(specs, lambda inputs, present, seed: {"sum": tf.reduce_sum(inputs["b"]),
+                                                                     "seed": seed})
+    batches = [{"a": tf.ones([2, 2]), "b": tf.ones([2, 3]), "label": tf.constant([0, 1], tf.int64)}] * 2
+    base = tf.constant([7, 1], tf.int32)
+    fold = tf.random.experimental.stateless_fold_in
+    expected = {subsets.SeedScheme.BATCH_THEN_SUBSET: lambda b, k: fold(fold(base, b), k),
+                subsets.SeedScheme.BATCH: lambda b, k: fold(base, b),
+                subsets.SeedScheme.SUBSET: lambda b, k: fold(base, k),
+                subsets.SeedScheme.NONE: lambda b, k: tf.zeros([2], tf.int32)}
+    for scheme, seed_of in expected.items():
+        runs = list(subsets.run_subsets(step, batches, ["a", "b"], [("a",), ("b",), ("a", "b")],
+                                        seed=base, scheme=scheme))
+        assert len(runs) == 2 and "label" in runs[0][0]
+        for b, (_, outputs) in enumerate(runs):
+            assert list(outputs) == ["a", "b", "a+b"]
+            assert [float(o["sum"]) for o in outputs.values()] == [0.0, 6.0, 6.0]  # b absent: zeros
+            for k, out in enumerate(outputs.values()):
+                np.testing.assert_array_equal(out["seed"], seed_of(b, k))
 
 
 # ------------------------------------------------------------------------------------ GMM sampler
@@ -154,12 +180,12 @@ def test_gmm_samples_match_the_moments_of_the_fitted_latents():
     rng = np.random.default_rng(2)
     z = np.concatenate([rng.normal(-3, 0.5, (1500, 3)), rng.normal(2, 1.5, (500, 3))])
     z[:, 2] *= 4.0
-    gmm = evaluate_lib.fit_latent_gmm(z, seed=0)
-    samples = evaluate_lib.sample_gmm(gmm, 20000, seed=1)
+    gmm = random_coherence.fit_latent_gmm(z, seed=0)
+    samples = random_coherence.sample_gmm(gmm, 20000, seed=1)
     assert samples.shape == (20000, 3)
     assert np.all(np.abs(samples.mean(0) - z.mean(0)) < 0.05 * z.std(0))
     np.testing.assert_allclose(samples.var(0), z.var(0), rtol=0.1)
-    np.testing.assert_array_equal(samples, evaluate_lib.sample_gmm(gmm, 20000, seed=1))
+    np.testing.assert_array_equal(samples, random_coherence.sample_gmm(gmm, 20000, seed=1))
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -1,8 +1,9 @@
-"""Tests of trainers.report: run reports and `bmvae compare` on hand-made run directories, and the
+"""Tests of trainers.reporting: run reports and `bmvae compare` on hand-made run directories, and the
 offline HTML rendered by headless Chromium where it is installed."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 
 from bmvae_tf.errors import UserError
-from bmvae_tf.trainers import cli, plots, report
+from bmvae_tf.trainers import cli
+from bmvae_tf.trainers.evaluation import robustness
+from bmvae_tf.trainers.evaluation.metrics import Metrics
+from bmvae_tf.trainers.reporting import compare, plots, report
 
 LEVELS = [0.0, 0.5, 1.0]
 
@@ -32,8 +36,8 @@ def _metrics(model: str, latent: float, relative_curve: list[float], baseline: l
             "noise_levels": LEVELS, "noise": "toy noise",
             "latent_accuracy": {s: relative_curve for s in subsets},
             "baseline_accuracy": {s: baseline for s in subsets},
-            "relative": {s: report.robustness.relative_robustness(LEVELS, relative_curve) for s in subsets},
-            "effective": {s: report.robustness.effective_robustness(relative_curve, baseline) for s in subsets},
+            "relative": {s: robustness.relative_robustness(LEVELS, relative_curve) for s in subsets},
+            "effective": {s: robustness.effective_robustness(relative_curve, baseline) for s in subsets},
             "baseline_relative": {s: 0.0 for s in subsets}},
         "mixture_weights": None,
         "num_examples": {"latent_accuracy": {"train": 80, "test": 20}, "coherence": 20,
@@ -73,7 +77,7 @@ def test_html_is_self_contained_and_escapes_text():
 
 
 def test_run_tables_say_how_many_examples_each_number_rests_on():
-    tables = {t.title: t for t in report.run_metric_tables(_metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]))}
+    tables = {t.title: t for t in report.run_metric_tables(Metrics.from_json(_metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2])))}
     latent = tables["Latent accuracy (linear probe on posterior means)"]
     assert latent.rows[0] == ["x", "0.900"] and "80 train" in latent.note and "20 test" in latent.note
     assert "K = 7" in tables["Log-likelihood (IWAE estimate of log p(x_S))"].note
@@ -87,7 +91,7 @@ def test_run_tables_say_how_many_examples_each_number_rests_on():
 def test_compare_puts_runs_side_by_side_with_normalised_robustness(tmp_path):
     first = _write_run(tmp_path / "runs" / "alpha", _metrics("bmvae_m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]))
     second = _write_run(tmp_path / "runs" / "beta", _metrics("mmvae", 0.8, [0.8, 0.7, 0.6], [0.8, 0.4, 0.2]))
-    markdown_path, html_path = report.compare([first, second], str(tmp_path / "out"))
+    markdown_path, html_path = compare.compare([first, second], str(tmp_path / "out"))
     with open(markdown_path) as f:
         markdown = f.read()
     assert "| alpha | 0.900 | 0.900 | 0.900 |" in markdown
@@ -95,7 +99,7 @@ def test_compare_puts_runs_side_by_side_with_normalised_robustness(tmp_path):
     assert "| run | y\\|x | x\\|y |" in markdown
     assert "| alpha | -100.0 | -100.0 | -100.0 |" in markdown
 
-    scores = report.robustness_scores(report.load_runs([first, second]))
+    scores = compare.robustness_scores(compare.load_runs([first, second]))
     # relative: alpha 0.6, beta 0.5 * 1.5 / 2 + 0.5 * 1.3 / 2 = 0.7; effective: alpha 0.1,
     # beta (0 - 0) + (-0.1 + 0.4) + (-0.2 + 0.6) = 0.7. Min-max: alpha 0, beta 1 on both.
     assert scores["alpha"]["relative"] == pytest.approx(0.6) and scores["beta"]["relative"] == pytest.approx(0.7)
@@ -119,16 +123,16 @@ def test_compare_puts_runs_side_by_side_with_normalised_robustness(tmp_path):
 def test_compare_needs_evaluated_runs(tmp_path, capsys):
     os.makedirs(tmp_path / "fresh")
     with pytest.raises(UserError, match="run `bmvae evaluate"):
-        report.compare([str(tmp_path / "fresh")], str(tmp_path / "out"))
+        compare.compare([str(tmp_path / "fresh")], str(tmp_path / "out"))
     assert cli.main(["compare", str(tmp_path / "fresh"), "--output", str(tmp_path / "out")]) == 2
     assert "metrics.json: not found" in capsys.readouterr().err
 
 
 def test_run_labels_are_short_and_unique():
-    assert report.run_labels(["/a/x/run", "/a/y/run", "/b/other"]) == ["x/run", "y/run", "b/other"]
-    assert report.run_labels(["/r/one", "/r/two"]) == ["one", "two"]
+    assert compare.run_labels(["/a/x/run", "/a/y/run", "/b/other"]) == ["x/run", "y/run", "b/other"]
+    assert compare.run_labels(["/r/one", "/r/two"]) == ["one", "two"]
     with pytest.raises(UserError, match="twice"):
-        report.run_labels(["/a/run", "/a/run/"])
+        compare.run_labels(["/a/run", "/a/run/"])
 
 
 def test_write_run_report_without_metrics_says_what_to_do(tmp_path):
@@ -178,3 +182,36 @@ def test_bmvae_train_writes_the_run_report_with_its_training_curve(tmp_path):
     # Before `evaluate`: the training curve (the only picture) and a pointer to what comes next.
     assert page.count("data:image/png;base64,") == 1 and "Training curve" in page
     assert "run `bmvae evaluate`" in page
+
+
+# ------------------------------------------------------------------------------------ the record
+
+
+def test_metrics_record_round_trips_metrics_json(tmp_path):
+    data = _metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2])
+    record = Metrics.from_json(data)
+    assert record.to_json() == data
+    assert list(record.to_json())[:3] == ["model", "dataset", "modalities"]  # the record's field order
+    assert record.count("log_likelihood_samples") == 7 and record.count("absent") is None
+    path = str(tmp_path / "metrics.json")
+    record.write(path)
+    assert Metrics.from_json(path) == record
+    record.cca_coherence = {"ground_truth": 0.27}
+    assert record.to_json()["cca_coherence"] == {"ground_truth": 0.27}
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    (json.dumps({"model": "m", "dataset": "d"}), "missing 'modalities'"),
+    (json.dumps({**_metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]), "latent_acc": {}}), "unknown 'latent_acc'"),
+])
+def test_a_bad_or_old_metrics_json_is_a_user_error_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=problem) as error:
+        Metrics.from_json(str(path))
+    assert str(path) in str(error.value)
+    # The run report shows the problem rather than failing (training writes it too).
+    with open(report.write_run_report(str(tmp_path))) as f:
+        assert html.escape(str(error.value)) in f.read()

@@ -1,4 +1,4 @@
-"""Tests of trainers.robustness: MultiBench's summaries on hand-computed toy curves, the noise, and
+"""Tests of trainers.evaluation.robustness: MultiBench's summaries on hand-computed toy curves, the noise, and
 the noisy-accuracy pass on a stand-in model whose numbers are known."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bmvae_tf import schema
-from bmvae_tf.trainers import robustness
+from bmvae_tf.trainers.evaluation import robustness
+from bmvae_tf.trainers.reporting.compare import minmax_normalise
 
 tfd = tfp.distributions
 
@@ -51,10 +52,10 @@ def test_summaries_reject_curves_they_cannot_read():
 
 
 def test_minmax_normalise_as_multibench():
-    out = robustness.minmax_normalise({"a": 0.2, "b": 0.6, "c": 0.4, "d": None})
+    out = minmax_normalise({"a": 0.2, "b": 0.6, "c": 0.4, "d": None})
     assert out["a"] == 0.0 and out["b"] == 1.0 and out["c"] == pytest.approx(0.5) and out["d"] is None
-    assert robustness.minmax_normalise({"a": 0.3, "b": 0.3}) == {"a": None, "b": None}
-    assert robustness.minmax_normalise({"a": 0.3}) == {"a": None}
+    assert minmax_normalise({"a": 0.3, "b": 0.3}) == {"a": None, "b": None}
+    assert minmax_normalise({"a": 0.3}) == {"a": None}
 
 
 # ------------------------------------------------------------------------------------ noise

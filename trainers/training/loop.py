@@ -46,7 +46,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         controller = Controller(config, workdir, strategy)
         history = controller.run()
     if write_report and controller.chief:
-        from bmvae_tf.trainers import report  # matplotlib, only when a report is asked for
+        from bmvae_tf.trainers.reporting import report  # matplotlib, only when a report is asked for
 
         log.info("wrote %s", report.write_run_report(workdir))
     return history, controller.trainer

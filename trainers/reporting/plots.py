@@ -5,7 +5,7 @@
   generates for every modality from it (the diagonal is reconstruction);
 - training_curve.png: loss and val_loss per epoch from RUN/history.jsonl;
 - robustness.png: latent accuracy of every subset against the input noise level, with the
-  raw-input baseline dashed (trainers/robustness.py).
+  raw-input baseline dashed (trainers/evaluation/robustness.py).
 
 `bmvae analyze` (trainers/analysis.py) adds the dimension-swap grids and the factor R^2 heatmap
 in RUN/analysis/; `bmvae compare` overlays the training and robustness curves of several runs.

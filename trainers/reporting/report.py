@@ -1,6 +1,6 @@
-"""Reports: RUN/report.html for one run, and `bmvae compare` (Markdown and HTML) for several.
+"""RUN/report.html for one run, and the rendering `bmvae compare` (`reporting.compare`) shares.
 
-Both are self-contained so they open offline: the HTML embeds every image as a base64 data URI
+Reports are self-contained so they open offline: the HTML embeds every image as a base64 data URI
 and uses no script, font or stylesheet from elsewhere; the Markdown report links PNGs written
 beside it. Tables are built once as `Table` values (pure functions of metrics.json,
 history.jsonl and analysis.json) and rendered to either format.
@@ -18,13 +18,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from bmvae_tf import atomic, schema
+from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
-from bmvae_tf.trainers import plots, robustness, run_dir
+from bmvae_tf.trainers import run_dir
+from bmvae_tf.trainers.evaluation.metrics import Metrics
+from bmvae_tf.trainers.reporting import plots
 
 REPORT_HTML = "report.html"
-COMPARE_MARKDOWN = "report.md"
-COMPARE_HTML = "report.html"
 
 _CSS = """
 body { font-family: sans-serif; margin: 2em; max-width: 72em; color: #222; }
@@ -128,45 +128,41 @@ def history_table(history: Sequence[Mapping]) -> Table:
                    fmt(h.get("val_loss"), 4), fmt(h.get("seconds"), 1)] for h in history])
 
 
-def _count(metrics: Mapping, key: str):
-    return (metrics.get("num_examples") or {}).get(key)
-
-
-def run_metric_tables(metrics: Mapping) -> list[Table]:
+def run_metric_tables(metrics: Metrics) -> list[Table]:
     """The metrics.json of one run as tables, each saying how many examples it rests on."""
     tables = []
-    latent = metrics.get("latent_accuracy")
+    latent = metrics.latent_accuracy
     if latent:
-        n = _count(metrics, "latent_accuracy") or {}
+        n = metrics.count("latent_accuracy") or {}
         tables.append(Table("Latent accuracy (linear probe on posterior means)", ["subset", "accuracy"],
                             [[k, fmt(v)] for k, v in latent.items()],
                             f"fitted on {n.get('train')} train examples, scored on {n.get('test')} test examples"))
-    coherence = metrics.get("coherence")
+    coherence = metrics.coherence
     if coherence:
         tables.append(Table("Cross coherence (target|given)", ["target|given", "coherence"],
                             [[k, fmt(v)] for k, v in coherence.items()],
-                            f"{_count(metrics, 'coherence')} test examples, one posterior sample each"))
-    if metrics.get("random_coherence") is not None:
-        gmm_n = _count(metrics, "random_coherence_gmm") or {}
+                            f"{metrics.count('coherence')} test examples, one posterior sample each"))
+    if metrics.random_coherence is not None:
+        gmm_n = metrics.count("random_coherence_gmm") or {}
         tables.append(Table("Random coherence", ["latents from", "coherence", "samples"], [
-            ["prior", fmt(metrics.get("random_coherence")), str(_count(metrics, "random_coherence"))],
+            ["prior", fmt(metrics.random_coherence), str(metrics.count("random_coherence"))],
             [f"ex-post GMM (fitted on {gmm_n.get('gmm_fit')} train latents)",
-             fmt(metrics.get("random_coherence_gmm")), str(gmm_n.get("samples"))]]))
-    classifier = metrics.get("classifier_accuracy")
+             fmt(metrics.random_coherence_gmm), str(gmm_n.get("samples"))]]))
+    classifier = metrics.classifier_accuracy
     if classifier:
-        n = _count(metrics, "classifier") or {}
+        n = metrics.count("classifier") or {}
         tables.append(Table("Coherence classifiers (accuracy on real test data)", ["modality", "accuracy"],
                             [[k, fmt(v)] for k, v in classifier.items()],
                             f"trained on {n.get('train')} train examples, scored on {n.get('test')} test examples"))
-    ll = metrics.get("log_likelihood")
+    ll = metrics.log_likelihood
     if ll:
         tables.append(Table("Log-likelihood (IWAE estimate of log p(x_S))", ["subset", "log-likelihood"],
                             [[k, fmt(v, 1)] for k, v in ll.items()],
-                            f"mean over {_count(metrics, 'log_likelihood')} test examples, "
-                            f"K = {_count(metrics, 'log_likelihood_samples')} importance samples"))
-    rob = metrics.get("robustness")
+                            f"mean over {metrics.count('log_likelihood')} test examples, "
+                            f"K = {metrics.count('log_likelihood_samples')} importance samples"))
+    rob = metrics.robustness
     if rob:
-        n = _count(metrics, "robustness") or {}
+        n = metrics.count("robustness") or {}
         rows = []
         for key, curve in rob["latent_accuracy"].items():
             base = (rob.get("baseline_accuracy") or {}).get(key)
@@ -183,10 +179,10 @@ def run_metric_tables(metrics: Mapping) -> list[Table]:
             f"{n.get('baseline_train')}; scored on {n.get('test')} test examples per level. Relative: area "
             f"under the curve; effective: accuracy kept beyond the baseline shifted to the same clean "
             f"accuracy, summed over levels."))
-    timing = [["epochs", str(metrics.get("epochs"))],
-              ["seconds per epoch (mean over history.jsonl)", fmt(metrics.get("seconds_per_epoch"), 2)]]
+    timing = [["epochs", str(metrics.epochs)],
+              ["seconds per epoch (mean over history.jsonl)", fmt(metrics.seconds_per_epoch, 2)]]
     tables.append(Table("Training time", ["", "value"], timing))
-    skipped = metrics.get("skipped") or {}
+    skipped = metrics.skipped
     if skipped:
         tables.append(Table("Skipped", ["metric", "why"], [[k, v] for k, v in skipped.items()]))
     return tables
@@ -238,12 +234,23 @@ def _read_json(path: str):
         return json.loads(f.read())
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_metrics(path: str) -> Metrics | str | None:
+    """RUN/metrics.json as a record; None when absent; the error, for the report to show, when
+    it cannot be read (a report, written after training too, must not fail on an old file)."""
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        return Metrics.from_json(path)
+    except UserError as e:
+        return str(e)
+
+
+def read_bytes(path: str) -> bytes:
     with tf.io.gfile.GFile(path, "rb") as f:
         return f.read()
 
 
-_PLOT_CAPTIONS = {
+PLOT_CAPTIONS = {
     plots.CROSS_GENERATION: "Cross generation: each modality given alone, every modality generated",
     plots.MIXTURE_WEIGHTS: "Mixture weights per latent dimension and modality",
     plots.ROBUSTNESS: "Latent accuracy against input noise (dashed: raw-input baseline)",
@@ -268,7 +275,7 @@ def analysis_pictures(analysis: Mapping) -> dict[str, str]:
     return out
 
 
-def run_sections(metrics: Mapping | None, history: Sequence[Mapping], plot_files: Mapping[str, bytes],
+def run_sections(metrics: Metrics | str | None, history: Sequence[Mapping], plot_files: Mapping[str, bytes],
                  analysis: Mapping | None, analysis_files: Mapping[str, bytes]) -> list:
     """The sections of RUN/report.html (pure: everything read is passed in)."""
     sections = []
@@ -278,9 +285,11 @@ def run_sections(metrics: Mapping | None, history: Sequence[Mapping], plot_files
                   "training_curve.png")]))
     if metrics is None:
         sections.append(("Metrics", ["No metrics.json yet: run `bmvae evaluate`."]))
+    elif isinstance(metrics, str):
+        sections.append(("Metrics", [metrics]))
     else:
         sections.append(("Metrics", run_metric_tables(metrics)))
-    images = [Image(_PLOT_CAPTIONS.get(name, name), png, name) for name, png in plot_files.items()
+    images = [Image(PLOT_CAPTIONS.get(name, name), png, name) for name, png in plot_files.items()
               if name != plots.TRAINING_CURVE]
     if images:
         sections.append(("Plots", images))
@@ -297,182 +306,26 @@ def run_sections(metrics: Mapping | None, history: Sequence[Mapping], plot_files
 def write_run_report(workdir: str) -> str:
     """Writes RUN/report.html from what the run directory holds; returns its path."""
     paths = run_dir.RunPaths(workdir)
-    metrics = _read_json(paths.metrics)
+    metrics = _read_metrics(paths.metrics)
     history = run_dir.read_history(paths)
     plot_files = {}
     if tf.io.gfile.isdir(paths.plots):
-        plot_files = {name: _read_bytes(os.path.join(paths.plots, name))
+        plot_files = {name: read_bytes(os.path.join(paths.plots, name))
                       for name in sorted(tf.io.gfile.listdir(paths.plots)) if name.endswith(".png")}
     analysis_dir = os.path.join(paths.root, "analysis")
     analysis = _read_json(os.path.join(analysis_dir, "analysis.json"))
     analysis_files = {}
     if analysis is not None:
         # Only the pictures this analysis.json names: the directory may hold older ones.
-        analysis_files = {caption: _read_bytes(os.path.join(analysis_dir, name))
+        analysis_files = {caption: read_bytes(os.path.join(analysis_dir, name))
                           for caption, name in analysis_pictures(analysis).items()
                           if tf.io.gfile.exists(os.path.join(analysis_dir, name))}
-    name = (metrics or {}).get("model") or os.path.basename(os.path.normpath(workdir))
-    dataset = (metrics or {}).get("dataset")
+    known = isinstance(metrics, Metrics)
+    name = (metrics.model if known else None) or os.path.basename(os.path.normpath(workdir))
+    dataset = metrics.dataset if known else None
     title = f"bmvae run report: {name}" + (f" on {dataset}" if dataset else "")
     page = render_html(title, [("Run", [f"Run directory: {os.path.abspath(workdir)}"]),
                                *run_sections(metrics, history, plot_files, analysis, analysis_files)])
     path = os.path.join(paths.root, REPORT_HTML)
     atomic.write_text(path, page)
     return path
-
-
-# ------------------------------------------------------------------------------------ compare
-
-
-@dataclasses.dataclass
-class RunSummary:
-    label: str
-    path: str
-    metrics: dict
-    history: list[dict]
-    plot_files: dict[str, bytes]
-
-
-def run_labels(paths: Sequence[str]) -> list[str]:
-    """Short unique labels: the directory names, with parent directories added (to all of them)
-    until they differ."""
-    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    raise UserError(f"the same run is named twice: {list(paths)}")
-
-
-def load_runs(paths: Sequence[str]) -> list[RunSummary]:
-    runs = []
-    for label, path in zip(run_labels(paths), paths):
-        run_paths = run_dir.RunPaths(path)
-        metrics = _read_json(run_paths.metrics)
-        if metrics is None:
-            raise UserError(f"{run_paths.metrics}: not found; run `bmvae evaluate --workdir {path}` first")
-        plot_files = {}
-        if tf.io.gfile.isdir(run_paths.plots):
-            plot_files = {n: _read_bytes(os.path.join(run_paths.plots, n))
-                          for n in sorted(tf.io.gfile.listdir(run_paths.plots)) if n.endswith(".png")}
-        runs.append(RunSummary(label, path, metrics, run_dir.read_history(run_paths), plot_files))
-    return runs
-
-
-def _union_keys(dicts: Sequence[Mapping | None]) -> list[str]:
-    return list(dict.fromkeys(k for d in dicts if d for k in d))
-
-
-def _by_run_table(title: str, runs: Sequence[RunSummary], key: str, digits: int, note: str) -> Table | None:
-    values = [r.metrics.get(key) for r in runs]
-    columns = _union_keys(values)
-    if not columns:
-        return None
-    rows = [[r.label, *[fmt((v or {}).get(c), digits) for c in columns]] for r, v in zip(runs, values)]
-    return Table(title, ["run", *columns], rows, note)
-
-
-def robustness_scores(runs: Sequence[RunSummary]) -> dict[str, dict]:
-    """Per run, on the all-modality subset: relative and effective robustness, each min-max
-    normalised across the runs as MultiBench does, and their mean (the paper's Fig. 5a)."""
-    raw = {}
-    for run in runs:
-        rob = run.metrics.get("robustness")
-        key = schema.subset_key(run.metrics.get("modalities") or [])
-        if rob and key in rob.get("relative", {}):
-            raw[run.label] = {"relative": rob["relative"][key],
-                              "effective": (rob.get("effective") or {}).get(key),
-                              "clean": rob["latent_accuracy"][key][0]}
-    relative = robustness.minmax_normalise({k: v["relative"] for k, v in raw.items()})
-    effective = robustness.minmax_normalise({k: v["effective"] for k, v in raw.items()})
-    for label, scores in raw.items():
-        scores["relative_normalised"] = relative[label]
-        scores["effective_normalised"] = effective[label]
-        both = [v for v in (relative[label], effective[label]) if v is not None]
-        scores["mean_normalised"] = float(np.mean(both)) if len(both) == 2 else None
-    return raw
-
-
-def compare_tables(runs: Sequence[RunSummary]) -> list[Table]:
-    """The paper-shaped tables with one row per run."""
-    tables = [Table("Runs", ["run", "model", "dataset", "epochs", "seconds per epoch"],
-                    [[r.label, str(r.metrics.get("model")), str(r.metrics.get("dataset")),
-                      str(r.metrics.get("epochs")), fmt(r.metrics.get("seconds_per_epoch"), 2)] for r in runs],
-                    "seconds per epoch: mean of history.jsonl's per-epoch wall time; only comparable "
-                    "between runs on the same machine and load")]
-
-    def counts(key: str) -> str:
-        def describe(value) -> str:
-            if isinstance(value, Mapping):
-                return " / ".join(f"{v} {k}" for k, v in value.items())
-            return str(value)
-
-        return "; ".join(f"{r.label}: {describe(_count(r.metrics, key))}" for r in runs)
-
-    for table in (
-            _by_run_table("Latent accuracy by subset (linear probe, test)", runs, "latent_accuracy", 3,
-                          f"examples - {counts('latent_accuracy')}"),
-            _by_run_table("Cross coherence by target|given", runs, "coherence", 3,
-                          f"test examples - {counts('coherence')}"),
-            _by_run_table("Log-likelihood by subset (IWAE)", runs, "log_likelihood", 1,
-                          f"test examples - {counts('log_likelihood')}; K - {counts('log_likelihood_samples')}")):
-        if table is not None:
-            tables.append(table)
-    tables.append(Table("Random coherence", ["run", "prior", "ex-post GMM", "samples"],
-                        [[r.label, fmt(r.metrics.get("random_coherence")),
-                          fmt(r.metrics.get("random_coherence_gmm")),
-                          str(_count(r.metrics, "random_coherence"))] for r in runs]))
-    scores = robustness_scores(runs)
-    if scores:
-        tables.append(Table(
-            "Robustness (MultiBench), all modalities given",
-            ["run", "clean accuracy", "relative", "effective", "relative (normalised)",
-             "effective (normalised)", "mean (normalised)"],
-            [[label, fmt(s["clean"]), fmt(s["relative"]), fmt(s["effective"]),
-              fmt(s["relative_normalised"]), fmt(s["effective_normalised"]), fmt(s["mean_normalised"])]
-             for label, s in scores.items()],
-            "normalised: min-max across the compared runs (MultiBench's maxmin_normalize; n/a with "
-            "fewer than two distinct values); mean: the average of the two, as the paper's Fig. 5a"))
-    return tables
-
-
-def compare_images(runs: Sequence[RunSummary]) -> list[Image]:
-    images = []
-    histories = {r.label: r.history for r in runs if r.history}
-    if histories:
-        images.append(Image("Training curves of every run", plots.figure_png(
-            plots.runs_training_curves_figure(histories)), "images/training_curves.png"))
-    curves = {}
-    for run in runs:
-        rob = run.metrics.get("robustness")
-        key = schema.subset_key(run.metrics.get("modalities") or [])
-        if rob and key in rob["latent_accuracy"]:
-            curves[run.label] = (rob["noise_levels"], rob["latent_accuracy"][key])
-    if curves:
-        images.append(Image("Latent accuracy of all modalities against input noise", plots.figure_png(
-            plots.runs_robustness_figure(curves, "all modalities")), "images/robustness.png"))
-    for index, run in enumerate(runs):
-        for name, png in run.plot_files.items():
-            images.append(Image(f"{run.label}: {_PLOT_CAPTIONS.get(name, name)}", png,
-                                f"images/run{index + 1}_{name}"))
-    return images
-
-
-def compare(paths: Sequence[str], output: str) -> tuple[str, str]:
-    """Writes OUTPUT/report.md (+ OUTPUT/images/) and OUTPUT/report.html; returns both paths."""
-    if not paths:
-        raise UserError("compare needs at least one run directory")
-    runs = load_runs(paths)
-    tables = compare_tables(runs)
-    images = compare_images(runs)
-    sources = [f"{r.label}: {os.path.abspath(r.path)}" for r in runs]
-    sections = [("Runs compared", sources), ("Tables", tables), ("Plots", images)]
-    title = f"bmvae comparison of {len(runs)} runs"
-    tf.io.gfile.makedirs(os.path.join(output, "images"))
-    for image in images:
-        atomic.write_bytes(os.path.join(output, image.filename), image.png)
-    markdown_path = os.path.join(output, COMPARE_MARKDOWN)
-    html_path = os.path.join(output, COMPARE_HTML)
-    atomic.write_text(markdown_path, render_markdown(title, sections))
-    atomic.write_text(html_path, render_html(title, sections))
-    return markdown_path, html_path

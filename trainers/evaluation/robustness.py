@@ -9,7 +9,7 @@ range(11)`) and summarises the accuracy curve f_0..f_L two ways (`eval_scripts/r
 - effective robustness (`effective_robustness_helper`): the accuracy a method keeps beyond a
   baseline shifted to the same clean accuracy, sum_i (f_i - (b_i + f_0 - b_0)), where MultiBench's
   baseline b is its late-fusion model (LF). Across methods both are then min-max normalised
-  (`maxmin_normalize`); `trainers.report` does that when it compares runs.
+  (`maxmin_normalize`); `bmvae compare` does that (`trainers.reporting.compare`).
 
 Our choices where MultiBench's setting does not carry over:
 - the "performance" is the latent accuracy of Sect. 6.1.1: each subset's linear probe is fitted on
@@ -29,24 +29,26 @@ Our choices where MultiBench's setting does not carry over:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema
+from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers.evaluation import subsets as subsets_lib
+from bmvae_tf.trainers.evaluation.classifiers import batch_signature
+from bmvae_tf.trainers.evaluation.context import EvalContext
+from bmvae_tf.trainers.evaluation.probes import fit_probe, latent_probes, probe_accuracy
+
+logger = logging.getLogger(__name__)
 
 # MultiBench's levels: noise_level / 10 for noise_level in range(11).
 DEFAULT_NOISE_LEVELS = tuple(i / 10 for i in range(11))
 NOISE_DESCRIPTION = ("images: x + N(0, level^2); vectors: x + N(0, (level * std of the modality)^2); "
                      "sequences: each token replaced by a uniform random token with probability level")
-_PROBE_MAX_ITER = 5000
-_SKLEARN_BLAS_THREADS = 1  # see trainers.evaluate: multi-threaded BLAS fights TensorFlow's pools
-_STREAM_NOISE = 5  # trainers.evaluate uses streams 1-4 of the run's seed
 
 
 # ------------------------------------------------------------------------------------ summaries
@@ -69,16 +71,6 @@ def effective_robustness(accuracy: Sequence[float], baseline: Sequence[float]) -
         raise ValueError(f"accuracy {f.shape} and baseline {b.shape} must be equal-length curves")
     # (f_i - f_0) - (b_i - b_0): the same sum, exactly 0 for identical curves.
     return float(np.sum((f - f[0]) - (b - b[0])))
-
-
-def minmax_normalise(values: Mapping[str, float | None]) -> dict[str, float | None]:
-    """MultiBench's `maxmin_normalize` across methods: (v - min) / (max - min). With fewer than
-    two distinct values there is nothing to normalise against and every value maps to None."""
-    known = [v for v in values.values() if v is not None]
-    if len(set(known)) < 2:
-        return {k: None for k in values}
-    low, high = min(known), max(known)
-    return {k: None if v is None else (v - low) / (high - low) for k, v in values.items()}
 
 
 def _check_curve(levels: np.ndarray, accuracy: np.ndarray) -> None:
@@ -156,20 +148,7 @@ def input_features(specs: Sequence[schema.ModalitySpec], inputs: Mapping[str, np
     return out
 
 
-# ------------------------------------------------------------------------------------ probes
-
-
-def fit_probe(features: np.ndarray, labels: np.ndarray):
-    """A logistic regression on standardised features [N, F], as the latent probes of
-    trainers.evaluate (so the baseline and the model are scored alike)."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=_PROBE_MAX_ITER))
-    with threadpool_limits(limits=_SKLEARN_BLAS_THREADS):
-        return probe.fit(features, labels)
-
-
-def probe_accuracy(probe, features: np.ndarray, labels: np.ndarray) -> float:
-    with threadpool_limits(limits=_SKLEARN_BLAS_THREADS):
-        return float(probe.score(features, labels))
+# ------------------------------------------------------------------------------------ scoring
 
 
 @dataclasses.dataclass
@@ -232,51 +211,72 @@ def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object]
       scales: `noise_scales`.
       seed: the run's seed.
     """
-    from bmvae_tf.trainers import classifiers as classifiers_lib
-    from bmvae_tf.trainers import evaluate as evaluate_lib  # evaluate imports this module
-
     specs = list(model.modalities)
-    names = [s.name for s in specs]
-    subsets = schema.subset_names(names)
-    masks = {schema.subset_key(s): tf.constant([n in s for n in names]) for s in subsets}
+    subsets = schema.subset_names([s.name for s in specs])
 
-    signature = classifiers_lib.batch_signature(specs)
-
-    @tf.function(input_signature=[signature, tf.TensorSpec([], tf.float32),
+    @tf.function(input_signature=[batch_signature(specs), tf.TensorSpec([], tf.float32),
                                   tf.TensorSpec([2], tf.int32)])
     def corrupt(inputs, level, batch_seed):
         return add_noise(specs, inputs, level, scales, batch_seed)
 
-    @tf.function(input_signature=[signature, tf.TensorSpec([len(names)], tf.bool)])
-    def encode(inputs, present):
-        return model.posterior(evaluate_lib.mask_inputs(inputs, present, names), present).mean()
-
-    base_seed = tf.constant([seed, _STREAM_NOISE], tf.int32)
-    latent = {key: [] for key in masks}
-    baseline = {key: [] for key in masks if key in baselines}
+    encode = subsets_lib.masked_step(specs, lambda inputs, present, _: model.posterior(inputs, present).mean())
+    base_seed = subsets_lib.stream_seed(seed, EvalStream.ROBUSTNESS_NOISE)
+    latent = {schema.subset_key(s): [] for s in subsets}
+    baseline = {key: [] for key in latent if key in baselines}
     num_test = 0
     for level_index, level in enumerate(levels):
         level_seed = tf.random.experimental.stateless_fold_in(base_seed, level_index)
-        means: dict[str, list] = {key: [] for key in masks}
-        features: dict[str, list] = {n: [] for n in names}
-        labels = []
-        for index, batch in enumerate(batches):
-            noisy = corrupt({n: batch[n] for n in names}, tf.constant(level, tf.float32),
-                            tf.random.experimental.stateless_fold_in(level_seed, index))
-            for key, present in masks.items():
-                means[key].append(encode(noisy, present).numpy())
-            if baselines:
-                for name, value in input_features(specs, {n: v.numpy() for n, v in noisy.items()}).items():
-                    features[name].append(value)
-            labels.append(np.asarray(batch["label"]))
-        y = np.concatenate(labels)
-        num_test = len(y)
-        for key in masks:
-            latent[key].append(probe_accuracy(probes[key], np.concatenate(means[key]), y))
-        if baselines:
-            joined = {n: np.concatenate(v) for n, v in features.items()}
-            for subset in subsets:
-                key = schema.subset_key(subset)
-                baseline[key].append(probe_accuracy(baselines[key], subset_features(joined, subset), y))
+        noisy = ({**corrupt({s.name: batch[s.name] for s in specs}, tf.constant(level, tf.float32),
+                            tf.random.experimental.stateless_fold_in(level_seed, index)),
+                  "label": batch["label"]} for index, batch in enumerate(batches))
+        means, features, labels = _encode_noisy(specs, encode, noisy, subsets, with_features=bool(baselines))
+        num_test = len(labels)
+        for key in latent:
+            latent[key].append(probe_accuracy(probes[key], means[key], labels))
+        for subset in subsets if baselines else ():
+            key = schema.subset_key(subset)
+            baseline[key].append(probe_accuracy(baselines[key], subset_features(features, subset), labels))
     return RobustnessResult(levels=[float(v) for v in levels], latent_accuracy=latent,
                             baseline_accuracy=baseline, num_test=num_test)
+
+
+def _encode_noisy(specs: Sequence[schema.ModalitySpec], encode, noisy_batches, subsets, *,
+                  with_features: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """One pass over the noisy test batches: ({subset key: means [N, D]}, the baseline's
+    features {modality: [N, F_m]} (empty without a baseline), labels [N])."""
+    names = [s.name for s in specs]
+    means: dict[str, list] = {schema.subset_key(s): [] for s in subsets}
+    features: dict[str, list] = {n: [] for n in names}
+    labels = []
+    for batch, outputs in subsets_lib.run_subsets(encode, noisy_batches, names, subsets):
+        for key, mean in outputs.items():
+            means[key].append(mean.numpy())
+        if with_features:
+            for name, value in input_features(specs, {n: batch[n].numpy() for n in names}).items():
+                features[name].append(value)
+        labels.append(np.asarray(batch["label"]))
+    joined = {n: np.concatenate(v) for n, v in features.items()} if with_features else {}
+    return {k: np.concatenate(v) for k, v in means.items()}, joined, np.concatenate(labels)
+
+
+def robustness_stage(context: EvalContext) -> None:
+    """metrics.robustness: every subset's latent probe (fitted on clean train latents) scored on
+    noisy test inputs, against the raw-input baseline."""
+    started = time.perf_counter()
+    config, names = context.eval, context.names
+    baselines, baseline_examples = {}, config.robustness_baseline_examples
+    if baseline_examples:
+        features, labels = collect_features(context.manifest.modalities, context.batches(
+            "train", limit=min(baseline_examples, config.max_examples or baseline_examples)))
+        baselines = {schema.subset_key(s): fit_probe(subset_features(features, s), labels)
+                     for s in schema.subset_names(names)}
+        baseline_examples = len(labels)
+    scales = noise_scales(context.manifest.modalities, context.batches("test"))
+    result = noisy_accuracy(context.model, context.batches("test"), latent_probes(context), baselines,
+                            levels=config.robustness_noise_levels, scales=scales, seed=context.seed)
+    context.metrics.robustness = result.to_json()
+    context.metrics.num_examples["robustness"] = {
+        "train": context.train_latents.num_examples, "test": result.num_test,
+        "baseline_train": baseline_examples, "levels": len(result.levels)}
+    logger.info("robustness at %d noise levels: %.1f s", len(config.robustness_noise_levels),
+                time.perf_counter() - started)

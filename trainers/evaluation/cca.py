@@ -2,7 +2,7 @@
 
 Following Shi et al. (2019) and the paper's Sect. 6.2: canonical correlation analysis with 40
 components is fitted on the train pairs, between image features x (ResNet-101, 2048-d) and
-sentence vectors y (FastText + SIF, `bmvae_tf.sentence_vectors`). A pair (x, y) scores the cosine
+sentence vectors y (FastText + SIF, `bmvae_tf.pipeline.sentence_vectors`). A pair (x, y) scores the cosine
 similarity of its centred, projected views,
 
     score(x, y) = cos(W_x^T (x - mean_x), W_y^T (y - mean_y)),
@@ -28,22 +28,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 from threadpoolctl import threadpool_limits
 
-from bmvae_tf import schema, sentence_vectors
+from bmvae_tf import schema
+from bmvae_tf.pipeline import sentence_vectors
 from bmvae_tf.errors import UserError
-from bmvae_tf.trainers import classifiers as classifiers_lib
+from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers.evaluation import subsets as subsets_lib
+from bmvae_tf.trainers.evaluation.context import EvalContext
+from bmvae_tf.trainers.evaluation.subsets import prior_latents
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = 40
 RIDGE = 1e-9  # relative to each covariance's mean eigenvalue; keeps tiny or collinear data solvable
 _CHUNK = 4096
-_STREAM_CCA = 5  # evaluate's random streams are 1-4
 # Multi-threaded BLAS spin-waits against TensorFlow's thread pools on a few cores: fitting CCA on
 # 2048-d features took 18 s with the default threads and 5 s with one, after TensorFlow started.
 _BLAS_THREADS = 1
@@ -169,8 +173,6 @@ def cca_coherence(model, manifest: schema.Manifest, batches: Callable[[str], tf.
     Returns:
       ({"ground_truth", "image->caption", "caption->image", "joint"}, counts of what was used).
     """
-    from bmvae_tf.trainers.evaluate import mask_inputs, prior_latents
-
     spec = declared(manifest)
     image, caption = spec["image"], spec["caption"]
     names = manifest.modality_names
@@ -187,45 +189,63 @@ def cca_coherence(model, manifest: schema.Manifest, batches: Callable[[str], tf.
     logger.info("CCA on %d train pairs (%d images): canonical correlations %s ...", len(train[image]),
                 len(references), np.round(cca.correlations[:3], 3).tolist())
 
-    @tf.function(input_signature=[classifiers_lib.batch_signature(manifest.modalities),
-                                  tf.TensorSpec([len(names)], tf.bool), tf.TensorSpec([2], tf.int32)])
-    def cross_generate(inputs, present, sample_seed):
-        posterior = model.posterior(mask_inputs(inputs, present, names), present)
-        return model.generate(posterior.sample(seed=sample_seed))
-
-    only = {name: tf.constant([n == name for n in names]) for name in (image, caption)}
-    base_seed = tf.constant([seed, _STREAM_CCA], tf.int32)
-    real_images, real_captions, generated_captions, generated_images = [], [], [], []
-    for index, batch in enumerate(batches("test")):
-        batch_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-        inputs = {n: batch[n] for n in names}
-        fold = tf.random.experimental.stateless_fold_in
-        from_image = cross_generate(inputs, only[image], fold(batch_seed, 0))
-        from_caption = cross_generate(inputs, only[caption], fold(batch_seed, 1))
-        real_images.append(batch[image].numpy())
-        real_captions.append(batch[caption].numpy())
-        generated_captions.append(from_image[caption].numpy())
-        generated_images.append(from_caption[image].numpy())
-    if not real_images:
-        raise UserError("the test split holds no examples")
-    real_images, real_captions = np.concatenate(real_images), np.concatenate(real_captions)
-    generated_captions = np.concatenate(generated_captions)
-    generated_images = references[nearest_rows(np.concatenate(generated_images), references)]
-    real_vectors = embedding.embed(real_captions)
-
-    z = prior_latents(model, prior_samples, seed)
-    joint = [model.generate(tf.constant(z[i:i + batch_size])) for i in range(0, len(z), batch_size)]
-    joint_images = references[nearest_rows(np.concatenate([j[image].numpy() for j in joint]), references)]
-    joint_captions = np.concatenate([j[caption].numpy() for j in joint])
+    test = _cross_generate(model, batches("test"), image, caption, seed)
+    generated_images = references[nearest_rows(test["generated_images"], references)]
+    real_vectors = embedding.embed(test["real_captions"])
+    joint_images, joint_captions = _joint_generate(model, prior_samples, seed, batch_size, image, caption)
+    joint_images = references[nearest_rows(joint_images, references)]
 
     scores = {
-        "ground_truth": cca_score(cca, real_images, real_vectors),
-        "image->caption": cca_score(cca, real_images, embedding.embed(generated_captions)),
+        "ground_truth": cca_score(cca, test["real_images"], real_vectors),
+        "image->caption": cca_score(cca, test["real_images"], embedding.embed(test["generated_captions"])),
         "caption->image": cca_score(cca, generated_images, real_vectors),
         "joint": cca_score(cca, joint_images, embedding.embed(joint_captions)),
     }
     counts = {"train_pairs": int(len(train[image])), "train_images": int(len(references)),
-              "test_pairs": int(len(real_images)), "prior_samples": int(prior_samples),
+              "test_pairs": int(len(test["real_images"])), "prior_samples": int(prior_samples),
               "components": int(len(cca.correlations)),
               "train_correlations": [round(float(c), 4) for c in cca.correlations]}
     return scores, counts
+
+
+def _cross_generate(model, batches, image: str, caption: str, seed: int) -> dict[str, np.ndarray]:
+    """The test pairs and, for each, the caption generated from its image and the image features
+    generated from its caption (one posterior sample each, stream EvalStream.CCA)."""
+    names = [spec.name for spec in model.modalities]
+
+    def generate(inputs, present, sample_seed):
+        return model.generate(model.posterior(inputs, present).sample(seed=sample_seed))
+
+    parts: dict[str, list] = {"real_images": [], "real_captions": [], "generated_captions": [],
+                              "generated_images": []}
+    for batch, outputs in subsets_lib.run_subsets(
+            subsets_lib.masked_step(model.modalities, generate), batches, names, [[image], [caption]],
+            seed=subsets_lib.stream_seed(seed, EvalStream.CCA),
+            scheme=subsets_lib.SeedScheme.BATCH_THEN_SUBSET):
+        parts["real_images"].append(batch[image].numpy())
+        parts["real_captions"].append(batch[caption].numpy())
+        parts["generated_captions"].append(outputs[image][caption].numpy())
+        parts["generated_images"].append(outputs[caption][image].numpy())
+    if not parts["real_images"]:
+        raise UserError("the test split holds no examples")
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def _joint_generate(model, num: int, seed: int, batch_size: int, image: str,
+                    caption: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image features [num, d] and captions [num, L] decoded from the same prior latents."""
+    z = prior_latents(model, num, seed)
+    joint = [model.generate(tf.constant(z[i:i + batch_size])) for i in range(0, len(z), batch_size)]
+    return (np.concatenate([j[image].numpy() for j in joint]),
+            np.concatenate([j[caption].numpy() for j in joint]))
+
+
+def cca_stage(context: EvalContext) -> None:
+    """metrics.cca_coherence, for datasets whose manifest declares CCA (CUB)."""
+    if not declared(context.manifest):
+        return
+    started = time.perf_counter()
+    context.metrics.cca_coherence, context.metrics.num_examples["cca_coherence"] = cca_coherence(
+        context.model, context.manifest, context.batches, seed=context.seed,
+        prior_samples=context.eval.random_samples, batch_size=context.eval.batch_size)
+    logger.info("CCA coherence %s: %.1f s", context.metrics.cca_coherence, time.perf_counter() - started)

@@ -1,0 +1,89 @@
+"""One pass over a split: posterior means of every subset and cross-generated class predictions.
+
+Latent probes, cross coherence and the ex-post GMM all read the same encodings, so the evaluation
+context computes them once per split (`EvalContext.train_latents`, `test_latents`);
+`bmvae analyze` uses them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from bmvae_tf import schema
+from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
+from bmvae_tf.trainers.evaluation import subsets as subsets_lib
+
+
+@dataclasses.dataclass
+class SplitLatents:
+    """What one pass over a split yields.
+
+    labels: [N] or None without labels. means: {subset key: [N, D]} posterior means.
+    cross_predictions: {"t|S": [N]} the class t's classifier gives to t generated from S;
+    empty without classifiers.
+    """
+
+    labels: np.ndarray | None
+    means: dict[str, np.ndarray]
+    cross_predictions: dict[str, np.ndarray]
+
+    @property
+    def num_examples(self) -> int:
+        return len(next(iter(self.means.values())))
+
+
+def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
+                 classifiers: Mapping[str, Callable] | None = None, seed: int = 0) -> SplitLatents:
+    """Posterior means for every subset, and cross-generated class predictions, in one pass.
+
+    Args:
+      model: a MultimodalVAE (posterior, generate, modalities).
+      batches: {modality: [B, *shape], "label": [B] (optional), ...}.
+      classifiers: {modality: [B, *shape] -> logits [B, C]}; with them, each subset S draws one
+        posterior sample per example (stateless, from `seed`, the batch and the subset index),
+        decodes every modality t not in S and records the predicted class under "t|S".
+      seed: the run's seed (stream EvalStream.COHERENCE).
+    """
+    specs = list(model.modalities)
+    names = [spec.name for spec in specs]
+    subsets = schema.subset_names(names)
+
+    def encode(inputs, present, sample_seed):
+        posterior = model.posterior(inputs, present)
+        out = {"mean": posterior.mean()}
+        if classifiers is not None:
+            # Every modality is classified, including the given ones, to keep one graph for all
+            # subsets; the loop below keeps the targets.
+            generated = model.generate(posterior.sample(seed=sample_seed))
+            out["predictions"] = tf.stack([classifiers_lib.predict_classes(
+                classifiers[spec.name], spec, generated[spec.name]) for spec in specs])
+        return out
+
+    means: dict[str, list] = {schema.subset_key(s): [] for s in subsets}
+    predictions: dict[str, list] = {}
+    labels = []
+    for batch, outputs in subsets_lib.run_subsets(
+            subsets_lib.masked_step(specs, encode), batches, names, subsets,
+            seed=subsets_lib.stream_seed(seed, EvalStream.COHERENCE),
+            scheme=subsets_lib.SeedScheme.BATCH_THEN_SUBSET):
+        for subset in subsets:
+            out = outputs[schema.subset_key(subset)]
+            means[schema.subset_key(subset)].append(out["mean"].numpy())
+            if "predictions" in out:
+                predicted = out["predictions"].numpy()                        # [M, B]
+                for m, name in enumerate(names):
+                    if name not in subset:
+                        predictions.setdefault(subsets_lib.coherence_key(name, subset), []).append(predicted[m])
+        if "label" in batch:
+            labels.append(np.asarray(batch["label"]))
+    if not means[schema.subset_key(names)]:
+        raise UserError("the split to evaluate holds no examples")
+    return SplitLatents(labels=np.concatenate(labels) if labels else None,
+                        means={k: np.concatenate(v) for k, v in means.items()},
+                        cross_predictions={k: np.concatenate(v) for k, v in predictions.items()})

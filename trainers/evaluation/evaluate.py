@@ -1,0 +1,148 @@
+"""`bmvae evaluate`: a trained run -> RUN/metrics.json, RUN/plots/*.png and RUN/report.html.
+
+The metrics (SPEC section 3) follow the paper's protocol (Sects. 6.1.1, 6.1.2, 6.3) with the
+choices SPEC 6 fixes; each family lives in its own module of this package and is computed by one
+stage in `STAGES`. A stage is a function of the shared `EvalContext` (model, data, eval config,
+seed, cached classifiers and encodings) that fills its fields of the `Metrics` record. To add a
+metric: a module with its maths and a stage, a field in `metrics.Metrics`, a line in `STAGES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers import config as config_lib
+from bmvae_tf.trainers import run_dir
+from bmvae_tf.trainers.evaluation import cca, coherence, likelihood, probes, random_coherence, robustness
+from bmvae_tf.trainers.evaluation import subsets as subsets_lib
+from bmvae_tf.trainers.evaluation.context import EvalContext
+from bmvae_tf.trainers.evaluation.metrics import Metrics
+from bmvae_tf.trainers.reporting import plots, report
+
+logger = logging.getLogger(__name__)
+
+PLOT_EXAMPLES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the evaluation. needs_labels: the metrics it leaves None, with the reason in
+    `skipped`, when the dataset declares no label."""
+
+    run: Callable[[EvalContext], None]
+    needs_labels: tuple[str, ...] = ()
+
+
+# In the order they run (the classifiers and encodings are made on first use).
+STAGES: list[Stage] = [
+    Stage(coherence.classifier_accuracy_stage, needs_labels=("classifier_accuracy",)),
+    Stage(probes.latent_accuracy_stage, needs_labels=("latent_accuracy",)),
+    Stage(coherence.cross_coherence_stage, needs_labels=("coherence",)),
+    Stage(random_coherence.random_coherence_stage, needs_labels=("random_coherence", "random_coherence_gmm")),
+    Stage(robustness.robustness_stage, needs_labels=("robustness",)),
+    Stage(cca.cca_stage),
+    Stage(likelihood.log_likelihood_stage),
+]
+
+
+def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Computes the metrics of a trained run, writes RUN/metrics.json, RUN/plots/*.png and
+    RUN/report.html.
+
+    Args:
+      workdir: the run directory RUN (config.yaml, checkpoints/, history.jsonl).
+      data_dir: the dataset; defaults to the one the run was trained on (config data.dir).
+      overrides: `eval.key=value` settings for this evaluation only (RUN/config.yaml is kept).
+
+    Returns:
+      The metrics dict as written (SPEC section 3). Without labels in the manifest the
+      label-based metrics are None and `skipped` says why.
+
+    Raises:
+      UserError: a missing run, checkpoint, dataset or split.
+    """
+    started = time.perf_counter()
+    context = _context(workdir, data_dir, overrides)
+    unlabelled = context.manifest.label is None
+    if unlabelled:
+        reason = f"dataset {context.manifest.name!r} declares no label"
+        logger.warning("%s: skipping the label-based metrics", reason)
+    for stage in STAGES:
+        if unlabelled and stage.needs_labels:
+            context.metrics.skipped.update({key: reason for key in stage.needs_labels})
+        else:
+            stage.run(context)
+    _write_plots(context)
+    context.metrics.write(context.paths.metrics)
+    logger.info("wrote %s in %.1f s", context.paths.metrics, time.perf_counter() - started)
+    logger.info("wrote %s", report.write_run_report(workdir))
+    return context.metrics.to_json()
+
+
+def _context(workdir: str, data_dir: str | None, overrides: Sequence[str]) -> EvalContext:
+    """The run's model (latest or best checkpoint), data and history, and an empty record."""
+    paths = run_dir.RunPaths(workdir)
+    config, manifest, model = run_dir.load_trained_model(workdir, data_dir)
+    config = with_eval_overrides(config, overrides)
+    history = run_dir.read_history(paths)
+    weights = model.mixture_weights()
+    seconds = [float(h["seconds"]) for h in history if h.get("seconds") is not None]
+    metrics = Metrics(
+        model=config.model.name, dataset=manifest.name, modalities=manifest.modality_names,
+        epochs=int(history[-1]["epoch"]) if history else 0,
+        seconds_per_epoch=float(np.mean(seconds)) if seconds else None,
+        mixture_weights=None if weights is None else np.asarray(weights).tolist())
+    return EvalContext(model=model, manifest=manifest, eval=config.eval, seed=config.train.seed,
+                       paths=paths, history=history, metrics=metrics)
+
+
+def with_eval_overrides(config: config_lib.Config, overrides: Sequence[str]) -> config_lib.Config:
+    """`config` with `eval.key=value` overrides applied and validated; other keys are errors,
+    because the model and data of a trained run are fixed."""
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith("eval."):
+            raise UserError(f"--set {item!r}: evaluate takes only eval.* keys")
+    if not overrides:
+        return config
+    data = config_lib.apply_overrides(config_lib.to_dict(config), list(overrides))
+    return config_lib.from_dict(data, source="--set")
+
+
+def cross_generations(model, inputs, seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """{given: {target: [n, *shape]}}: every modality generated from each single modality
+    (one posterior sample, stream EvalStream.CROSS_GENERATION_PLOT)."""
+    names = [spec.name for spec in model.modalities]
+
+    def generate(masked, present, sample_seed):
+        z = model.posterior(masked, present).sample(seed=sample_seed)
+        return {target: value.numpy() for target, value in model.generate(z).items()}
+
+    _, out = next(subsets_lib.run_subsets(
+        subsets_lib.masked_step(model.modalities, generate, traced=False), [inputs], names,
+        [[given] for given in names], seed=subsets_lib.stream_seed(seed, EvalStream.CROSS_GENERATION_PLOT),
+        scheme=subsets_lib.SeedScheme.SUBSET))
+    return out
+
+
+def _write_plots(context: EvalContext) -> None:
+    """RUN/plots: mixture weights, cross generation, training curve and (with labels) robustness."""
+    examples = next(iter(context.batches("test", PLOT_EXAMPLES, PLOT_EXAMPLES)))
+    inputs = {n: examples[n] for n in context.names}
+    weights = context.model.mixture_weights()
+    written = plots.write_plots(
+        context.paths.plots, context.manifest.modalities,
+        weights=None if weights is None else np.asarray(weights), history=context.history,
+        inputs={n: v.numpy() for n, v in inputs.items()},
+        generated=cross_generations(context.model, inputs, context.seed))
+    if context.metrics.robustness is not None:
+        written.append(os.path.join(context.paths.plots, plots.ROBUSTNESS))
+        plots.save_figure(plots.robustness_figure(context.metrics.robustness), written[-1])
+    logger.info("wrote %s", ", ".join(written))
