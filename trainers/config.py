@@ -1,7 +1,9 @@
 """Typed, validated run configuration.
 
 Defaults live in these dataclasses; YAML files in configs/ and `--set key=value` only override
-them. Unknown keys and wrong types are UserErrors naming the dotted key. The resolved config is
+them. A model's own hyper-parameters (`model.bmvae_m`, ...) are the frozen dataclasses declared
+beside the model, which hold their defaults and checks. Unknown keys, wrong types and values out
+of range are UserErrors naming the dotted key. The resolved config is
 written to RUN/config.yaml in full, so a run can be reproduced and resumed from it alone.
 """
 
