@@ -26,8 +26,8 @@ TARGETS = {2: 1.8, 3: 2.6}  # BMVAE_M / MMVAE at M = 2 and M = 3 (issue 7)
 
 
 def takes_k(model: str) -> bool:
-    from bmvae_tf.trainers.config import model_parameters
-    return "K" in model_parameters(model)
+    from bmvae_tf.models import MODELS
+    return MODELS[model][0].IMPORTANCE_SAMPLED
 
 
 def run_group(dataset, models, K, args, jit_compile=False, labels=None):

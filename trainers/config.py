@@ -1,7 +1,9 @@
 """Typed, validated run configuration.
 
 Defaults live in these dataclasses; YAML files in configs/ and `--set key=value` only override
-them. Unknown keys and wrong types are UserErrors naming the dotted key. The resolved config is
+them. A model's own hyper-parameters (`model.bmvae_m`, ...) are the frozen dataclasses declared
+beside the model, which hold their defaults and checks. Unknown keys, wrong types and values out
+of range are UserErrors naming the dotted key. The resolved config is
 written to RUN/config.yaml in full, so a run can be reproduced and resumed from it alone.
 """
 
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import types
 import typing
 from typing import Any, Mapping
@@ -18,47 +19,10 @@ import yaml
 
 from bmvae_tf import networks as networks_lib
 from bmvae_tf.errors import UserError
-from bmvae_tf.models import MODELS
+from bmvae_tf.models import (MODELS, BMVAEMHyperParameters, BMVAEPHyperParameters, HyperParameterError,
+                             MMVAEHyperParameters, ModalitySpecificHyperParameters)
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-
-
-@dataclasses.dataclass
-class BMVAEMConfig:
-    """BMVAE_M (Sect. 3). The paper reports lambda_c in [10, 15] working; it does not give the
-    temperature range, so l = 0.5 and u = 2 are ours."""
-
-    lambda_c: float = 10.0
-    tau_low: float = 0.5
-    tau_high: float = 2.0
-
-
-@dataclasses.dataclass
-class BMVAEPConfig:
-    """BMVAE_P (Sect. 4, Eq. 15). lambda_mq and lambda_mz default (null) to 1/M as in the paper;
-    the paper picks eta from {0.01h, 0.1h, 0.5h}."""
-
-    lambda_zq: float = 1.0
-    lambda_mq: float | None = None
-    lambda_mz: float | None = None
-    eta: float = 1.0
-    beta_prior: float = 0.5
-
-
-@dataclasses.dataclass
-class MMVAEConfig:
-    """MMVAE (Shi et al.). dreg: the doubly reparameterised gradient estimator, which Shi et al.
-    train with (K = 30, looser bound); see bmvae_tf/objectives.py for its bias when M, K > 1."""
-
-    dreg: bool = False
-
-
-@dataclasses.dataclass
-class ModalitySpecificConfig:
-    """The *_ms variants (Eq. 5): z = [c, s_1..s_M] with c of model.latent_dim dimensions and
-    each s_m of private_dim. Neither paper fixes D_s for these datasets; 4 is ours."""
-
-    private_dim: int = 4
 
 
 @dataclasses.dataclass
@@ -76,10 +40,13 @@ class ModelConfig:
     networks: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> networks.NETWORKS
     # modality -> weight of its log-likelihood; replaces the manifest's likelihood_weight.
     likelihood_weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    bmvae_m: BMVAEMConfig = dataclasses.field(default_factory=BMVAEMConfig)
-    bmvae_p: BMVAEPConfig = dataclasses.field(default_factory=BMVAEPConfig)
-    mmvae: MMVAEConfig = dataclasses.field(default_factory=MMVAEConfig)
-    ms: ModalitySpecificConfig = dataclasses.field(default_factory=ModalitySpecificConfig)
+    # The models' own hyper-parameters: each section is the dataclass its models declare
+    # (`hyper_parameter_sections()`), with its defaults and checks, and goes to every model that
+    # reads it (bmvae_m to bmvae_m and bmvae_m_uniform, mmvae to mmvae, mmvae_tight and mmvae_ms).
+    bmvae_m: BMVAEMHyperParameters = dataclasses.field(default_factory=BMVAEMHyperParameters)
+    bmvae_p: BMVAEPHyperParameters = dataclasses.field(default_factory=BMVAEPHyperParameters)
+    mmvae: MMVAEHyperParameters = dataclasses.field(default_factory=MMVAEHyperParameters)
+    ms: ModalitySpecificHyperParameters = dataclasses.field(default_factory=ModalitySpecificHyperParameters)
 
 
 @dataclasses.dataclass
@@ -160,13 +127,6 @@ class Config:
                f"model.networks values must be one of {', '.join(networks_lib.NETWORKS)}")
         _check(all(w > 0 for w in m.likelihood_weights.values()),
                "model.likelihood_weights values must be positive")
-        _check(0 < m.bmvae_m.tau_low <= m.bmvae_m.tau_high, "need 0 < model.bmvae_m.tau_low <= tau_high")
-        _check(m.bmvae_m.lambda_c >= 0, "model.bmvae_m.lambda_c must be >= 0")
-        p = m.bmvae_p
-        _check(min(p.lambda_zq, p.eta) >= 0 and all(v is None or v >= 0 for v in (p.lambda_mq, p.lambda_mz)),
-               "model.bmvae_p: the lambdas and eta must be >= 0")
-        _check(p.beta_prior > 0, "model.bmvae_p.beta_prior must be positive")
-        _check(m.ms.private_dim >= 1, "model.ms.private_dim must be >= 1")
         _check(t.epochs >= 0, "train.epochs must be >= 0")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(t.learning_rate > 0, "train.learning_rate must be positive")
@@ -233,7 +193,10 @@ def _build(cls, data: Any, prefix: str, source: str):
     values = {}
     for name, value in data.items():
         values[name] = _coerce(hints[name], value, prefix + name, source)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except HyperParameterError as e:  # a model's dataclass checks its values; name the config key
+        raise UserError(f"{source}: {prefix}{e}") from None
 
 
 def _coerce(hint, value, key: str, source: str):
@@ -339,14 +302,6 @@ def dump_yaml(config: Config) -> str:
 # ------------------------------------------------------------------------------------ the model
 
 
-def model_parameters(name: str) -> set[str]:
-    """Every keyword an __init__ in the model class's MRO declares ("K" for the importance-sampled
-    models). A mixin's __init__ that passes **kwargs on (ModalitySpecificLatents) hides its base's
-    parameters from inspect.signature of the class alone."""
-    return {param for klass in MODELS[name][0].__mro__ if "__init__" in vars(klass)
-            for param in inspect.signature(klass.__init__).parameters}
-
-
 def build_model(model_config: ModelConfig, modalities):
     """The configured model for the manifest's modalities (constructed, not yet built)."""
     names = [m.name for m in modalities]
@@ -362,13 +317,9 @@ def build_model(model_config: ModelConfig, modalities):
         hidden_units=tuple(model_config.hidden_units), channels=tuple(model_config.channels),
         sequence_width=model_config.sequence_width,
     )
-    if "K" in model_parameters(model_config.name):
+    if cls.IMPORTANCE_SAMPLED:
         kwargs["K"] = model_config.K
-    # A model family's typed section holds its hyper-parameters (bmvae_m_uniform uses bmvae_m's).
-    for section in ("bmvae_m", "bmvae_p", "mmvae"):
-        if model_config.name.startswith(section):
-            kwargs.update(dataclasses.asdict(getattr(model_config, section)))
-    if model_config.name.endswith("_ms"):
-        kwargs.update(dataclasses.asdict(model_config.ms))
+    for section in cls.hyper_parameter_sections():
+        kwargs.update(dataclasses.asdict(getattr(model_config, section)))
     kwargs.update(fixed)
     return cls(list(modalities), model_config.latent_dim, name=model_config.name, **kwargs)

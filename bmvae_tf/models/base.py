@@ -47,10 +47,20 @@ class MultimodalVAE(keras.Model):
       likelihood_scale: the fixed scale of Laplace/Gaussian likelihoods (0.75 in Shi et al.).
       networks: per-modality network choice ("auto", "mlp", "cnn"); missing names mean "auto".
       hidden_units, channels, sequence_width: network sizes (Tables 3 and 8 by default).
+
+    A subclass adds its own keyword arguments and lists them in `get_config()`; those that are
+    hyper-parameters of the objective come from a frozen dataclass declared beside the class,
+    named in `HYPER_PARAMETERS`, which gives the constructor its defaults and checks the values.
     """
 
     # Expert families this model supports; the first is the default of `posterior: auto`.
     POSTERIOR_FAMILIES: tuple[str, ...] = ("laplace", "gaussian")
+    # The hyper-parameter dataclasses this class (or mixin) adds to its bases', keyed by their
+    # section of the trainer config (`model.<section>`). `hyper_parameter_sections()` collects
+    # them over the class hierarchy.
+    HYPER_PARAMETERS: Mapping[str, type] = {}
+    # True if the objective importance-weights K samples per example: the constructor takes K.
+    IMPORTANCE_SAMPLED: bool = False
 
     def __init__(self, modalities: Sequence[ModalitySpec], latent_dim: int, *,
                  posterior: str = "laplace", likelihood_scale: float = 0.75,
@@ -69,13 +79,51 @@ class MultimodalVAE(keras.Model):
         self.posterior_family = posterior
         self.likelihood_scale = float(likelihood_scale)
         networks = dict(networks or {})
-        sizes = dict(hidden_units=tuple(hidden_units), channels=tuple(channels),
-                     sequence_width=sequence_width)
+        self.networks = networks
+        self.hidden_units, self.channels = tuple(hidden_units), tuple(channels)
+        self.sequence_width = int(sequence_width)
+        sizes = dict(hidden_units=self.hidden_units, channels=self.channels,
+                     sequence_width=self.sequence_width)
         self.encoders = [networks_lib.build_encoder(m, latent_dim, networks.get(m.name, "auto"), **sizes)
                          for m in self.modalities]
         self.decoders = [networks_lib.build_decoder(m, networks.get(m.name, "auto"), **sizes)
                          for m in self.modalities]
         self.likelihood_weights = [float(m.likelihood_weight) for m in self.modalities]
+
+    @classmethod
+    def hyper_parameter_sections(cls) -> dict[str, type]:
+        """Every hyper-parameter dataclass the model's constructor reads, by config section: the
+        class's own and its bases' (MMVAEMS: `ms` from its mixin and `mmvae` from MMVAE)."""
+        sections: dict[str, type] = {}
+        for klass in reversed(cls.__mro__):
+            sections.update(vars(klass).get("HYPER_PARAMETERS", {}))
+        return sections
+
+    def get_config(self) -> dict:
+        """The constructor's arguments, JSON-serialisable (modalities as manifest dicts).
+
+        Subclasses add theirs, so `type(model).from_config(model.get_config())` builds the same
+        model with fresh weights.
+        """
+        config = super().get_config()  # name, trainable, dtype
+        config.update({
+            "modalities": [m.to_json() for m in self.modalities],
+            "latent_dim": self.latent_dim,
+            "posterior": self.posterior_family,
+            "likelihood_scale": self.likelihood_scale,
+            "networks": dict(self.networks),
+            "hidden_units": list(self.hidden_units),
+            "channels": list(self.channels),
+            "sequence_width": self.sequence_width,
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "MultimodalVAE":
+        config = dict(config)
+        config["modalities"] = [ModalitySpec.from_json(m, f"{cls.__name__} config modality {i}")
+                                for i, m in enumerate(config["modalities"])]
+        return cls(**config)
 
     # ---------------------------------------------------------------- shared pieces
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import tensorflow as tf
@@ -9,9 +10,34 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import aggregation, distributions
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.models.hyper_parameters import require
 from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
+
+
+@dataclasses.dataclass(frozen=True)
+class BMVAEMHyperParameters:
+    """BMVAE_M's objective (Eq. 11), `model.bmvae_m` in the trainer config.
+
+    lambda_c: weight of the KL of the mixture weights to the uniform categorical; the paper
+      reports lambda_c in [10, 15] working.
+    tau_low, tau_high: the per-dimension Gumbel-Softmax temperature range l, u. The paper does
+      not give it; l = 0.5 and u = 2 are ours.
+    """
+
+    lambda_c: float = 10.0
+    tau_low: float = 0.5
+    tau_high: float = 2.0
+
+    def __post_init__(self):
+        require(self.lambda_c >= 0, "lambda_c", "must be >= 0", self.lambda_c)
+        require(self.tau_low > 0, "tau_low", "must be > 0", self.tau_low)
+        require(self.tau_high >= self.tau_low, "tau_high", f"must be >= tau_low ({self.tau_low})",
+                self.tau_high)
+
+
+_DEFAULTS = BMVAEMHyperParameters()
 
 
 class BMVAEM(MultimodalVAE):
@@ -27,28 +53,34 @@ class BMVAEM(MultimodalVAE):
 
     Args:
       K: importance samples (K = 1 is the ELBO).
-      lambda_c: weight of the KL of the mixture weights to the uniform categorical.
-      tau_low, tau_high: the per-dimension temperature range l, u.
+      lambda_c, tau_low, tau_high: see BMVAEMHyperParameters, which holds their defaults.
       learn_weights: False gives the uniform ablation BMVAE_M^u (alpha = 1/M, no KL term).
     """
 
     MIXTURE_WEIGHTS_NAME = "alpha"
+    HYPER_PARAMETERS = {"bmvae_m": BMVAEMHyperParameters}
+    IMPORTANCE_SAMPLED = True
 
-    def __init__(self, modalities, latent_dim: int, *, K: int = 1, lambda_c: float = 10.0,
-                 tau_low: float = 0.5, tau_high: float = 2.0, learn_weights: bool = True, **kwargs):
+    def __init__(self, modalities, latent_dim: int, *, K: int = 1,
+                 lambda_c: float = _DEFAULTS.lambda_c, tau_low: float = _DEFAULTS.tau_low,
+                 tau_high: float = _DEFAULTS.tau_high, learn_weights: bool = True, **kwargs):
+        checked = BMVAEMHyperParameters(lambda_c, tau_low, tau_high)
         super().__init__(modalities, latent_dim, **kwargs)
         if K < 1:
             raise ValueError(f"K must be >= 1, got {K}")
-        if not 0 < tau_low <= tau_high:
-            raise ValueError(f"need 0 < tau_low <= tau_high, got {tau_low}, {tau_high}")
         self.K = int(K)
-        self.lambda_c = float(lambda_c)
-        self.tau_low, self.tau_high = float(tau_low), float(tau_high)
+        self.lambda_c = float(checked.lambda_c)
+        self.tau_low, self.tau_high = float(checked.tau_low), float(checked.tau_high)
         self.learn_weights = bool(learn_weights)
         # Zero logits start every dimension at the uniform alpha_d = 1/M.
         self.mixture_logits = self.add_weight(
             shape=(self.latent_dim, self.num_modalities), initializer="zeros",
             trainable=self.learn_weights, name="mixture_logits")
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "K": self.K, "lambda_c": self.lambda_c,
+                "tau_low": self.tau_low, "tau_high": self.tau_high,
+                "learn_weights": self.learn_weights}
 
     def temperatures(self) -> tf.Tensor:
         """tau_d for d = 1..D, [D]."""

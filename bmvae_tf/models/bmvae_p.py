@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import keras
@@ -11,11 +12,40 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import aggregation
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
+from bmvae_tf.models.hyper_parameters import require
 from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
 
 _CONCENTRATION_FLOOR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class BMVAEPHyperParameters:
+    """BMVAE_P's objective (Eq. 15), `model.bmvae_p` in the trainer config.
+
+    lambda_zq: weight of KL(q_bar || p).
+    lambda_mq, lambda_mz: weights of KL(q_m || q_bar) and KL(q_m || p); None means 1/M, as in
+      the paper.
+    eta: weight of the Dirichlet KL. The paper picks it from {0.01h, 0.1h, 0.5h} with h the mean
+      data size; 1.0 is our default.
+    beta_prior: the concentration of the symmetric Dirichlet prior on every pi_d.
+    """
+
+    lambda_zq: float = 1.0
+    lambda_mq: float | None = None
+    lambda_mz: float | None = None
+    eta: float = 1.0
+    beta_prior: float = 0.5
+
+    def __post_init__(self):
+        for field in ("lambda_zq", "lambda_mq", "lambda_mz", "eta"):
+            value = getattr(self, field)
+            require(value is None or value >= 0, field, "must be >= 0", value)
+        require(self.beta_prior > 0, "beta_prior", "must be positive", self.beta_prior)
+
+
+_DEFAULTS = BMVAEPHyperParameters()
 
 
 class BMVAEP(MultimodalVAE):
@@ -34,11 +64,8 @@ class BMVAEP(MultimodalVAE):
     (it does not depend on the batch). M decoder passes per step.
 
     Args:
-      lambda_zq: weight of KL(q_bar || p).
-      lambda_mq, lambda_mz: weights of KL(q_m || q_bar) and KL(q_m || p); None means 1/M.
-      eta: weight of the Dirichlet KL. The paper picks it from {0.01h, 0.1h, 0.5h} with h the mean
-        data size; 1.0 is our default.
-      beta_prior: the concentration of the symmetric Dirichlet prior on every pi_d.
+      lambda_zq, lambda_mq, lambda_mz, eta, beta_prior: see BMVAEPHyperParameters, which holds
+        their defaults. The model keeps lambda_mq and lambda_mz with None resolved to 1/M.
       learn_weights: False gives the uniform ablation BMVAE_P^u: pi fixed at 1/M, no beta, no
         Dirichlet KL.
       posterior: must be "gaussian"; q_bar is a product of Gaussians.
@@ -46,24 +73,23 @@ class BMVAEP(MultimodalVAE):
 
     POSTERIOR_FAMILIES = ("gaussian",)  # products of Gaussians are Gaussian in closed form
     MIXTURE_WEIGHTS_NAME = "E[pi]"
+    HYPER_PARAMETERS = {"bmvae_p": BMVAEPHyperParameters}
 
-    def __init__(self, modalities, latent_dim: int, *, lambda_zq: float = 1.0,
-                 lambda_mq: float | None = None, lambda_mz: float | None = None, eta: float = 1.0,
-                 beta_prior: float = 0.5, learn_weights: bool = True, posterior: str = "gaussian",
-                 **kwargs):
+    def __init__(self, modalities, latent_dim: int, *, lambda_zq: float = _DEFAULTS.lambda_zq,
+                 lambda_mq: float | None = _DEFAULTS.lambda_mq,
+                 lambda_mz: float | None = _DEFAULTS.lambda_mz, eta: float = _DEFAULTS.eta,
+                 beta_prior: float = _DEFAULTS.beta_prior, learn_weights: bool = True,
+                 posterior: str = "gaussian", **kwargs):
         if posterior != "gaussian":
             raise ValueError(f"BMVAE_P needs Gaussian experts for its product; got posterior={posterior!r}")
+        checked = BMVAEPHyperParameters(lambda_zq, lambda_mq, lambda_mz, eta, beta_prior)
         super().__init__(modalities, latent_dim, posterior=posterior, **kwargs)
         uniform = 1.0 / self.num_modalities
-        self.lambda_zq = float(lambda_zq)
-        self.lambda_mq = uniform if lambda_mq is None else float(lambda_mq)
-        self.lambda_mz = uniform if lambda_mz is None else float(lambda_mz)
-        self.eta = float(eta)
-        self.beta_prior = float(beta_prior)
-        if min(self.lambda_zq, self.lambda_mq, self.lambda_mz, self.eta) < 0:
-            raise ValueError("lambda_zq, lambda_mq, lambda_mz and eta must be >= 0")
-        if self.beta_prior <= 0:
-            raise ValueError(f"beta_prior must be positive, got {beta_prior}")
+        self.lambda_zq = float(checked.lambda_zq)
+        self.lambda_mq = uniform if checked.lambda_mq is None else float(checked.lambda_mq)
+        self.lambda_mz = uniform if checked.lambda_mz is None else float(checked.lambda_mz)
+        self.eta = float(checked.eta)
+        self.beta_prior = float(checked.beta_prior)
         self.learn_weights = bool(learn_weights)
         # beta starts at 1 everywhere: the flat Dirichlet, E[pi_d] = 1/M, as BMVAE_M starts at the
         # uniform alpha.
@@ -72,6 +98,11 @@ class BMVAEP(MultimodalVAE):
             shape=(self.latent_dim, self.num_modalities),
             initializer=keras.initializers.Constant(start),
             name="concentration_logits") if self.learn_weights else None
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "lambda_zq": self.lambda_zq, "lambda_mq": self.lambda_mq,
+                "lambda_mz": self.lambda_mz, "eta": self.eta, "beta_prior": self.beta_prior,
+                "learn_weights": self.learn_weights}
 
     def concentration(self) -> tf.Tensor:
         """beta = softplus(logits) + 1e-3, [D, M]. Only with learn_weights."""

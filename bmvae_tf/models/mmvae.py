@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import tensorflow as tf
@@ -15,6 +16,21 @@ from bmvae_tf.noise import Noise, reparameterized_sample
 tfd = tfp.distributions
 
 BOUNDS = ("looser", "tight")
+
+
+@dataclasses.dataclass(frozen=True)
+class MMVAEHyperParameters:
+    """MMVAE's gradient estimator, `model.mmvae` in the trainer config (also read by mmvae_ms).
+
+    dreg: the doubly reparameterised gradient estimator (Tucker et al. 2018), which Shi et al.
+      train with (K = 30, looser bound); see MMVAE and bmvae_tf/objectives.py for its bias when
+      M, K > 1.
+    """
+
+    dreg: bool = False
+
+
+_DEFAULTS = MMVAEHyperParameters()
 
 
 class MMVAE(MultimodalVAE):
@@ -41,11 +57,16 @@ class MMVAE(MultimodalVAE):
         It is exactly unbiased for M = 1 (IWAE's DReG) and for L_M with K = 1. Otherwise it is
         Shi et al.'s estimator, not an unbiased one: the mixture density in the weights carries
         every expert's parameters, but a stratum's samples reparameterise only their own expert,
-        so DReG's score-to-pathwise identity does not hold term by term.
+        so DReG's score-to-pathwise identity does not hold term by term. Its default is in
+        MMVAEHyperParameters.
     """
 
+    HYPER_PARAMETERS = {"mmvae": MMVAEHyperParameters}
+    IMPORTANCE_SAMPLED = True
+
     def __init__(self, modalities: Sequence[ModalitySpec], latent_dim: int, *, K: int = 1,
-                 bound: str = "looser", dreg: bool = False, **kwargs):
+                 bound: str = "looser", dreg: bool = _DEFAULTS.dreg, **kwargs):
+        checked = MMVAEHyperParameters(dreg)
         super().__init__(modalities, latent_dim, **kwargs)
         if K < 1:
             raise ValueError(f"K must be >= 1, got {K}")
@@ -53,7 +74,10 @@ class MMVAE(MultimodalVAE):
             raise ValueError(f"bound {bound!r} is not one of {BOUNDS}")
         self.K = int(K)
         self.bound = bound
-        self.dreg = bool(dreg)
+        self.dreg = bool(checked.dreg)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "K": self.K, "bound": self.bound, "dreg": self.dreg}
 
     def mixture_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
         """log q(z | x_{1:M}) = log (1/M) sum_m q_m(z | x_m): z [..., B, D], loc/scale [M, B, D]

@@ -13,13 +13,33 @@ has its private factors drawn from the prior, as Sutter et al. do in cross-gener
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from bmvae_tf import distributions
+from bmvae_tf.models.hyper_parameters import require
 from bmvae_tf.noise import Noise, reparameterized_sample
 
 tfd = tfp.distributions
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalitySpecificHyperParameters:
+    """The *_ms variants' latent layout, `model.ms` in the trainer config.
+
+    private_dim: D_s, the dimensions of each s_m (equal for all modalities, as in Eq. 5). Neither
+      paper fixes D_s for these datasets; 4 is ours.
+    """
+
+    private_dim: int = 4
+
+    def __post_init__(self):
+        require(self.private_dim >= 1, "private_dim", "must be >= 1", self.private_dim)
+
+
+_DEFAULTS = ModalitySpecificHyperParameters()
 
 
 class ModalitySpecificLatents:
@@ -27,19 +47,25 @@ class ModalitySpecificLatents:
 
     Args:
       latent_dim: D_c, the shared dimensions. The model's `latent_dim` becomes D_c + M * D_s.
-      private_dim: D_s, the dimensions of each s_m (equal for all modalities, as in Eq. 5).
+      private_dim: D_s, the dimensions of each s_m (ModalitySpecificHyperParameters).
 
     Subclasses implement `shared_posterior(loc, scale, present)`: the aggregation of the shared
     parts [M, B, D_c] of the present experts, batch [B] and event [D_c].
     """
 
-    def __init__(self, modalities, latent_dim: int, *, private_dim: int = 4, **kwargs):
-        if private_dim < 1:
-            raise ValueError(f"private_dim must be >= 1, got {private_dim}")
+    HYPER_PARAMETERS = {"ms": ModalitySpecificHyperParameters}
+
+    def __init__(self, modalities, latent_dim: int, *, private_dim: int = _DEFAULTS.private_dim,
+                 **kwargs):
+        private_dim = ModalitySpecificHyperParameters(private_dim).private_dim
         super().__init__(modalities, int(latent_dim) + int(private_dim), **kwargs)  # experts over [c, s_m]
         self.shared_dim = int(latent_dim)
         self.private_dim = int(private_dim)
         self.latent_dim = self.shared_dim + self.num_modalities * self.private_dim
+
+    def get_config(self) -> dict:
+        # latent_dim is the constructor's D_c, not the D_c + M * D_s of z.
+        return {**super().get_config(), "latent_dim": self.shared_dim, "private_dim": self.private_dim}
 
     # ---------------------------------------------------------------- layout of z
     def split_experts(self, loc: tf.Tensor, scale: tf.Tensor):

@@ -1,5 +1,6 @@
 """Every model trains and evaluates through the CLI on a four-modality arrays dataset (15 subsets)."""
 
+import dataclasses
 import json
 import math
 
@@ -91,3 +92,34 @@ def test_every_model_receives_its_configured_hyper_parameters(name):
         assert model.eta == 0.25
     shared = 5 if not name.endswith("_ms") else 5 + 3 * 2
     assert model.latent_dim == shared
+    # The same for every section the class declares, whatever its name: each field reaches the
+    # model as configured, and K goes to every model that importance-samples.
+    built = model.get_config()
+    for section in type(model).hyper_parameter_sections():
+        for key, value in dataclasses.asdict(getattr(config.model, section)).items():
+            assert built[key] == value or (value is None and built[key] == 1 / 3), (section, key)
+    assert built.get("K") == (3 if type(model).IMPORTANCE_SAMPLED else None)
+
+
+def test_every_hyper_parameter_section_is_the_models_own_dataclass():
+    """model.<section> of the trainer config is the dataclass the models declare, so defaults and
+    checks live beside the model only."""
+    from bmvae_tf.trainers import config as config_lib
+
+    fields = {f.name: f for f in dataclasses.fields(config_lib.ModelConfig)}
+    for cls, _ in MODELS.values():
+        for section, hyper_parameters in cls.hyper_parameter_sections().items():
+            assert fields[section].type in (hyper_parameters, hyper_parameters.__name__), section
+            assert getattr(config_lib.ModelConfig(), section) == hyper_parameters()
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.bmvae_m.lambda_c", -1), ("model.bmvae_m.tau_low", 0), ("model.bmvae_m.tau_high", 0.1),
+    ("model.bmvae_p.lambda_zq", -1), ("model.bmvae_p.lambda_mq", -0.5), ("model.bmvae_p.eta", -0.25),
+    ("model.bmvae_p.beta_prior", 0), ("model.ms.private_dim", 0)])
+def test_a_bad_hyper_parameter_is_a_user_error_naming_its_key(key, value):
+    from bmvae_tf.errors import UserError
+    from bmvae_tf.trainers import config as config_lib
+
+    with pytest.raises(UserError, match=rf"{key} must be .*, got {value}"):
+        config_lib.from_dict(config_lib.apply_overrides({}, [f"{key}={value}"]))
