@@ -165,9 +165,10 @@ def _shard_records(path: tf.Tensor, count: tf.Tensor, checked: bool) -> tf.data.
 
 
 # The errors tf.data raises for a shard that is not what its manifest says: corrupt or truncated
-# data, a record that does not parse or reshape, a count that differs.
+# data, a record that does not parse or reshape, a count that differs. (A record of random bytes
+# can make TensorFlow's own error message undecodable: a UnicodeDecodeError.)
 READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
-               tf.errors.FailedPreconditionError)
+               tf.errors.FailedPreconditionError, UnicodeDecodeError)
 
 
 @contextlib.contextmanager
