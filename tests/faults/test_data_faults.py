@@ -237,6 +237,7 @@ def _short_image(serialized: bytes) -> bytes:
 CORRUPT_CASES = {
     "truncated_shard": (_truncate, ["unreadable after record", "truncated"]),
     "random_bytes_shard": (_random_bytes, ["unreadable", "corrupt"]),
+    "emptied_shard": (lambda path: open(path, "wb").close(), ["holds 0 records", "says 32"]),
     "record_of_the_wrong_shape": (_rewrite_record(5, _short_image), ["record 5 ", "Key: digit"]),
     "record_of_random_bytes": (_rewrite_record(9, lambda _: b"\x0a\xff\x13garbage" * 3), ["record 9 "]),
     "record_missing_a_feature": (_rewrite_record(3, lambda _: tf.train.Example().SerializeToString()),
