@@ -411,3 +411,30 @@ def test_sample_refuses_num_below_one(served):
     _, loaded = served
     with pytest.raises(tf.errors.InvalidArgumentError, match="input `num`"):
         loaded.signatures["sample"](num=tf.constant(0), seed=tf.constant(1))
+
+
+# ------------------------------------------------------------------------------ end to end
+
+TRAIN_CASES = {
+    "truncated_shard": (lambda data: _truncate(os.path.join(data, TRAIN_SHARDS[1])), TRAIN_SHARDS[1]),
+    "count_mismatch": (lambda data: edit_manifest(data, _set("splits.train.shard_counts", [32, 40])),
+                       TRAIN_SHARDS[1]),
+}
+
+
+# Needs `with input_pipeline.reading(self.manifest):` around the epochs in
+# trainers/training/loop.py Controller.run (a file this branch does not own); strict, so the
+# marker has to go once it is there.
+@pytest.mark.xfail(strict=True, reason="input_pipeline.reading is not yet called by the training loop")
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train_on_a_damaged_shard_exits_2_naming_it(data, tmp_path, capsys, case):
+    damage, culprit = TRAIN_CASES[case]
+    damage(data)
+    if case == "count_mismatch":
+        edit_manifest(data, lambda obj: obj["splits"]["train"].update(count=72))
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  latent_dim: 2\n  hidden_units: [8]\n  channels: [4, 4, 4]\n"
+                      "  sequence_width: 4\ntrain:\n  epochs: 1\n  batch_size: 8\n")
+    code = cli.main(["train", "--data", data, "--workdir", str(tmp_path / "run"), "--config", str(config)])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and errors[-1].startswith("bmvae: error:") and culprit in errors[-1], errors[-3:]
