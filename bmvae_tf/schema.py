@@ -32,6 +32,11 @@ class SchemaError(UserError):
     """A manifest or record does not follow the data contract. The message names the culprit."""
 
 
+class DataError(SchemaError):
+    """A shard does not hold what its manifest says: a count that differs, a record that does
+    not parse, a truncated or corrupt file. The message names the shard (and record)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModalitySpec:
     """One modality: its name is also its feature key in every tf.train.Example."""
@@ -100,18 +105,24 @@ class ModalitySpec:
         for key in ("name", "kind", "shape"):
             if key not in obj:
                 raise SchemaError(f"{where}: missing key {key!r}")
-        try:
-            spec = cls(
-                name=str(obj["name"]), kind=str(obj["kind"]),
-                shape=tuple(int(s) for s in obj["shape"]),
-                dtype=str(obj.get("dtype", "float32")),
-                likelihood=str(obj.get("likelihood", "laplace")),
-                likelihood_weight=float(obj.get("likelihood_weight", 1.0)),
-                vocab=tuple(obj["vocab"]) if obj.get("vocab") is not None else None,
-                standardization=obj.get("standardization"),
-            )
-        except (TypeError, ValueError) as e:
-            raise SchemaError(f"{where}: {e}") from None
+        for key in ("name", "kind", "dtype", "likelihood"):
+            if key in obj and not isinstance(obj[key], str):
+                raise SchemaError(f"{where}.{key} must be a string, got {obj[key]!r}")
+        weight = obj.get("likelihood_weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise SchemaError(f"{where}.likelihood_weight must be a number, got {weight!r}")
+        vocab = obj.get("vocab")
+        if vocab is not None and (not isinstance(vocab, list)
+                                  or not all(isinstance(t, str) for t in vocab)):
+            raise SchemaError(f"{where}.vocab must be a list of strings")
+        standardization = obj.get("standardization")
+        if standardization is not None and not isinstance(standardization, Mapping):
+            raise SchemaError(f"{where}.standardization must be an object, got {standardization!r}")
+        spec = cls(
+            name=obj["name"], kind=obj["kind"], shape=_int_list(obj["shape"], f"{where}.shape"),
+            dtype=obj.get("dtype", "float32"), likelihood=obj.get("likelihood", "laplace"),
+            likelihood_weight=float(weight), vocab=tuple(vocab) if vocab is not None else None,
+            standardization=standardization)
         spec.validate()
         return spec
 
@@ -125,8 +136,54 @@ class LabelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:
-    files: tuple[str, ...]  # relative to the manifest's directory (or absolute URLs)
+    """A split's shards and record counts.
+
+    files: plain file names inside the manifest's directory (`check_shard_name`).
+    count: records in the split.
+    shard_counts: records per file, in `files` order; None in manifests written before the
+        writers recorded them (the reader then checks the split's total only).
+    """
+
+    files: tuple[str, ...]
     count: int
+    shard_counts: tuple[int, ...] | None = None
+
+    def validate(self, split: str) -> None:
+        where = f"splits.{split}"
+        if not self.files:
+            raise SchemaError(f"{where}: no files")
+        for entry in self.files:
+            check_shard_name(entry, where)
+        if not _is_int(self.count) or self.count < 0:
+            raise SchemaError(f"{where}: count must be a non-negative integer, got {self.count!r}")
+        if self.shard_counts is None:
+            return
+        if len(self.shard_counts) != len(self.files) or not all(
+                _is_int(n) and n >= 0 for n in self.shard_counts):
+            raise SchemaError(f"{where}: shard_counts must be one non-negative integer per file "
+                              f"({len(self.files)}), got {list(self.shard_counts)}")
+        if sum(self.shard_counts) != self.count:
+            raise SchemaError(f"{where}: shard_counts sum to {sum(self.shard_counts)}, count says "
+                              f"{self.count}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_shard_name(entry: Any, where: str = "splits") -> None:
+    """SchemaError unless `entry` is a plain file name, read inside the dataset's directory.
+
+    Refused: anything with a directory part or a scheme (`..`, `a/b`, `/etc/passwd`, `gs://...`,
+    `C:\\x`), `.`/`..`, empty names and control characters. The directory itself may be remote;
+    only the names are checked here (`trainers.input_pipeline.check_shards` also refuses local
+    symlinks that lead out of the directory).
+    """
+    ok = (isinstance(entry, str) and entry not in ("", ".", "..") and not any(
+        c in entry for c in "/\\:") and entry.isprintable())
+    if not ok:
+        raise SchemaError(f"{where}: shard entry {entry!r} is not a plain file name inside the "
+                          f"dataset directory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +219,10 @@ class Manifest:
         return self.splits[name]
 
     def split_paths(self, name: str) -> list[str]:
-        """Absolute paths of a split's shards."""
-        return [f if "://" in f or os.path.isabs(f) else os.path.join(self.directory, f)
-                for f in self.split(name).files]
+        """Paths of a split's shards: its plain file names inside the manifest's directory."""
+        info = self.split(name)
+        info.validate(name)  # refuses entries that would lead out of the directory
+        return [os.path.join(self.directory, f) for f in info.files]
 
     def validate(self) -> None:
         if len(self.modalities) < 1:
@@ -189,6 +247,8 @@ class Manifest:
                 raise SchemaError(f"factor {key!r}: no modality {modality!r} (they are {names})")
         if not self.splits:
             raise SchemaError("a dataset needs at least one split")
+        for name, info in self.splits.items():
+            info.validate(name)
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"name": self.name, "format_version": FORMAT_VERSION,
@@ -199,7 +259,7 @@ class Manifest:
         out["metadata_keys"] = list(self.metadata_keys)
         out["metadata_shapes"] = {k: list(v) for k, v in self.metadata_keys.items()}
         out["factors"] = dict(self.factors)
-        out["splits"] = {k: {"files": list(v.files), "count": v.count} for k, v in self.splits.items()}
+        out["splits"] = {k: _split_json(v) for k, v in self.splits.items()}
         out["source"] = dict(self.source)
         out["pipeline_options"] = dict(self.pipeline_options)
         out.update(self.extras)
@@ -222,40 +282,93 @@ class Manifest:
                 raise SchemaError(f"modalities[{i}] must be an object")
         modalities = tuple(ModalitySpec.from_json(m, f"modalities[{i}]")
                            for i, m in enumerate(obj["modalities"]))
-        label = None
-        if obj.get("label") is not None:
-            lab = obj["label"]
-            try:
-                label = LabelSpec(key=str(lab.get("key", "label")), num_classes=int(lab["num_classes"]),
-                                  names=tuple(lab["names"]) if lab.get("names") else None)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise SchemaError(f"label: malformed ({e})") from None
-        shapes = obj.get("metadata_shapes") or {}
-        metadata = {str(k): tuple(int(s) for s in shapes.get(k, [1])) for k in obj.get("metadata_keys") or []}
+        metadata = _metadata_keys(obj)
         factors = obj.get("factors") or {}  # absent from manifests written before it existed
         if not isinstance(factors, Mapping) or not all(isinstance(v, str) for v in factors.values()):
             raise SchemaError("'factors' must be an object of metadata key -> modality name")
-        splits = {}
         if not isinstance(obj["splits"], Mapping):
             raise SchemaError("'splits' must be an object")
-        for name, info in obj["splits"].items():
-            try:
-                files = tuple(str(f) for f in info["files"])
-                count = int(info["count"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise SchemaError(f"splits.{name}: malformed ({e})") from None
-            if not files:
-                raise SchemaError(f"splits.{name}: no files")
-            splits[str(name)] = SplitInfo(files=files, count=count)
+        splits = {str(name): _split_from_json(info, f"splits.{name}")
+                  for name, info in obj["splits"].items()}
+        for key in ("source", "pipeline_options"):
+            if not isinstance(obj.get(key) or {}, Mapping):
+                raise SchemaError(f"{key!r} must be an object, got {type(obj[key]).__name__}")
+        if not isinstance(obj["name"], str):
+            raise SchemaError(f"'name' must be a string, got {obj['name']!r}")
         known = {"name", "format_version", "modalities", "label", "metadata_keys", "metadata_shapes",
                  "factors", "splits", "source", "pipeline_options"}
-        manifest = cls(name=str(obj["name"]), modalities=modalities, splits=splits, label=label,
+        manifest = cls(name=obj["name"], modalities=modalities, splits=splits,
+                       label=_label_from_json(obj.get("label")),
                        metadata_keys=metadata, factors={str(k): v for k, v in factors.items()},
                        source=obj.get("source") or {},
                        pipeline_options=obj.get("pipeline_options") or {},
                        extras={k: v for k, v in obj.items() if k not in known}, directory=directory)
         manifest.validate()
         return manifest
+
+
+def _split_json(info: SplitInfo) -> dict:
+    out: dict[str, Any] = {"files": list(info.files), "count": info.count}
+    if info.shard_counts is not None:
+        out["shard_counts"] = list(info.shard_counts)
+    return out
+
+
+def _int_list(value: Any, where: str, minimum: int = 1) -> tuple[int, ...]:
+    """A JSON list of integers >= minimum, else SchemaError naming `where`."""
+    if not isinstance(value, list) or not all(_is_int(v) and v >= minimum for v in value):
+        raise SchemaError(f"{where} must be a list of integers >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def _metadata_keys(obj: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{metadata key: shape} from `metadata_keys` (a list of names) and `metadata_shapes` (an
+    object of name -> list of positive integers; a key without a shape has shape [1])."""
+    keys = obj.get("metadata_keys") or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise SchemaError(f"'metadata_keys' must be a list of non-empty strings, got {keys!r}")
+    shapes = obj.get("metadata_shapes") or {}
+    if not isinstance(shapes, Mapping):
+        raise SchemaError(f"'metadata_shapes' must be an object of key -> shape, got {shapes!r}")
+    for key in shapes:
+        if key not in keys:
+            raise SchemaError(f"metadata_shapes.{key}: not one of the metadata_keys {keys}")
+    return {k: _int_list(shapes.get(k, [1]), f"metadata_shapes.{k}") for k in keys}
+
+
+def _split_from_json(info: Any, where: str) -> SplitInfo:
+    if not isinstance(info, Mapping):
+        raise SchemaError(f"{where} must be an object with 'files' and 'count'")
+    for key in ("files", "count"):
+        if key not in info:
+            raise SchemaError(f"{where}: missing key {key!r}")
+    files = info["files"]
+    if not isinstance(files, list):
+        raise SchemaError(f"{where}.files must be a list of file names, got {files!r}")
+    count = info["count"]
+    if not _is_int(count) or count < 0:
+        raise SchemaError(f"{where}.count must be a non-negative integer, got {count!r}")
+    shard_counts = info.get("shard_counts")
+    if shard_counts is not None:
+        shard_counts = _int_list(shard_counts, f"{where}.shard_counts", minimum=0)
+    split = SplitInfo(files=tuple(files), count=int(count), shard_counts=shard_counts)
+    split.validate(where.removeprefix("splits."))
+    return split
+
+
+def _label_from_json(lab: Any) -> LabelSpec | None:
+    if lab is None:
+        return None
+    if not isinstance(lab, Mapping):
+        raise SchemaError(f"label: must be an object, got {lab!r}")
+    key, num_classes, names = lab.get("key", "label"), lab.get("num_classes"), lab.get("names")
+    if not isinstance(key, str) or not key:
+        raise SchemaError(f"label.key must be a non-empty string, got {key!r}")
+    if not _is_int(num_classes) or num_classes < 1:
+        raise SchemaError(f"label.num_classes must be a positive integer, got {num_classes!r}")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise SchemaError(f"label.names must be a list of strings, got {names!r}")
+    return LabelSpec(key=key, num_classes=int(num_classes), names=tuple(names) if names else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -317,14 +317,20 @@ class _Moments:
         return np.sqrt(self.m2 / max(self.count, 1))
 
 
+# The largest sequence vocabulary `bmvae data build arrays` makes unless --max-vocab raises it: a
+# stray large token id would otherwise make a vocabulary (and a manifest, and an output layer) of
+# that size.
+MAX_VOCAB = 65_536
+
+
 def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool = True,
-                test_fraction: float = 0.2, seed: int = 0) -> Plan:
+                test_fraction: float = 0.2, seed: int = 0, max_vocab: int = MAX_VOCAB) -> Plan:
     """Reads the whole archive once, streaming, and decides what every array becomes.
 
     Checks (each a UserError naming the file and key): a readable .npz of plain arrays, at least
     2 modalities, equal lengths, numeric dtypes, finite values, images within [0, 1] or [0, 255],
-    non-negative token ids, integer labels, split values, non-empty train and test splits.
-    Computes the train-split statistics that standardise the vectors.
+    non-negative token ids within a vocabulary of at most `max_vocab` tokens, integer labels,
+    split values, non-empty train and test splits. Computes the train-split statistics that standardise the vectors.
     """
     members = inspect_npz(path)
     keys = check_members(path, members, sequences)
@@ -346,7 +352,7 @@ def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool =
     weights = _balanced_weights({key: math.prod(modality_shape(members[key])) for key in keys})
     modalities = tuple(
         _plan_modality(path, key, members[key], modality_kind(members[key], sequences), weights[key],
-                       train_rows=split_ids == 0, standardize=standardize)
+                       train_rows=split_ids == 0, standardize=standardize, max_vocab=max_vocab)
         for key in keys)
     return Plan(path=path, members=members, modalities=modalities, count=count,
                 split_counts=split_counts, has_split=has_split, num_classes=num_classes, seed=seed,
@@ -365,7 +371,8 @@ def _split_ids(path: str, members: Mapping[str, Member], count: int, test_fracti
 
 
 def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float, *,
-                   train_rows: np.ndarray, standardize: bool) -> schema.ModalitySpec:
+                   train_rows: np.ndarray, standardize: bool, max_vocab: int = MAX_VOCAB
+                   ) -> schema.ModalitySpec:
     """One array's modality: sequences get the vocabulary of their ids; images and vectors are
     checked finite in one streaming pass, which also gathers the vectors' train moments and the
     images' value range. train_rows: [N] bool, the train split's rows."""
@@ -374,6 +381,10 @@ def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float
         low, high = _value_range(path, member)
         if low < 0:
             raise UserError(f"{path}: key {key!r} holds token id {low}; token ids must be >= 0")
+        if int(high) + 1 > max_vocab:
+            raise UserError(f"{path}: key {key!r} (--sequence) holds token id {int(high)}, which makes a "
+                            f"vocabulary of {int(high) + 1} tokens, more than --max-vocab {max_vocab}; "
+                            f"pass --max-vocab {int(high) + 1} if the ids are right")
         vocab = tuple(str(i) for i in range(int(high) + 1))
         return schema.ModalitySpec(key, "sequence", shape, "int64", "categorical", weight, vocab=vocab)
     moments = _Moments(math.prod(shape)) if kind == "vector" else None

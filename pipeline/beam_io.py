@@ -107,8 +107,15 @@ def _dataset_name(manifest_path: str) -> str:
         return "?"
 
 
+# Without --runner, jobs run here, in Python: Beam's own default (DirectRunner) first tries to
+# download and start the Prism runner binary from the internet, and a local build must never
+# reach for the network. FnApiRunner is the Python direct runner DirectRunner falls back to; it
+# takes the same --direct_num_workers / --direct_running_mode options.
+LOCAL_RUNNER = "FnApiRunner"
+
+
 def make_pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
-    """A Pipeline from Beam's command-line arguments (DirectRunner by default).
+    """A Pipeline from Beam's command-line arguments (LOCAL_RUNNER without --runner).
 
     Beam reports bad arguments by printing argparse's usage and exiting, or with a ValueError
     for an unknown runner; both become a one-line UserError here, before any file is touched.
@@ -118,6 +125,11 @@ def make_pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
     try:
         with contextlib.redirect_stderr(stderr):
             options.get_all_options(retain_unknown_options=True)
+        standard = options.view_as(StandardOptions)
+        if not standard.runner:
+            standard.runner = LOCAL_RUNNER
+        logger.info("Beam runner: %s%s", standard.runner,
+                    " (Python direct runner, in this process)" if standard.runner == LOCAL_RUNNER else "")
         return beam.Pipeline(options=options)
     except SystemExit:
         lines = stderr.getvalue().strip().splitlines() or [str(list(beam_args or []))]
@@ -133,7 +145,7 @@ def options_to_json(options: PipelineOptions) -> dict[str, Any]:
     replaced by "<redacted>": the manifest travels with the data.
     """
     values = options.get_all_options(drop_default=True, retain_unknown_options=True)
-    values.setdefault("runner", options.view_as(StandardOptions).runner or "DirectRunner")
+    values.setdefault("runner", options.view_as(StandardOptions).runner or LOCAL_RUNNER)
     return {key: "<redacted>" if _SECRET_OPTION.search(key) else _json_safe(values[key])
             for key in sorted(values)}
 
@@ -256,9 +268,11 @@ def finish_manifest(shards: Iterable[tuple[str, str, int]], *, output_dir: str,
     """
     files: dict[str, list[str]] = collections.defaultdict(list)
     counts: dict[str, int] = collections.Counter()
+    shard_counts: dict[str, int] = {}
     for split, name, count in shards:
         files[split].append(name)
         counts[split] += count
+        shard_counts[name] = count
     if set(files) != set(num_shards):
         raise RuntimeError(f"{output_dir}: wrote shards for splits {sorted(files)}, "
                            f"planned {sorted(num_shards)}")
@@ -271,7 +285,8 @@ def finish_manifest(shards: Iterable[tuple[str, str, int]], *, output_dir: str,
         if counts[split] != expected_counts[split]:
             raise RuntimeError(f"{output_dir}: split {split!r} wrote {counts[split]} records, "
                                f"expected {expected_counts[split]}")
-        splits[split] = schema.SplitInfo(files=tuple(planned), count=counts[split])
+        splits[split] = schema.SplitInfo(files=tuple(planned), count=counts[split],
+                                         shard_counts=tuple(shard_counts[f] for f in planned))
     return schema.write_manifest(output_dir, dataclasses.replace(template, splits=splits))
 
 

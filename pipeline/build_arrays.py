@@ -34,7 +34,7 @@ NAMESPACE = "arrays"
 def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
                  sequences: tuple[str, ...] = (), standardize: bool = True, test_fraction: float = 0.2,
                  seed: int = 0, num_shards: int | None = None, overwrite: bool = False,
-                 beam_args: list[str] | None = None) -> schema.Manifest:
+                 beam_args: list[str] | None = None, max_vocab: int = arrays.MAX_VOCAB) -> schema.Manifest:
     """Builds a dataset from the arrays of `input_path` (.npz) into `output_dir`.
 
     Args:
@@ -46,26 +46,30 @@ def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
       test_fraction, seed: the held-out fraction when the archive has no `split` array.
       num_shards: shards per split; by default about one per 4096 records.
       overwrite: replace a dataset already in `output_dir`.
-      beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
+      beam_args: passed unchanged to PipelineOptions (beam_io.LOCAL_RUNNER by default).
+      max_vocab: the largest sequence vocabulary allowed (largest token id + 1).
 
     Raises:
       UserError: a bad argument or array (naming the file and key), or an occupied output.
     """
     return run_arrays_job(output_dir, input_path=input_path, name=name, sequences=sequences,
                           standardize=standardize, test_fraction=test_fraction, seed=seed,
-                          num_shards=num_shards, overwrite=overwrite, beam_args=beam_args).manifest
+                          num_shards=num_shards, overwrite=overwrite, beam_args=beam_args,
+                          max_vocab=max_vocab).manifest
 
 
 def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
                    sequences: tuple[str, ...] = (), standardize: bool = True,
                    test_fraction: float = 0.2, seed: int = 0, num_shards: int | None = None,
-                   overwrite: bool = False, beam_args: list[str] | None = None) -> beam_io.BuildResult:
+                   overwrite: bool = False, beam_args: list[str] | None = None,
+                   max_vocab: int = arrays.MAX_VOCAB) -> beam_io.BuildResult:
     """`build_arrays`, also returning the job's counters (`arrays/<split>_records`, ...)."""
     _check_arguments(output_dir, seed=seed, test_fraction=test_fraction, num_shards=num_shards,
                      beam_args=beam_args)
+    beam_io.check_int("max_vocab", max_vocab, 1)
     pipeline = beam_io.make_pipeline(beam_args)
     plan = arrays.plan_arrays(input_path, sequences=tuple(sequences), standardize=standardize,
-                              test_fraction=float(test_fraction), seed=int(seed))
+                              test_fraction=float(test_fraction), seed=int(seed), max_vocab=max_vocab)
     dataset_name = name or os.path.basename(input_path).removesuffix(".npz") or "arrays"
     shards = {split: int(num_shards or beam_io.default_num_shards(n))
               for split, n in plan.split_counts.items()}
@@ -102,13 +106,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep vector modalities as they are (default: standardise with train stats)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="without a `split` array")
     parser.add_argument("--seed", type=int, default=0, help="draws the test rows without a `split` array")
+    parser.add_argument("--max-vocab", type=int, default=arrays.MAX_VOCAB, metavar="N",
+                        help="largest vocabulary of a --sequence array (largest token id + 1) "
+                             "accepted (default 65536)")
 
 
 def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
     return run_arrays_job(
         args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
         standardize=not args.no_standardize, test_fraction=args.test_fraction, seed=args.seed,
-        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args,
+        max_vocab=args.max_vocab)
 
 
 COMMANDS = (beam_io.BuildCommand(

@@ -119,7 +119,8 @@ def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
             writers[i % shards].write(serialized)
         for w in writers:
             w.close()
-        splits[split] = schema.SplitInfo(tuple(files), count)
+        splits[split] = schema.SplitInfo(tuple(files), count, shard_counts=tuple(
+            len(range(i, count, shards)) for i in range(shards)))
     manifest = schema.Manifest(name=name, modalities=tuple(specs), label=label,
                                metadata_keys={"noise_seed": (1,)}, splits=splits,
                                source={"generator": "tests.synthetic", "seed": seed},

@@ -18,6 +18,10 @@ manifest order and B the batch size:
 Absent modalities (present[m] = False) are fed as zeros of their shape; they are replaced by zeros
 inside the graph, so whatever values are fed for them cannot change any output.
 
+Inputs are checked inside the graph: an empty batch, inputs whose batch sizes differ, token ids
+of a present sequence outside [0, vocabulary size), `num` < 1 and a `present` with no modality
+fail the call with an InvalidArgumentError whose message names the input.
+
 Units: a modality that the dataset job transformed (its manifest `standardization`, e.g. the
 standardised vectors and rescaled [0, 255] images of `bmvae data build arrays`) is fed and
 returned in the units of the source data: the signatures apply (x - offset) / scale to it on
@@ -121,12 +125,35 @@ class ServingModule(tf.Module):
         args: one [B, *shape] tensor per modality in manifest order, then present: bool [M].
         """
         *values, present = args
-        tf.debugging.Assert(tf.reduce_any(present), ["`present` must mark at least one modality"])
+        checks = [tf.debugging.Assert(tf.reduce_any(present), ["`present` must mark at least one modality"]),
+                  *self._check_inputs(values, present)]
+        # The checks run before the model: else a model op could fail first on a bad input.
+        with tf.control_dependencies(checks):
+            values, present = [tf.identity(x) for x in values], tf.identity(present)
         # The posterior already gives absent experts zero weight, but 0 * NaN is NaN: zeroing the
         # absent inputs makes any fed value, non-finite ones included, harmless.
         inputs = {spec.name: tf.where(present[i], self._to_model_units(spec.name, x), tf.zeros_like(x))
                   for i, (spec, x) in enumerate(zip(self._modalities, values))}
         return self.model.posterior(inputs, present)
+
+    def _check_inputs(self, values: list[tf.Tensor], present: tf.Tensor) -> list[tf.Operation]:
+        """Assertions that fail the call (InvalidArgumentError naming the input) on an empty
+        batch, batches of different sizes, or token ids outside a present sequence's vocabulary."""
+        batch = tf.shape(values[0], out_type=tf.int64)[0]
+        first = self._modalities[0].name
+        checks = [tf.debugging.assert_positive(
+            batch, message=f"input `{first}`: the batch is empty (0 rows); feed at least one example")]
+        for spec, x in zip(self._modalities[1:], values[1:]):
+            checks.append(tf.debugging.assert_equal(tf.shape(x, out_type=tf.int64)[0], batch, message=(
+                f"input `{spec.name}`: its batch size differs from that of input `{first}`")))
+        for i, (spec, x) in enumerate(zip(self._modalities, values)):
+            if spec.kind != "sequence":
+                continue
+            inside = tf.reduce_all((x >= 0) & (x < spec.vocab_size))
+            checks.append(tf.debugging.Assert(tf.logical_or(tf.logical_not(present[i]), inside), [
+                f"input `{spec.name}`: token ids must lie in [0, {spec.vocab_size}) (its vocabulary); "
+                "got min and max", tf.reduce_min(x), tf.reduce_max(x)]))
+        return checks
 
     def _to_model_units(self, name: str, x: tf.Tensor) -> tf.Tensor:
         if self._units[name] is None:
@@ -155,6 +182,9 @@ class ServingModule(tf.Module):
 
     def _sample(self, num: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         """`num` draws from the prior p(z), decoded: {modality: [num, *shape]}."""
+        with tf.control_dependencies([tf.debugging.assert_positive(
+                num, message="input `num`: the number of samples must be >= 1")]):
+            num = tf.identity(num)
         z = self.model.prior().sample(num, seed=tf.stack([seed, tf.constant(0, tf.int32)]))  # [num, D]
         return self._to_source_units(self.model.generate(z))
 

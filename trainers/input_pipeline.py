@@ -2,11 +2,24 @@
 
 Parsing follows bmvae_tf.schema.feature_spec, the same spec the Beam writers encode with.
 Batches are parsed vectorised (tf.io.parse_example after batching), in parallel, and prefetched.
+
+What is read is checked against the manifest: shard entries are plain names inside the dataset
+directory (`check_shards`), and every pass over a shard asserts its record count (the manifest's
+`shard_counts`; a split's total for manifests without them), so a mismatch stops the first epoch
+instead of silently repeating or dropping records. tf.data reports such faults, and records that
+do not parse or truncated files, as TensorFlow errors during iteration, without the shard's name:
+iterate inside `reading(manifest)`, which finds the culprit and raises one schema.DataError
+naming the shard, the record and the counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import os
+import re
+from typing import Iterator, Sequence
 
 import tensorflow as tf
 
@@ -15,13 +28,22 @@ from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import TrainingStream
 
 
+logger = logging.getLogger(__name__)
+
+
 def check_shards(manifest: schema.Manifest, split: str) -> list[str]:
-    """The split's shard paths, after checking that each exists (UserError names a missing one)."""
-    paths = manifest.split_paths(split)
+    """The split's shard paths, after checking that each exists and lies inside the dataset
+    directory (UserError names the entry); remote directories get the name checks only."""
+    paths = manifest.split_paths(split)  # refuses entries that are not plain file names
+    listed_in = schema.manifest_path(manifest.directory)
+    local = "://" not in manifest.directory
+    root = os.path.realpath(manifest.directory or ".")
     for path in paths:
         if not tf.io.gfile.exists(path):
-            raise UserError(f"{path}: shard listed in {schema.manifest_path(manifest.directory)} "
-                            f"is missing")
+            raise UserError(f"{path}: shard listed in {listed_in} is missing")
+        if local and os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise schema.SchemaError(f"{path}: shard listed in {listed_in} is a symlink that leads "
+                                     f"out of the dataset directory (to {os.path.realpath(path)})")
     return paths
 
 
@@ -105,25 +127,139 @@ def _records(manifest: schema.Manifest, split: str, options: ReadOptions,
     """The split's serialized records for this input pipeline, shards shuffled when asked, the
     holdout applied."""
     paths = check_shards(manifest, split)
-    files = tf.data.Dataset.from_tensor_slices(paths)
-    record_sharded = False
+    info = manifest.split(split)
+    counts = info.shard_counts
+    # -1: not recorded (manifests before shard_counts); the split's total is checked instead.
+    files = tf.data.Dataset.from_tensor_slices(
+        (paths, tf.constant(counts if counts is not None else [-1] * len(paths), tf.int64)))
+    record_sharded = file_sharded = False
     if input_context is not None and input_context.num_input_pipelines > 1:
         if len(paths) >= input_context.num_input_pipelines:
             files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+            file_sharded = True
         else:
             record_sharded = True
     if options.shuffle:
         files = files.shuffle(len(paths), seed=options.seed)
     # Deterministic interleave keeps a seeded run reproducible; parallel reads still overlap.
     records = files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=schema.COMPRESSION),
+        lambda path, count: _shard_records(path, count, counts is not None),
         cycle_length=min(len(paths), 4), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if counts is None and not file_sharded:
+        records = records.apply(tf.data.experimental.assert_cardinality(info.count))
     if record_sharded:
         records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     holdout = options.holdout
     if holdout is not None and holdout.fraction > 0:
         records = records.filter(lambda r: in_holdout(r, holdout.fraction) == holdout.held_out)
     return records
+
+
+def _shard_records(path: tf.Tensor, count: tf.Tensor, checked: bool) -> tf.data.Dataset:
+    """One shard's records; with `checked`, a pass that finds more or fewer than `count` records
+    fails (FailedPreconditionError, which `reading` turns into a DataError naming the shard)."""
+    records = tf.data.TFRecordDataset(path, compression_type=schema.COMPRESSION)
+    if checked:
+        records = records.apply(tf.data.experimental.assert_cardinality(count))
+    return records
+
+
+# The errors tf.data raises for a shard that is not what its manifest says: corrupt or truncated
+# data, a record that does not parse or reshape, a count that differs. (A record of random bytes
+# can make TensorFlow's own error message undecodable: a UnicodeDecodeError.)
+READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
+               tf.errors.FailedPreconditionError, UnicodeDecodeError)
+
+
+@contextlib.contextmanager
+def reading(manifest: schema.Manifest, splits: Sequence[str] | None = None) -> Iterator[None]:
+    """Turns a tf.data read error raised inside the block into one DataError naming the culprit.
+
+    On such an error the shards of `splits` (default: every split) are read again, one by one,
+    to find the first shard that is unreadable, holds a record that does not parse, or holds a
+    number of records other than the manifest's; the error names it, the record index and both
+    counts. An error that the shards do not explain is re-raised unchanged (a bug, not the data).
+    """
+    try:
+        yield
+    except READ_ERRORS as e:
+        logger.info("a read error (%s); checking the shards of %s", type(e).__name__,
+                    manifest.directory)
+        problem = diagnose(manifest, splits)
+        if problem is None:
+            raise
+        raise schema.DataError(problem) from None
+
+
+def diagnose(manifest: schema.Manifest, splits: Sequence[str] | None = None) -> str | None:
+    """The first problem found in the shards of `splits` (default: all), as one line, or None."""
+    listed_in = schema.manifest_path(manifest.directory)
+    for split in splits or sorted(manifest.splits):
+        info = manifest.split(split)
+        total = 0
+        for i, path in enumerate(check_shards(manifest, split)):
+            count, problem = _scan_shard(manifest, path)
+            if problem is not None:
+                return problem
+            expected = info.shard_counts[i] if info.shard_counts is not None else None
+            if expected is not None and count != expected:
+                return f"{path}: holds {count} records, {listed_in} says {expected}"
+            total += count
+        if total != info.count:
+            return (f"split {split!r}: its shards hold {total} records, {listed_in} says "
+                    f"{info.count}")
+    return None
+
+
+def _scan_shard(manifest: schema.Manifest, path: str, batch_size: int = 1024
+                ) -> tuple[int, str | None]:
+    """(records in the shard, the first problem in it or None): reads and parses every record."""
+    parse = _parse_function(manifest)
+    count = 0
+    records = tf.data.TFRecordDataset(path, compression_type=schema.COMPRESSION)
+    try:
+        for batch in records.batch(batch_size):
+            try:
+                parse(batch)
+            except (tf.errors.InvalidArgumentError, ValueError):
+                for i in range(int(batch.shape[0])):
+                    try:
+                        parse(batch[i:i + 1])
+                    except (tf.errors.InvalidArgumentError, ValueError) as e:
+                        return count + i, (f"{path}: record {count + i} does not match the manifest's "
+                                           f"layout ({_first_line(e)})")
+            count += int(batch.shape[0])
+    except tf.errors.DataLossError as e:
+        readable = sum(1 for _ in _readable(records.skip(count)))
+        return count + readable, (f"{path}: unreadable after record {count + readable - 1} "
+                                  f"(truncated or corrupt: {_first_line(e)})" if count + readable
+                                  else f"{path}: unreadable (truncated or corrupt: {_first_line(e)})")
+    return count, None
+
+
+def _readable(records: tf.data.Dataset) -> Iterator[tf.Tensor]:
+    """The records up to the first unreadable one."""
+    iterator = iter(records)
+    while True:
+        try:
+            yield next(iterator)
+        except (StopIteration, tf.errors.DataLossError):
+            return
+
+
+def _first_line(error: Exception) -> str:
+    """TensorFlow's message without its op decorations."""
+    message = (getattr(error, "message", None) or str(error)).strip()
+    message = message.splitlines()[0] if message else type(error).__name__
+    for pattern in (r"\{\{function_node [^}]*\}\}\s*", r"\s*\[Op:[^\]]*\].*$", r"Name: <unknown>, ",
+                    r", Index: \d+"):
+        message = re.sub(pattern, "", message)
+    return message.strip()
+
+
+def _parse_function(manifest: schema.Manifest):
+    spec = schema.feature_spec(manifest)
+    return lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec))
 
 
 def _parse(manifest: schema.Manifest, batches: tf.data.Dataset, padding: dict | None,

@@ -240,7 +240,7 @@ def test_options_to_json_keeps_set_options_and_hides_secrets():
     options = PipelineOptions(["--direct_num_workers=2", "--s3_secret_access_key=hunter2",
                                "--my_flag=x"])
     assert beam_io.options_to_json(options) == {
-        "direct_num_workers": 2, "my_flag": "x", "runner": "DirectRunner",
+        "direct_num_workers": 2, "my_flag": "x", "runner": beam_io.LOCAL_RUNNER,
         "s3_secret_access_key": "<redacted>"}
 
 
@@ -267,9 +267,10 @@ def test_build_writes_a_valid_manifest_and_reports_counters(built, source):
     assert {k: (v.files, v.count) for k, v in manifest.splits.items()} == {
         "train": (("train-00000-of-00001.tfrecord.gz",), 1437),
         "test": (("test-00000-of-00001.tfrecord.gz",), 360)}
+    assert {k: v.shard_counts for k, v in manifest.splits.items()} == {"train": (1437,), "test": (360,)}
     assert manifest.source["sha256"] == array_sha256(source[0])
     assert (manifest.source["num_images"], manifest.source["seed"], manifest.source["dm"]) == (1797, 0, 1)
-    assert manifest.pipeline_options["runner"] == "DirectRunner"
+    assert manifest.pipeline_options["runner"] == beam_io.LOCAL_RUNNER  # never Prism (issue 20)
     assert built.counters == {"train_records": 1437, "test_records": 360, "shards_written": 2}
 
 
