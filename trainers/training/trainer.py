@@ -69,22 +69,31 @@ class Trainer:
     # -- steps
 
     def build_steps(self, global_batch: int, *, jit_compile: bool) -> None:
-        """Makes `train_step(batch) -> loss` and `eval_step(batch, seed) -> (sum, count)`."""
+        """Makes `train_step(batch) -> (loss, metrics)` and
+        `eval_step(batch, seed) -> (sum, count, metrics)` (metrics: the model's LossTerms.metrics)."""
         self.train_step = steps.make_train_step(self, self.strategy, global_batch,
-                                                self.config.train.seed, jit_compile=jit_compile)
+                                                self.config.train.seed, jit_compile=jit_compile,
+                                                with_metrics=True)
         self.eval_step = steps.make_eval_step(self.model)
 
     def validation_loss(self, validation: inputs.Validation, batch_size: int) -> float:
         """Mean objective over the validation examples."""
+        return self.validate(validation, batch_size)[0]
+
+    def validate(self, validation: inputs.Validation, batch_size: int) -> tuple[float, dict[str, float]]:
+        """(mean objective, {metric: mean of the model's LossTerms.metrics}) over the validation
+        examples; each batch's metrics count with its number of examples."""
         seed = self.config.train.seed
-        total, count = 0.0, 0.0
+        total, count, sums = 0.0, 0.0, {}
         for i, batch in enumerate(inputs.validation_dataset(self.manifest, validation, batch_size)):
-            s, n = self.eval_step(batch, tf.constant([seed, i], tf.int32))
+            s, n, metrics = self.eval_step(batch, tf.constant([seed, i], tf.int32))
             total, count = total + float(s), count + float(n)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * float(n)
         if count == 0:
             raise UserError(f"{self.manifest.directory}: no validation examples in "
                             f"{validation.description}")
-        return total / count
+        return total / count, {name: value / count for name, value in sums.items()}
 
     # -- counters
 
