@@ -107,7 +107,11 @@ class Controller:
         self.early_stopping = EarlyStopping(
             t.early_stopping_patience if selects else 0, t.early_stopping_min_delta,
             best_val_loss=trainer.best_val_loss, bad_epochs=trainer.bad_epochs, stopped=trainer.stopped)
-        self.log_terms, self.epoch_terms = summaries.TermMeans(), summaries.TermMeans()
+        # The model's loss terms, computed on the batch of every log step, of each epoch's last
+        # step and of the run's first step (where `terms_step` is traced, with the train step,
+        # before the progress clock starts): TensorBoard's `train/<term>`, history's "terms".
+        self.epoch_terms, self.step_terms = summaries.TermMeans(), {}
+        self._terms_traced = False
         self.images = self._model_images() if self.chief else None
 
     def _model_images(self) -> summaries.ModelImages:
@@ -146,12 +150,12 @@ class Controller:
         progress = Progress(self.steps, t.batch_size, epoch, t.epochs, done)
         losses = []
         step = trainer.global_step  # counted on the host after this: no sync per step
-        self.log_terms.clear()
         self.epoch_terms.clear()
         for batch in dataset:
-            loss, terms = trainer.train_step(batch)
-            self.log_terms.add(terms)
-            self.epoch_terms.add(terms)
+            if self._logs_terms(done + 1):
+                self.step_terms = trainer.terms_step(batch)  # before the step: the step's noise
+                self.epoch_terms.add(self.step_terms)
+            loss = trainer.train_step(batch)
             losses.append(loss)
             self.guard.add(loss)
             done += 1
@@ -170,6 +174,11 @@ class Controller:
         progress.finish(done, loss)
         return loss, seconds, progress
 
+    def _logs_terms(self, done: int) -> bool:
+        """Whether step `done` of the epoch computes the loss terms."""
+        first, self._terms_traced = not self._terms_traced, True
+        return first or done % self.config.train.log_every_steps == 0 or done == self.steps
+
     def _log_progress(self, epoch: int, done: int, step: int, progress: Progress) -> None:
         """Every `train.log_every_steps` steps a log line and a progress record; on a terminal
         the bar also moves every 10 steps. Either checks the losses since the last check."""
@@ -178,10 +187,10 @@ class Controller:
             record = progress.update(done, step, self.guard.check_pending(epoch))
             if logs:
                 self.history.add_progress(record)
-                scalars = {"train/loss": record["loss"], **self.log_terms.means("train/"),
+                scalars = {"train/loss": record["loss"],
+                           **{f"train/{name}": float(v) for name, v in self.step_terms.items()},
                            "learning_rate": summaries.learning_rate(self.trainer.optimizer)}
                 summaries.write_scalars(self.history.writer, step, scalars)
-                self.log_terms.clear()
 
     def _end_epoch(self, epoch: int, loss: float, seconds: float, progress: Progress) -> None:
         """Validates, updates early stopping, checkpoints the finished epoch and records it."""

@@ -84,7 +84,7 @@ class Progress:
         if self.bar is not None:
             self._draw(self.line(done, loss))
         else:
-            log.info("%s step %d", self.line(done, loss, bar=False), step)
+            log.info("%s  (step %d)", self.line(done, loss, bar=False), step)
         self.mark, self.mark_step = now, done
         return record
 

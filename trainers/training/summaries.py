@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.random_streams import TrainingStream
+from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import run_dir
 from bmvae_tf.trainers.evaluation.subsets import mask_inputs
 
@@ -246,14 +247,18 @@ def headline_metrics(metrics: Mapping) -> dict[str, float]:
     return out
 
 
-def write_hparams(workdir: str, config: Mapping, metrics: Mapping, step: int) -> None:
-    """The HParams plugin's session of run `workdir` in RUN/logs: `config` (the resolved config
-    as a dict) as hyper-parameters and the headline metrics of `metrics` (metrics.json) as
-    scalars at `step`, so TensorBoard's HPARAMS tab lists every run under its --logdir in one
-    table."""
+def write_hparams(workdir: str, metrics: Mapping) -> None:
+    """The HParams plugin's session of run `workdir` in RUN/logs: its resolved config
+    (RUN/config.yaml) as hyper-parameters and the headline metrics of `metrics` (metrics.json)
+    as scalars at the run's last step, so TensorBoard's HPARAMS tab lists every run under its
+    --logdir in one table."""
     from tensorboard.plugins.hparams import api as hp
 
-    writer = tf.summary.create_file_writer(run_dir.RunPaths(workdir).logs)
+    paths = run_dir.RunPaths(workdir)
+    config = config_lib.to_dict(run_dir.read_config(paths))
+    history = run_dir.read_history(paths)
+    step = int(history[-1]["step"]) if history else 0
+    writer = tf.summary.create_file_writer(paths.logs)
     with writer.as_default(step=step):
         hp.hparams(hparam_values(config), trial_id=os.path.basename(os.path.normpath(workdir)))
         for tag, value in headline_metrics(metrics).items():
