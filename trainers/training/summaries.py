@@ -158,18 +158,22 @@ def _png_tensor(figure) -> tf.Tensor:
 
 
 def mixture_weights_figure(weights: np.ndarray, modality_names: Sequence[str]):
-    """Heatmap of weights [D, M] in colours diverging around the uniform weight 1/M."""
+    """Heatmap of weights [D, M] in colours diverging around the uniform weight 1/M (white), the
+    scale spanning the largest deviation from it: weights of 0.30-0.39 must not all look alike."""
     from matplotlib.colors import TwoSlopeNorm
 
     latent_dim, num_modalities = weights.shape
     figure = _new_figure(1.2 * num_modalities + 2.0, min(0.25 * latent_dim + 1.5, 12.0))
     ax = figure.add_subplot()
-    norm = TwoSlopeNorm(vcenter=1.0 / num_modalities, vmin=0.0, vmax=1.0)
+    uniform = 1.0 / num_modalities
+    spread = max(float(np.max(np.abs(weights - uniform))), 0.01)
+    norm = TwoSlopeNorm(vcenter=uniform, vmin=max(uniform - spread, 0.0) - 1e-6,
+                        vmax=min(uniform + spread, 1.0) + 1e-6)
     image = ax.imshow(weights, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
     ax.set_xticks(range(num_modalities), labels=list(modality_names))
     ax.set_xlabel("modality")
     ax.set_ylabel("latent dimension")
-    ax.set_title(f"mixture weights (white: 1/M = {1.0 / num_modalities:.2f})")
+    ax.set_title(f"mixture weights (white: 1/M = {uniform:.2f})")
     figure.colorbar(image, ax=ax, label="weight")
     figure.tight_layout()
     return figure
