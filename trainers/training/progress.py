@@ -84,7 +84,7 @@ class Progress:
         if self.bar is not None:
             self._draw(self.line(done, loss))
         else:
-            log.info("%s  (step %d)", self.line(done, loss, bar=False), step)
+            log.info("%s", self.log_line(done, step, loss))
         self.mark, self.mark_step = now, done
         return record
 
@@ -97,14 +97,21 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
-    def line(self, done: int, loss: float | None, *, bar: bool = True,
-             elapsed: float | None = None) -> str:
-        """`epoch 3/30 120/400 [=====>....] loss: 2913  steps/s: 12.3  examples/s: 197  ETA: 0:23`;
-        after the epoch, its time instead of the ETA."""
+    def log_line(self, done: int, step: int, loss: float | None) -> str:
+        """`epoch 3/30 step 1320 loss 2913  12.3 steps/s  197 examples/s  120/400  ETA 0:23`."""
+        rate = self.steady.rate(done)
+        rates = ("-- steps/s  -- examples/s" if rate is None else
+                 f"{rate:.3g} steps/s  {rate * self.global_batch:.4g} examples/s")
+        eta = "" if rate is None else f"  ETA {format_duration((self.steps - done) / rate)}"
+        return (f"epoch {self.epoch}/{self.epochs} step {step} loss {format_loss(loss)}  {rates}  "
+                f"{done}/{self.steps}{eta}")
+
+    def line(self, done: int, loss: float | None, *, elapsed: float | None = None) -> str:
+        """The bar: `epoch 3/30  120/400  [=====>....]  loss: 2913  steps/s: 12.3  examples/s: 197
+        ETA: 0:23`; after the epoch, its time instead of the ETA."""
         parts = [f"epoch {self.epoch}/{self.epochs}", f"{done}/{self.steps}"]
-        if bar:
-            filled = int(BAR_WIDTH * done / max(self.steps, 1))
-            parts.append("[" + ("=" * filled + (">" if filled < BAR_WIDTH else "")).ljust(BAR_WIDTH, ".") + "]")
+        filled = int(BAR_WIDTH * done / max(self.steps, 1))
+        parts.append("[" + ("=" * filled + (">" if filled < BAR_WIDTH else "")).ljust(BAR_WIDTH, ".") + "]")
         parts.append(f"loss: {format_loss(loss)}")
         rate = self.steady.rate(done)
         if rate is None:
