@@ -240,7 +240,7 @@ def _cmd_demo(args, beam_args: list[str]) -> int:
 
 
 # Lines that say nothing to a user of a CPU or GPU machine, hidden unless --verbose.
-_NOISE = ("apitools not found",)
+_NOISE = ("apitools not found", "Missing pipeline option (runner)")
 
 
 class _NoiseFilter(logging.Filter):
@@ -250,16 +250,17 @@ class _NoiseFilter(logging.Filter):
 
 def _configure_logging(verbose: bool) -> None:
     """Before TensorFlow is imported: its C++ log level (TF_CPP_MIN_LOG_LEVEL: 3 hides even
-    `failed call to cuInit`; a value the user set is kept), our INFO log lines on stderr, absl's
-    and TensorFlow's Python logs at WARNING. --verbose: everything at INFO."""
+    `failed call to cuInit`; a value the user set is kept), our INFO log lines on stderr, absl's,
+    TensorFlow's and Beam's Python logs at WARNING. --verbose: everything at INFO."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     if not verbose:
         handler.addFilter(_NoiseFilter())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
-    # TensorFlow logs through absl at INFO on every distributed dataset; keep progress readable.
-    for name in ("absl", "tensorflow"):
+    # TensorFlow logs through absl at INFO on every distributed dataset, Beam at every stage;
+    # keep progress readable.
+    for name in ("absl", "tensorflow", "apache_beam"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
