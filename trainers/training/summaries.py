@@ -3,11 +3,12 @@
 Tags (every scalar's step is the global optimisation step):
 - `loss`, `val_loss`: the epoch's mean training objective and the validation objective
   (`history.History`, as before);
-- `train/<term>`: each of the model's `LossTerms.metrics` (bound, reconstruction, kl_mixture,
-  ...), and `train/loss`, averaged over the steps since the previous log line, every
-  `train.log_every_steps` steps; `learning_rate` at the same steps;
-- `epoch/train/<term>`, `epoch/val/<term>`: the same terms averaged over the epoch and over the
-  validation examples (history.jsonl's "terms");
+- every `train.log_every_steps` steps: `train/<term>`, each of the model's `LossTerms.metrics`
+  (bound, reconstruction, kl_mixture, ...) on that step's batch (`steps.make_terms_step`);
+  `train/loss`, the mean loss since the previous log line (progress.jsonl's); `learning_rate`;
+- per epoch, `epoch/train/<term>`: the mean of the terms computed in the epoch (at its log
+  steps, its last step and the run's first); `epoch/val/<term>`: the terms over all the
+  validation examples (both are history.jsonl's "terms");
 - once per epoch: `mixture_weights` (image: the D x M weights of BMVAE models in colours that
   diverge around 1/M) and `mixture_weights/<modality>` (histograms of the D weights);
   `cross_generation` (image: validation examples, each modality given alone, and every modality
@@ -44,7 +45,7 @@ PRIOR_SAMPLES = 8  # rows of the prior-sample image
 
 
 class TermMeans:
-    """Sums of the per-step metrics (device tensors), read back only when asked."""
+    """The loss terms of some steps (device tensors), averaged only when asked."""
 
     def __init__(self):
         self._values: dict[str, list[tf.Tensor]] = {}
