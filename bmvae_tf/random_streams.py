@@ -34,9 +34,10 @@ class EvalStream(enum.IntEnum):
 
 
 class TrainingStream(enum.IntEnum):
-    """Streams of the run's seed drawn by the training input pipeline."""
+    """Streams of the run's seed drawn during training, outside the optimisation step."""
 
     TEXT_PADDING = 0  # MNIST-SVHN-Text's padding, redrawn per batch (`input_pipeline.make_dataset`)
+    SUMMARY_IMAGES = 1  # TensorBoard's cross-generation and prior-sample images (`training/summaries.py`)
 
 
 class DigitsStream(enum.IntEnum):

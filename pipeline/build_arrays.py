@@ -24,7 +24,7 @@ import numpy as np
 from apache_beam.metrics.metric import Metrics
 
 from bmvae_tf import schema
-from bmvae_tf.pipeline import arrays, beam_io, sources
+from bmvae_tf.pipeline import arrays, beam_io, commands, sources
 
 logger = logging.getLogger(__name__)
 
@@ -97,20 +97,6 @@ def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
     return beam_io.run_build(pipeline, output_dir=output_dir, namespace=NAMESPACE)
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="the .npz file (local, gs://, hdfs://)")
-    parser.add_argument("--name", help="dataset name (default: the file name)")
-    parser.add_argument("--sequence", action="append", default=[], metavar="NAME",
-                        help="treat the integer [N, L] array NAME as token sequences (repeatable)")
-    parser.add_argument("--no-standardize", action="store_true",
-                        help="keep vector modalities as they are (default: standardise with train stats)")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="without a `split` array")
-    parser.add_argument("--seed", type=int, default=0, help="draws the test rows without a `split` array")
-    parser.add_argument("--max-vocab", type=int, default=arrays.MAX_VOCAB, metavar="N",
-                        help="largest vocabulary of a --sequence array (largest token id + 1) "
-                             "accepted (default 65536)")
-
-
 def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
     return run_arrays_job(
         args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
@@ -119,11 +105,7 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.Bu
         max_vocab=args.max_vocab)
 
 
-COMMANDS = (beam_io.BuildCommand(
-    "arrays", help="your own paired data: one array per modality in a .npz file",
-    description="Every array of the .npz is a modality (first axis = examples; 1-D per example: "
-                "vector, 2-D or 3-D: image), except `label` (int) and `split` ('train'/'test').",
-    add_arguments=_add_arguments, run=_run_from_args),)
+COMMANDS = (beam_io.BuildCommand(**commands.ARRAYS.fields(), run=_run_from_args),)
 
 
 def _check_arguments(output_dir: str, *, seed: int, test_fraction: float, num_shards: int | None,

@@ -47,7 +47,7 @@ from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHand
 
 from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
-from bmvae_tf.pipeline import beam_io, cub, sentence_vectors
+from bmvae_tf.pipeline import beam_io, commands, cub, sentence_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -197,26 +197,6 @@ def _image_stages(listed: beam.PCollection, cub_dir: str, output_dir: str, *, im
 # The command line
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cub-dir", required=True, help="CUB_200_2011 directory (images.txt, images/)")
-    parser.add_argument("--captions-dir", required=True, help="text_c10 directory (<class>/<image>.txt)")
-    parser.add_argument("--train-classes", help="class folder names, one per line "
-                                                "(default: the published 150-class split)")
-    parser.add_argument("--test-classes", help="class folder names, one per line "
-                                               "(default: the published 50-class split)")
-    parser.add_argument("--resnet-weights", default="imagenet", metavar="PATH",
-                        help="Keras weights file of ResNet101(include_top=False), or 'imagenet' "
-                             "(downloaded by Keras; the default)")
-    parser.add_argument("--fasttext", metavar="PATH",
-                        help="pretrained word vectors (.bin FastText or word2vec text) instead of "
-                             "training FastText on the train captions")
-    parser.add_argument("--image-size", type=int, default=224, help="shorter image side fed to ResNet")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per ResNet call")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="fail if more than this fraction of the images is unusable")
-    parser.add_argument("--seed", type=int, default=0, help="FastText's seed")
-
-
 def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
     return run_cub_job(
         args.output, cub_dir=args.cub_dir, captions_dir=args.captions_dir,
@@ -227,10 +207,7 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.Bu
 
 
 COMMANDS = (beam_io.BuildCommand(
-    DATASET_NAME, help="CUB-200-2011 photos (ResNet-101 features) paired with Reed et al.'s captions",
-    description="Reads CUB_200_2011 (images.txt, images/) and the text_c10 captions; writes "
-                "image features, captions, DIR/sentence_vectors.npz and DIR/image_report.json.",
-    add_arguments=_add_arguments, run=_run_from_args,
+    **commands.CUB.fields(), run=_run_from_args,
     note=lambda manifest: f"; {sum(manifest.source['num_bad_images'].values())} unusable image(s)"),)
 
 

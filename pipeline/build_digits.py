@@ -22,7 +22,7 @@ import sklearn
 from sklearn.datasets import load_digits
 
 from bmvae_tf import schema
-from bmvae_tf.pipeline import beam_io, digits
+from bmvae_tf.pipeline import beam_io, commands, digits
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +93,12 @@ def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fractio
     return beam_io.run_build(pipeline, output_dir=output_dir, namespace=DATASET_NAME)
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dm", type=int, default=10, help="random pairings per source image (Shi et al.)")
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-
-
 def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
     return run_digits_job(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
                           num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
 
 
-COMMANDS = (beam_io.BuildCommand(
-    DATASET_NAME, help="the embedded Digits data (scikit-learn load_digits): digit, street, text",
-    add_arguments=_add_arguments, run=_run_from_args),)
+COMMANDS = (beam_io.BuildCommand(**commands.DIGITS.fields(), run=_run_from_args),)
 
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, test_fraction: float,

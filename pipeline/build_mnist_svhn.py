@@ -30,7 +30,7 @@ from apache_beam.metrics.metric import Metrics
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from bmvae_tf.pipeline import beam_io, mnist_svhn, sources
+from bmvae_tf.pipeline import beam_io, commands, mnist_svhn, sources
 
 logger = logging.getLogger(__name__)
 
@@ -155,20 +155,6 @@ def _split_stages(pipeline: beam.Pipeline, split: str, plan: PairPlan, reader, t
             | f"Encode{title}" >> beam.ParDo(EncodePairFn(template, split)))
 
 
-def _add_arguments(parser: argparse.ArgumentParser, dm: int) -> None:
-    parser.add_argument("--source", choices=("raw", "tfds"), default="raw",
-                        help="raw: the published files in --source-dir; tfds: TFDS mnist and svhn_cropped")
-    parser.add_argument("--source-dir", help="directory of train-images-idx3-ubyte.gz, ..., "
-                                             "train_32x32.mat, test_32x32.mat")
-    parser.add_argument("--tfds-data-dir", help="TFDS data directory (default: TFDS's own)")
-    parser.add_argument("--download", action="store_true",
-                        help="with --source tfds: download and prepare the datasets first")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dm", type=int, default=dm, help=f"random pairings per class (default {dm})")
-    parser.add_argument("--max-d", type=int, default=mnist_svhn.DEFAULT_MAX_D,
-                        help="at most this many images per class")
-
-
 def _run_from_args(args: argparse.Namespace, beam_args: list[str], *, with_text: bool) -> beam_io.BuildResult:
     return run_mnist_svhn_job(
         args.output, with_text=with_text, source=args.source, source_dir=args.source_dir,
@@ -177,11 +163,8 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str], *, with_text:
 
 
 COMMANDS = tuple(
-    beam_io.BuildCommand(name, help=what,
-                         add_arguments=functools.partial(_add_arguments, dm=mnist_svhn.DEFAULT_DM[name]),
-                         run=functools.partial(_run_from_args, with_text=name == NAMES[1]))
-    for name, what in ((NAMES[0], "MNIST and SVHN pairs of the same digit (Shi et al.)"),
-                       (NAMES[1], "MNIST-SVHN plus the digit's name as text (Sutter et al.)")))
+    beam_io.BuildCommand(**declared.fields(), run=functools.partial(_run_from_args, with_text=with_text))
+    for declared, with_text in ((commands.MNIST_SVHN, False), (commands.MNIST_SVHN_TEXT, True)))
 
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, max_d: int, num_shards: int | None,

@@ -11,47 +11,69 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+from bmvae_tf.errors import UserError
+from bmvae_tf.pipeline.commands import DATASET_COMMANDS
+from bmvae_tf.trainers.choices import MODEL_NAMES, STRATEGIES
 
-from bmvae_tf.errors import UserError  # noqa: E402  (after the environment is set)
+# Nothing above imports TensorFlow, Beam or matplotlib: parsing (and `--help`) answers at once.
+# Each command imports what it needs when it runs.
 
 
-# The dataset jobs (bmvae_tf.pipeline.<module>); each module's COMMANDS declare its
-# `bmvae data build NAME`, options and job. Adding a dataset adds its module here.
-DATASET_JOBS = ("build_digits", "build_mnist_svhn", "build_arrays", "build_cub")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the help already says it or there is
+    none to show (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or default == [] or not action.option_strings):
+            return text
+        return f"{text} (default: {default})"
+
+
+def _parser(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+    # Also after the command (`bmvae train ... -v`); SUPPRESS keeps `bmvae -v train` working.
+    _add_verbose(parser, default=argparse.SUPPRESS)
+    return parser
 
 
 def _add_data_commands(commands) -> None:
-    data = commands.add_parser("data", help="build datasets with Apache Beam")
+    data = _parser(commands, "data", help="build datasets with Apache Beam")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    build = data_commands.add_parser(
-        "build", help="build a paired multimodal dataset: TFRecord shards and manifest.json",
+    build = _parser(
+        data_commands, "build", help="build a paired multimodal dataset: TFRecord shards and manifest.json",
         description="Arguments after `--` go to Beam unchanged, e.g. "
                     "`-- --runner=DataflowRunner --project=P --region=R --temp_location=gs://...` "
                     "or `-- --direct_num_workers=2 --direct_running_mode=multi_processing`.")
     datasets = build.add_subparsers(dest="dataset", required=True, metavar="NAME")
-    for module in DATASET_JOBS:
-        for job in importlib.import_module(f"bmvae_tf.pipeline.{module}").COMMANDS:
-            command = datasets.add_parser(job.name, help=job.help, description=job.description)
-            command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
-            job.add_arguments(command)
-            command.add_argument("--num-shards", type=int, default=None,
-                                 help="shards per split (default: by size)")
-            command.add_argument("--overwrite", action="store_true",
-                                 help="replace a dataset already in --output")
-            command.set_defaults(func=_cmd_build, job=job)
+    for declared in DATASET_COMMANDS:
+        command = _parser(datasets, declared.name, help=declared.help, description=declared.description)
+        command.add_argument("--output", required=True, help="output directory (local, gs://, hdfs://)")
+        declared.add_arguments(command)
+        command.add_argument("--num-shards", type=int, default=None,
+                             help="shards per split (default: by size)")
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace a dataset already in --output")
+        command.set_defaults(func=_cmd_build, declared=declared)
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show TensorFlow's, absl's and Beam's start-up messages and logs")
 
 
 def _add_analyze_command(commands) -> None:
-    analyze = commands.add_parser(
-        "analyze", help="mixture-weight analysis of a BMVAE run (paper Sect. 7) -> RUN/analysis/")
-    analyze.add_argument("--workdir", required=True)
+    analyze = _parser(
+        commands, "analyze", help="mixture-weight analysis of a BMVAE run (paper Sect. 7) -> RUN/analysis/")
+    analyze.add_argument("--workdir", required=True, help="run directory (made by `bmvae train`)")
     analyze.add_argument("--data", help="dataset directory (default: the one the run trained on)")
     analyze.add_argument("--threshold", type=float, default=0.5,
                          help="normalised weight (w - 1/M) / (1 - 1/M) at or above which a dimension "
-                              "is private to its top modality (default 0.5)")
+                              "is private to its top modality")
     analyze.add_argument("--r2-threshold", type=float, default=0.1,
-                         help="R^2 at or above which a dimension carries a ground-truth factor (default 0.1)")
+                         help="R^2 at or above which a dimension carries a ground-truth factor")
     analyze.add_argument("--factor", action="append", default=None, metavar="KEY=MODALITY",
                          help="a metadata key that is a private factor of MODALITY (repeatable); "
                               "default: the ones the dataset's manifest declares (digits: street_*, text_pad)")
@@ -60,22 +82,16 @@ def _add_analyze_command(commands) -> None:
     analyze.set_defaults(func=_cmd_analyze)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bmvae", description="Bayesian mixture VAEs for multimodal data (TensorFlow).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_data_commands(commands)
-
-    from bmvae_tf.models import MODELS
-    from bmvae_tf.trainers.config import STRATEGIES
-
-    train = commands.add_parser("train", help="train a model; rerunning the same --workdir resumes")
+def _add_train_command(commands) -> None:
+    train = _parser(commands, "train", help="train a model; rerunning the same --workdir resumes")
     train.add_argument("--data", required=True, help="dataset directory (holds manifest.json)")
-    train.add_argument("--workdir", required=True, help="run directory")
+    train.add_argument("--workdir", required=True,
+                       help="run directory: config.yaml, checkpoints/, history.jsonl, logs/ (TensorBoard)")
     train.add_argument("--config", help="YAML file overriding the defaults (see configs/)")
     # Validated with the config, so an unknown name gets the same one-line error as --set.
-    train.add_argument("--model", metavar="NAME", help=f"sets model.name: {', '.join(sorted(MODELS))}")
-    train.add_argument("--epochs", type=int, help="sets train.epochs")
+    train.add_argument("--model", metavar="NAME",
+                       help=f"sets model.name (default: bmvae_m): {', '.join(sorted(MODEL_NAMES))}")
+    train.add_argument("--epochs", type=int, help="sets train.epochs (default: the config's)")
     train.add_argument("--strategy", choices=STRATEGIES, help="sets train.strategy (default auto: "
                        "MirroredStrategy over the local GPUs if there are several)")
     train.add_argument("--simulate-devices", type=int, metavar="N",
@@ -85,30 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set model.K=30 --set train.batch_size=64")
     train.set_defaults(func=_cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="write RUN/metrics.json and RUN/plots/")
-    evaluate.add_argument("--workdir", required=True)
+
+def _add_run_commands(commands) -> None:
+    """evaluate, analyze, compare, export and demo."""
+    evaluate = _parser(commands, "evaluate", help="write RUN/metrics.json and RUN/plots/")
+    evaluate.add_argument("--workdir", required=True, help="run directory (made by `bmvae train`)")
     evaluate.add_argument("--data", help="dataset directory (default: the one the run trained on)")
     evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                           help="override an eval setting for this evaluation, e.g. "
                                "--set eval.log_likelihood_samples=1000")
     evaluate.set_defaults(func=_cmd_evaluate)
-
     _add_analyze_command(commands)
 
-    compare = commands.add_parser("compare", help="Markdown and HTML report of several evaluated runs")
+    compare = _parser(commands, "compare", help="Markdown and HTML report of several evaluated runs")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories (with metrics.json)")
     compare.add_argument("--output", required=True, help="directory for report.md, report.html, images/")
     compare.set_defaults(func=_cmd_compare)
 
-    export = commands.add_parser("export", help="export a SavedModel with serving signatures")
-    export.add_argument("--workdir", required=True)
-    export.add_argument("--output", required=True)
+    export = _parser(commands, "export", help="export a SavedModel with serving signatures")
+    export.add_argument("--workdir", required=True, help="run directory (made by `bmvae train`)")
+    export.add_argument("--output", required=True, help="directory the SavedModel is written to")
     export.set_defaults(func=_cmd_export)
 
-    demo = commands.add_parser("demo", help="digits end to end: build, train bmvae_m, evaluate, export")
-    demo.add_argument("--workdir", default="demo")
+    demo = _parser(commands, "demo", help="digits end to end: build, train bmvae_m, evaluate, export")
+    demo.add_argument("--workdir", default="demo", help="directory of the demo's data, run and export")
     demo.add_argument("--epochs", type=int, help="override the demo config's train.epochs")
     demo.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; builds without importing TensorFlow or Beam."""
+    parser = argparse.ArgumentParser(
+        prog="bmvae", description="Bayesian mixture VAEs for multimodal data (TensorFlow).",
+        formatter_class=_HelpFormatter)
+    _add_verbose(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(commands)
+    _add_train_command(commands)
+    _add_run_commands(commands)
     return parser
 
 
@@ -118,9 +148,16 @@ def _written(output: str, manifest, extra: str = "") -> str:
     return f"wrote {output}/manifest.json ({counts}{extra})"
 
 
+def _job(declared):
+    """The `beam_io.BuildCommand` of a declared dataset command (imports its job module)."""
+    module = importlib.import_module(f"bmvae_tf.pipeline.{declared.module}")
+    return next(job for job in module.COMMANDS if job.name == declared.name)
+
+
 def _cmd_build(args, beam_args: list[str]) -> int:
-    result = args.job.run(args, beam_args)
-    print(_written(args.output, result.manifest, args.job.note(result.manifest) if args.job.note else ""))
+    job = _job(args.declared)
+    result = job.run(args, beam_args)
+    print(_written(args.output, result.manifest, job.note(result.manifest) if job.note else ""))
     return 0
 
 
@@ -202,6 +239,60 @@ def _cmd_demo(args, beam_args: list[str]) -> int:
     return 0
 
 
+# Lines that say nothing to a user of a CPU or GPU machine, hidden unless --verbose.
+_NOISE = ("apitools not found", "Missing pipeline option (runner)")
+
+
+class _NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(record.getMessage().startswith(text) for text in _NOISE)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Before TensorFlow is imported: its C++ log level (TF_CPP_MIN_LOG_LEVEL: 3 hides even
+    `failed call to cuInit`; a value the user set is kept), our INFO log lines on stderr, absl's,
+    TensorFlow's and Beam's Python logs at WARNING. --verbose: everything at INFO."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_NoiseFilter())
+    # force: importing Beam (the dataset commands) logs a warning through the root logger, which
+    # installs a WARNING-level handler; without force our INFO progress lines would be dropped.
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # TensorFlow logs through absl at INFO on every distributed dataset, Beam at every stage;
+    # keep progress readable.
+    for name in ("absl", "tensorflow", "apache_beam"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _import_tensorflow(verbose: bool):
+    """`import tensorflow`, with the lines its C++ libraries print while loading (`All log
+    messages before absl::InitializeLog()`, oneDNN, CUDA drivers: printed before any log level
+    applies) kept off stderr unless `verbose`; shown if the import fails."""
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow
+
+        return tensorflow
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return tensorflow
+
+
 def simulate_cpu_devices(n: int) -> None:
     """Splits the CPU into n logical devices; must run before TensorFlow initialises its runtime."""
     import tensorflow as tf
@@ -225,14 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if beam_args and args.command != "data":
         parser.error("arguments after `--` are for Beam and only `bmvae data build` takes them")
-    # force: importing Beam (the dataset commands) logs a warning through the root logger, which
-    # installs a WARNING-level handler; without force our INFO progress lines would be dropped.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    # TensorFlow logs through absl at INFO on every distributed dataset; keep progress readable.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-
-    import tensorflow as tf
+    _configure_logging(args.verbose)
+    tf = _import_tensorflow(args.verbose)
 
     from bmvae_tf.trainers.train import TrainingDiverged
 

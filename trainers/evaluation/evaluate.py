@@ -26,6 +26,7 @@ from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.context import EvalContext
 from bmvae_tf.trainers.evaluation.metrics import Metrics
 from bmvae_tf.trainers.reporting import plots, report
+from bmvae_tf.trainers.training import summaries
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
             stage.run(context)
     _write_plots(context)
     context.metrics.write(context.paths.metrics)
+    summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table
     logger.info("wrote %s in %.1f s", context.paths.metrics, time.perf_counter() - started)
     logger.info("wrote %s", report.write_run_report(workdir))
     return context.metrics.to_json()

@@ -1,5 +1,6 @@
 """The run's records: RUN/history.jsonl (one line per epoch), RUN/progress.jsonl (one per
-`train.log_every_steps` steps) and the TensorBoard scalars in RUN/logs. Only the chief writes."""
+`train.log_every_steps` steps) and the epoch scalars in RUN/logs (TensorBoard; the other
+summaries are `summaries.py`'s, through the same writer). Only the chief writes."""
 
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ class History:
             _write_jsonl(self.paths.progress, self.progress)
 
     def add_epoch(self, record: dict) -> None:
-        """{"epoch", "step", "loss", "val_loss", "seconds"[, "stopped_early"]}; loss and val_loss
-        also go to TensorBoard at the epoch's last step."""
+        """{"epoch", "step", "loss", "val_loss", "seconds", "terms"[, "stopped_early"]}; loss and
+        val_loss also go to TensorBoard at the epoch's last step, and each of "terms"
+        ({"train/<metric>": epoch mean, "val/<metric>": validation mean} of the model's
+        LossTerms.metrics) as `epoch/<key>`."""
         self.epochs.append(record)
         if not self.chief:
             return
@@ -49,4 +52,6 @@ class History:
             tf.summary.scalar("loss", record["loss"])
             if record["val_loss"] is not None:
                 tf.summary.scalar("val_loss", record["val_loss"])
+            for key, value in record.get("terms", {}).items():
+                tf.summary.scalar(f"epoch/{key}", value)
         self.writer.flush()

@@ -1,6 +1,7 @@
 """The training loop: a controller that runs epochs of a `Trainer` (Orbit's Controller role).
 
-It composes small helpers: `History` (history.jsonl, progress.jsonl, TensorBoard),
+It composes small helpers: `History` (history.jsonl, progress.jsonl, TensorBoard's epoch
+scalars), `summaries` (the loss terms, learning rate and per-epoch images in TensorBoard),
 `NonFiniteGuard`, `EarlyStopping` and `Progress`. Checkpoints come every
 `train.checkpoint_every_steps` steps and at each epoch's end; a non-finite loss stops training
 before any checkpoint of the diverged weights is written, and no checkpoint is written of
@@ -19,12 +20,12 @@ from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir
-from bmvae_tf.trainers.training import global_state, inputs
+from bmvae_tf.trainers.training import global_state, inputs, summaries
 from bmvae_tf.trainers.training import strategy as strategy_lib
 from bmvae_tf.trainers.training.early_stopping import EarlyStopping
 from bmvae_tf.trainers.training.history import History
 from bmvae_tf.trainers.training.nonfinite import NonFiniteGuard
-from bmvae_tf.trainers.training.progress import Progress
+from bmvae_tf.trainers.training.progress import Progress, format_loss
 from bmvae_tf.trainers.training.trainer import Trainer
 
 log = logging.getLogger("bmvae.train")
@@ -106,6 +107,22 @@ class Controller:
         self.early_stopping = EarlyStopping(
             t.early_stopping_patience if selects else 0, t.early_stopping_min_delta,
             best_val_loss=trainer.best_val_loss, bad_epochs=trainer.bad_epochs, stopped=trainer.stopped)
+        # The model's loss terms, computed on the batch of every log step, of each epoch's last
+        # step and of the run's first step (where `terms_step` is traced, with the train step,
+        # before the progress clock starts): TensorBoard's `train/<term>`, history's "terms".
+        self.epoch_terms, self.step_terms = summaries.TermMeans(), {}
+        self._terms_traced = False
+        self.images = self._model_images() if self.chief else None
+
+    def _model_images(self) -> summaries.ModelImages:
+        """TensorBoard's per-epoch pictures, of the first validation examples when there are any."""
+        examples = None
+        if self.validation is not None:
+            examples = summaries.read_examples(
+                inputs.validation_dataset(self.manifest, self.validation, summaries.IMAGE_EXAMPLES),
+                self.manifest.modality_names)
+        return summaries.ModelImages(self.trainer.model, self.manifest.modalities, examples,
+                                     self.config.train.seed)
 
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
@@ -133,12 +150,17 @@ class Controller:
         progress = Progress(self.steps, t.batch_size, epoch, t.epochs, done)
         losses = []
         step = trainer.global_step  # counted on the host after this: no sync per step
+        self.epoch_terms.clear()
         for batch in dataset:
+            if self._logs_terms(done + 1):
+                self.step_terms = trainer.terms_step(batch)  # before the step: the step's noise
+                self.epoch_terms.add(self.step_terms)
             loss = trainer.train_step(batch)
             losses.append(loss)
             self.guard.add(loss)
             done += 1
             step += 1
+            progress.tick(done)
             self._log_progress(epoch, done, step, progress)
             if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0 and done < self.steps:
                 self.guard.check_pending(epoch)
@@ -149,8 +171,13 @@ class Controller:
         loss_sum = resumed_loss_sum + (float(tf.reduce_sum(losses)) if losses else 0.0)
         loss = loss_sum / steps_run if steps_run else float("nan")
         seconds = time.perf_counter() - started
-        progress.finish(done, loss, seconds)
+        progress.finish(done, loss)
         return loss, seconds, progress
+
+    def _logs_terms(self, done: int) -> bool:
+        """Whether step `done` of the epoch computes the loss terms."""
+        first, self._terms_traced = not self._terms_traced, True
+        return first or done % self.config.train.log_every_steps == 0 or done == self.steps
 
     def _log_progress(self, epoch: int, done: int, step: int, progress: Progress) -> None:
         """Every `train.log_every_steps` steps a log line and a progress record; on a terminal
@@ -160,23 +187,33 @@ class Controller:
             record = progress.update(done, step, self.guard.check_pending(epoch))
             if logs:
                 self.history.add_progress(record)
+                scalars = {"train/loss": record["loss"],
+                           **{f"train/{name}": float(v) for name, v in self.step_terms.items()},
+                           "learning_rate": summaries.learning_rate(self.trainer.optimizer)}
+                summaries.write_scalars(self.history.writer, step, scalars)
 
     def _end_epoch(self, epoch: int, loss: float, seconds: float, progress: Progress) -> None:
         """Validates, updates early stopping, checkpoints the finished epoch and records it."""
         t, trainer = self.config.train, self.trainer
-        val_loss = (trainer.validation_loss(self.validation, self.config.eval.batch_size)
-                    if self.validation is not None else None)
+        val_loss, val_terms = (trainer.validate(self.validation, self.config.eval.batch_size)
+                               if self.validation is not None else (None, {}))
         improved = self.early_stopping.update(val_loss)
         trainer.finish_epoch(epoch)
         step = trainer.global_step
         self._save(step, best=improved)
-        record = {"epoch": epoch, "step": step, "loss": loss, "val_loss": val_loss, "seconds": seconds}
+        record = {"epoch": epoch, "step": step, "loss": loss, "val_loss": val_loss, "seconds": seconds,
+                  "terms": {**self.epoch_terms.means("train/"),
+                            **{f"val/{name}": value for name, value in val_terms.items()}}}
         if self.early_stopping.stopped:
             record["stopped_early"] = True
         self.history.add_epoch(record)
-        log.info("epoch %d/%d  loss %.4f  val_loss %s  %.1fs (%.0f examples/s)", epoch, t.epochs, loss,
-                 "n/a" if val_loss is None else f"{val_loss:.4f}", seconds,
-                 (self.steps - progress.done) * t.batch_size / max(seconds, 1e-9))
+        if self.images is not None:
+            self.images.write(self.history.writer, step)
+            self.history.writer.flush()
+        rate = progress.final_rate
+        log.info("epoch %d/%d  loss %s  val_loss %s  %.1fs (%s examples/s)", epoch, t.epochs,
+                 format_loss(loss), format_loss(val_loss), seconds,
+                 "n/a" if rate is None else f"{rate * t.batch_size:.4g}")
         if record.get("stopped_early"):
             log.info("early stopping: no improvement of the validation loss for %d epochs; best %.4f",
                      t.early_stopping_patience, self.early_stopping.best)

@@ -85,3 +85,44 @@ def make_eval_step(model):
         return tf.reduce_sum(terms.per_example) + count * terms.global_term, count
 
     return eval_step
+
+
+def make_terms_step(trainer: StepState, strategy: tf.distribute.Strategy, global_batch: int, seed: int):
+    """A tf.function: the model's `LossTerms.metrics` (bound, reconstruction, KL, ...) on a
+    distributed batch, averaged over replicas, with the noise the next `train_step(batch)` draws.
+    Call it just before that step to log the step's terms.
+
+    A forward pass of its own rather than extra outputs of the training step: a tensor the step
+    also read would change how TensorFlow's graph optimiser groups the loss's sums, and so its
+    last bit. The training step stays exactly as it was.
+    """
+    model = trainer.model
+    per_replica = global_batch // strategy.num_replicas_in_sync
+
+    def replica_terms(batch, seed):
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        noise = Noise(seed, offset=tf.cast(replica_id, tf.int32) * per_replica, global_batch=global_batch)
+        return {name: tf.cast(value, tf.float32)
+                for name, value in model.loss_terms(batch, noise).metrics.items()}
+
+    @tf.function
+    def terms_step(batch):
+        step_seed = tf.stack([tf.constant(seed, tf.int32), tf.cast(trainer.step, tf.int32)])
+        terms = strategy.run(replica_terms, args=(batch, step_seed))
+        # Each replica's metrics are means over its (equal) share of the batch.
+        return {name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+                for name, value in terms.items()}
+
+    return terms_step
+
+
+def make_eval_terms_step(model):
+    """{name: the model's LossTerms.metrics on a batch}, with the validation loss's noise: a pass
+    of its own beside `eval_step`, for the reason `make_terms_step` gives."""
+
+    @tf.function
+    def eval_terms_step(batch, seed):
+        return {name: tf.cast(value, tf.float32)
+                for name, value in model.loss_terms(batch, seed).metrics.items()}
+
+    return eval_terms_step

@@ -64,27 +64,41 @@ class Trainer:
             epoch_step=self.epoch_step, epoch_loss_sum=self.epoch_loss_sum,
             best_val_loss=self.best_val_loss, bad_epochs=self.bad_epochs, stopped=self.stopped)
         self.checkpoints: _Managers | None = None
-        self.train_step = self.eval_step = None
+        self.train_step = self.eval_step = self.terms_step = self.eval_terms_step = None
 
     # -- steps
 
     def build_steps(self, global_batch: int, *, jit_compile: bool) -> None:
-        """Makes `train_step(batch) -> loss` and `eval_step(batch, seed) -> (sum, count)`."""
-        self.train_step = steps.make_train_step(self, self.strategy, global_batch,
-                                                self.config.train.seed, jit_compile=jit_compile)
+        """Makes `train_step(batch) -> loss`, `eval_step(batch, seed) -> (sum, count)` and the
+        forward passes that log the model's LossTerms.metrics: `terms_step(batch)` (before the
+        train step of the same batch) and `eval_terms_step(batch, seed)`."""
+        seed = self.config.train.seed
+        self.train_step = steps.make_train_step(self, self.strategy, global_batch, seed,
+                                                jit_compile=jit_compile)
         self.eval_step = steps.make_eval_step(self.model)
+        self.terms_step = steps.make_terms_step(self, self.strategy, global_batch, seed)
+        self.eval_terms_step = steps.make_eval_terms_step(self.model)
 
     def validation_loss(self, validation: inputs.Validation, batch_size: int) -> float:
         """Mean objective over the validation examples."""
+        return self.validate(validation, batch_size, terms=False)[0]
+
+    def validate(self, validation: inputs.Validation, batch_size: int, *,
+                 terms: bool = True) -> tuple[float, dict[str, float]]:
+        """(mean objective, {metric: mean of the model's LossTerms.metrics, if `terms`}) over the
+        validation examples; each batch's metrics count with its number of examples."""
         seed = self.config.train.seed
-        total, count = 0.0, 0.0
+        total, count, sums = 0.0, 0.0, {}
         for i, batch in enumerate(inputs.validation_dataset(self.manifest, validation, batch_size)):
-            s, n = self.eval_step(batch, tf.constant([seed, i], tf.int32))
+            batch_seed = tf.constant([seed, i], tf.int32)
+            s, n = self.eval_step(batch, batch_seed)
             total, count = total + float(s), count + float(n)
+            for name, value in (self.eval_terms_step(batch, batch_seed) if terms else {}).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * float(n)
         if count == 0:
             raise UserError(f"{self.manifest.directory}: no validation examples in "
                             f"{validation.description}")
-        return total / count
+        return total / count, {name: value / count for name, value in sums.items()}
 
     # -- counters
 
