@@ -198,8 +198,10 @@ def restore_checkpoint(checkpoint: tf.train.Checkpoint, path: str, manifest: sch
         status.assert_existing_objects_matched()
     except tf.errors.NotFoundError:
         raise
-    except tf.errors.DataLossError as e:
-        raise UserError(f"{path}: the checkpoint is damaged ({_first_line(e.message)})") from None
+    except (tf.errors.DataLossError, tf.errors.OutOfRangeError, IndexError) as e:
+        # A truncated .data file: TensorFlow's reader raises IndexError("Read less bytes ...").
+        raise UserError(f"{path}: the checkpoint is damaged ({_first_line(str(e))}); "
+                        "was it cut off while being written or copied?") from None
     except (tf.errors.OpError, ValueError, AssertionError) as e:
         message = e.message if isinstance(e, tf.errors.OpError) else str(e)
         raise UserError(

@@ -99,9 +99,12 @@ def _file_lock(workdir: str) -> Iterator[None]:
         if previous:  # a holder that ended cleanly empties the file
             log.warning("took over the lock %s left by %s, which is no longer running", path,
                         _describe(previous))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as e:  # e.g. a full disk: name the file
+            raise OSError(e.errno, e.strerror, path) from None
         try:
             yield
         finally:
