@@ -53,7 +53,27 @@ def publishing(path: str, *, keep_suffix: str = "", directory: bool = False) -> 
             from bmvae_tf.errors import NoSpaceLeft
 
             raise NoSpaceLeft(path) from None
+        denied = _write_refused(e)
+        if denied:  # name the target, not the temporary name
+            from bmvae_tf.errors import UserError
+
+            raise UserError(f"{path}: cannot write it: {denied}") from None
         raise
+
+
+def _write_refused(error: BaseException) -> str | None:
+    """"read-only file system" or "permission denied" when `error` says so, else None."""
+    import errno
+
+    if isinstance(error, OSError):
+        return {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}.get(error.errno)
+    message = str(getattr(error, "message", "") or "")
+    if "Read-only file system" in message:
+        return "read-only file system"
+    if "Permission denied" in message:
+        return "permission denied"
+    return None
 
 
 def is_no_space(error: BaseException) -> bool:

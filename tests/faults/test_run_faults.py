@@ -71,6 +71,7 @@ def _bmvae(capsys, *args) -> tuple[int, str]:
 
 
 def _one_line_error(err: str, *names: str) -> None:
+    print("ERRLINE", err.strip().splitlines()[-1] if err.strip() else "", file=sys.__stdout__)
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("bmvae: error:")]
     assert len(lines) == 1, err

@@ -45,8 +45,8 @@ def _holder() -> dict:
 
 
 def _describe(holder: dict) -> str:
-    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
-            f" (since {holder.get('since', '?')})")
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
+            f"since {holder.get('since', '?')}")
 
 
 def _parse(text: str) -> dict | None:
