@@ -44,8 +44,8 @@ def run_training(config: config_lib.Config, workdir: str, *,
     run_dir.check_run_directory(workdir)
     # First: MultiWorkerMirroredStrategy must be made before the runtime starts.
     if strategy is None:
-        cluster.watch_peers(config.train)  # a peer that never starts ends the run after a timeout
-        strategy = strategy_lib.make_strategy(config.train.strategy)
+        with cluster.waiting_for_peers(config.train):  # a peer that never starts: exit 2
+            strategy = strategy_lib.make_strategy(config.train.strategy)
     # The chief is the run directory's one writer; other workers write only their scratch copies.
     chief = strategy_lib.is_chief(strategy)
     with lock.run_lock(workdir) if chief else contextlib.nullcontext():
