@@ -458,3 +458,22 @@ def test_multi_worker_run_whose_peer_never_starts_exits_2_naming_it(dataset, tmp
     assert result.returncode == 2, result.stderr[-2000:]
     _one_line_error(result.stderr, "train.cluster_timeout_s=4", f"worker 1 (localhost:{ports[1]})")
     assert f"waiting for worker 1 (localhost:{ports[1]})" in result.stderr
+
+
+@pytest.mark.slow
+def test_readers_get_a_whole_checkpoint_while_training_replaces_them(dataset, trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    # A checkpoint every step, only the last one kept: each save deletes the one before it.
+    process = _train_process(dataset, workdir, "--epochs", "8", "--set", "train.checkpoint_every_steps=1",
+                             "--set", "train.checkpoints_to_keep=1")
+    try:
+        loads = 0
+        while process.poll() is None and loads < 30:
+            _, _, model = run_dir.load_trained_model(str(workdir))
+            assert all(bool(tf.reduce_all(tf.math.is_finite(w))) for w in model.weights)
+            loads += 1
+    finally:
+        _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert loads >= 3
