@@ -1,7 +1,10 @@
 """The one exception type for bad user input.
 
-The CLI turns a UserError into a one-line message and exit code 2 (SPEC section 1); anything else
-is a bug and keeps its traceback. Messages name the file, record or key and what is wrong.
+The CLI (`trainers/cli.py`, `handle_error`) turns a UserError, an OSError (a full disk, a read-only
+or missing path, permissions) and TensorFlow's I/O and data-loss errors into a one-line message
+and exit code 2 (SPEC section 1); divergence is exit 1; anything else is a bug: its traceback is
+printed with a request to report it, exit 3. Messages name the file, record or key and what is
+wrong.
 """
 
 

@@ -1,6 +1,8 @@
 """`bmvae`: the command line (SPEC section 1). A thin layer over the tested library modules.
 
-User errors print one line naming the culprit and exit with code 2, without a traceback.
+User errors (bad input, I/O, a full disk, corrupt or incompatible files, bad config values) print
+one line naming the culprit and exit with code 2, without a traceback; a diverged training exits
+1; a bug prints its traceback, asks to be reported and exits 3 (`handle_error`).
 """
 
 from __future__ import annotations
