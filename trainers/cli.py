@@ -227,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if beam_args and args.command != "data":
         parser.error("arguments after `--` are for Beam and only `bmvae data build` takes them")
+    # force: importing Beam (the dataset commands) logs a warning through the root logger, which
+    # installs a WARNING-level handler; without force our INFO progress lines would be dropped.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+                        stream=sys.stderr, force=True)
     # TensorFlow logs through absl at INFO on every distributed dataset; keep progress readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:

@@ -1,9 +1,9 @@
 """One writer per run directory: RUN/train.lock, held for the life of a training.
 
 Local run directories (and any that the OS can lock, e.g. NFS) use an OS file lock (`fcntl.flock`)
-on RUN/train.lock, which names the holder (host, pid, start time). The OS drops the lock when its
-holder dies, however it dies, so a lock left by a killed training is taken over and the takeover
-logged. A second `bmvae train` on a held run exits 2 naming the holder.
+on RUN/train.lock, which names the holder (host, pid, start time) and is removed when the training
+ends. The OS drops the lock when its holder dies, however it dies, so a lock file left by a killed
+training is taken over and the takeover logged. A second `bmvae train` on a held run exits 2 naming the holder.
 
 Remote run directories (`gs://`, `hdfs://`) have no locks. There RUN/train.lock is a marker file:
 a training refuses to start while a marker names another live training, takes over a marker left
@@ -83,20 +83,12 @@ def run_lock(workdir: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _file_lock(workdir: str) -> Iterator[None]:
-    import fcntl
-
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(workdir, path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _parse(_read_fd(fd)) or {}
-            raise RunInUse(f"{workdir}: another `bmvae train` is running on this run "
-                           f"({_describe(holder)}; lock {path})") from None
         previous = _parse(_read_fd(fd))
-        if previous:  # a holder that ended cleanly empties the file
+        if previous:  # a holder that ends cleanly removes the file
             log.warning("took over the lock %s left by %s, which is no longer running", path,
                         _describe(previous))
         try:
@@ -105,12 +97,36 @@ def _file_lock(workdir: str) -> Iterator[None]:
             os.fsync(fd)
         except OSError as e:  # e.g. a full disk: name the file
             raise OSError(e.errno, e.strerror, path) from None
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # released cleanly: nothing to take over
+        yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still holding the lock: no one else can have it
         os.close(fd)  # drops the flock
+
+
+def _acquire(workdir: str, path: str) -> int:
+    """An open descriptor of `path` holding its flock; RunInUse if another process holds it."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _parse(_read_fd(fd)) or {}
+            os.close(fd)
+            raise RunInUse(f"{workdir}: another `bmvae train` is running on this run "
+                           f"({_describe(holder)}; lock {path})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed the file between our open and flock: open it anew
 
 
 def _read_fd(fd: int) -> str:
