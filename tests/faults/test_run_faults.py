@@ -71,7 +71,6 @@ def _bmvae(capsys, *args) -> tuple[int, str]:
 
 
 def _one_line_error(err: str, *names: str) -> None:
-    print("ERRLINE", err.strip().splitlines()[-1] if err.strip() else "", file=sys.__stdout__)
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("bmvae: error:")]
     assert len(lines) == 1, err
@@ -424,14 +423,17 @@ def test_two_trainings_on_one_workdir_exactly_one_runs(dataset, tmp_path):
 def test_repeated_kill_9_during_checkpoint_writes_resumes_and_leaves_no_temporaries(dataset, tmp_path):
     workdir = tmp_path / "run"
     args = ["--epochs", "3", "--set", "train.checkpoint_every_steps=1", "--set", "train.log_every_steps=1"]
+    killed = 0
     for delay in (0.0, 0.05, 0.15):
         process = _train_process(dataset, workdir, *args)
         # Kill as soon as a checkpoint is being written (its temporary directory exists).
         while process.poll() is None and not list((workdir / "checkpoints").glob("*_temp")):
-            time.sleep(0.005)
+            time.sleep(0.002)
         time.sleep(delay)
+        killed += process.poll() is None
         process.send_signal(signal.SIGKILL)
         process.communicate()
+    assert killed >= 2, "the trainings ended before they could be killed"
     rerun = _train_process(dataset, workdir, *args)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]
