@@ -3,7 +3,8 @@
 Every file and directory the product publishes (manifests, shards, histories, plots, reports,
 classifiers, sentence vectors, SavedModels) goes through `publishing`, so a reader never sees half
 a file, and a failed or killed writer leaves at most a `*.tmp-<hex>` sibling, never a truncated
-file under the final name. Paths may be local or remote (`gs://`, `hdfs://`): all I/O is through
+file under the final name; a full disk is reported as `errors.NoSpaceLeft` naming the target.
+Paths may be local or remote (`gs://`, `hdfs://`): all I/O is through
 `tf.io.gfile`. On object stores a rename is a copy, which is still whole when it appears.
 """
 
@@ -46,9 +47,42 @@ def publishing(path: str, *, keep_suffix: str = "", directory: bool = False) -> 
             tf.io.gfile.rename(tmp, path)
         else:
             tf.io.gfile.rename(tmp, path, overwrite=True)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if is_no_space(e):  # one clear line, naming what could not be written
+            from bmvae_tf.errors import NoSpaceLeft
+
+            raise NoSpaceLeft(path) from None
+        denied = _write_refused(e)
+        if denied:  # name the target, not the temporary name
+            from bmvae_tf.errors import UserError
+
+            raise UserError(f"{path}: cannot write it: {denied}") from None
         raise
+
+
+def _write_refused(error: BaseException) -> str | None:
+    """"read-only file system" or "permission denied" when `error` says so, else None."""
+    import errno
+
+    if isinstance(error, OSError):
+        return {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}.get(error.errno)
+    message = str(getattr(error, "message", "") or "")
+    if "Read-only file system" in message:
+        return "read-only file system"
+    if "Permission denied" in message:
+        return "permission denied"
+    return None
+
+
+def is_no_space(error: BaseException) -> bool:
+    """Whether `error` says the disk is full (an OSError, or a TensorFlow error from gfile)."""
+    import errno
+
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(getattr(error, "message", "") or "")
 
 
 def write_bytes(path: str, data: bytes) -> None:

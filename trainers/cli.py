@@ -1,6 +1,8 @@
 """`bmvae`: the command line (SPEC section 1). A thin layer over the tested library modules.
 
-User errors print one line naming the culprit and exit with code 2, without a traceback.
+User errors (bad input, I/O, a full disk, corrupt or incompatible files, bad config values) print
+one line naming the culprit and exit with code 2, without a traceback; a diverged training exits
+1; a bug prints its traceback, asks to be reported and exits 3 (`handle_error`).
 """
 
 from __future__ import annotations
@@ -295,10 +297,10 @@ def _import_tensorflow(verbose: bool):
 
 def simulate_cpu_devices(n: int) -> None:
     """Splits the CPU into n logical devices; must run before TensorFlow initialises its runtime."""
-    import tensorflow as tf
-
     if n < 1:
         raise UserError(f"--simulate-devices: need N >= 1, got {n}")
+    import tensorflow as tf
+
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
@@ -317,23 +319,68 @@ def main(argv: list[str] | None = None) -> int:
     if beam_args and args.command != "data":
         parser.error("arguments after `--` are for Beam and only `bmvae data build` takes them")
     _configure_logging(args.verbose)
-    tf = _import_tensorflow(args.verbose)
-
-    from bmvae_tf.trainers.train import TrainingDiverged
-
+    _import_tensorflow(args.verbose)
     try:
-        if getattr(args, "simulate_devices", None):
+        if getattr(args, "simulate_devices", None) is not None:
             simulate_cpu_devices(args.simulate_devices)
         return args.func(args, beam_args)
-    except UserError as e:
-        print(f"bmvae: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 -- the one place errors become exit codes
+        return handle_error(e)
+
+
+def handle_error(error: BaseException) -> int:
+    """The exit code for an error that reached the top, after printing what the user needs.
+
+    Expected errors (bad input, I/O, permissions, a full disk, corrupt files, incompatible
+    checkpoints) print one line and give 2; divergence gives 1; anything else is a bug: its
+    traceback is printed with a request to report it, and the code is 3.
+    """
+    line = expected_error_line(error)
+    if line is not None:
+        print(f"bmvae: error: {line}", file=sys.stderr)
         return 2
-    except tf.errors.DataLossError as e:
-        print(f"bmvae: error: corrupt data ({e.message.splitlines()[0]})", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"bmvae: training diverged: {e}", file=sys.stderr)
+    nonfinite = sys.modules.get("bmvae_tf.trainers.training.nonfinite")  # loaded if training ran
+    if nonfinite is not None and isinstance(error, nonfinite.TrainingDiverged):
+        print(f"bmvae: training diverged: {error}", file=sys.stderr)
         return 1
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print("bmvae: internal error: this is a bug in bmvae; please report it with the traceback "
+          "above and the command that gave it", file=sys.stderr)
+    return 3
+
+
+def expected_error_line(error: BaseException) -> str | None:
+    """One line describing an expected error, or None for a bug (or divergence)."""
+    from bmvae_tf.errors import os_error_line
+
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError):
+        return os_error_line(error)
+    tf_errors = sys.modules.get("tensorflow.python.framework.errors_impl")
+    if tf_errors is None or not isinstance(error, tf_errors.OpError):
+        return None
+    first = (error.message or str(error)).strip().splitlines()
+    message = first[0] if first else type(error).__name__
+    if "No space left on device" in message:
+        return f"no space left on {_path_in(message) or 'the device'}"
+    if isinstance(error, tf_errors.DataLossError):
+        return f"corrupt data ({message})"
+    if isinstance(error, (tf_errors.NotFoundError, tf_errors.PermissionDeniedError,
+                          tf_errors.FailedPreconditionError, tf_errors.AlreadyExistsError,
+                          tf_errors.ResourceExhaustedError)):
+        return message
+    return None
+
+
+def _path_in(message: str) -> str | None:
+    """The first absolute path or URL in a TensorFlow error message."""
+    import re
+
+    match = re.search(r"((?:[a-z][a-z0-9+]*://|/)[^\s;:,'\"]+)", message)
+    return match.group(1) if match else None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -79,6 +80,9 @@ class TrainConfig:
     # networks (configs/digits sets null), but 0.3-1.1x on the MNIST-SVHN(-Text) conv nets, so
     # the default is off. On GPUs, measure with bench/train_step.py --jit-datasets.
     jit_compile: bool | None = False
+    # Multi-worker runs: how long a worker waits for every peer of TF_CONFIG's cluster to start,
+    # logging the ones it waits for, before it exits 2 naming them.
+    cluster_timeout_s: float = 300.0
 
 
 @dataclasses.dataclass
@@ -130,6 +134,9 @@ class Config:
         _check(t.epochs >= 0, "train.epochs must be >= 0")
         _check(t.batch_size >= 1, "train.batch_size must be >= 1")
         _check(t.learning_rate > 0, "train.learning_rate must be positive")
+        _check(t.seed >= 0, "train.seed must be >= 0")
+        _check(t.shuffle_buffer >= 1, "train.shuffle_buffer must be >= 1 (1: no shuffling)")
+        _check(t.cluster_timeout_s > 0, "train.cluster_timeout_s must be positive")
         _check(t.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}")
         _check(t.log_every_steps >= 1, "train.log_every_steps must be >= 1")
         _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
@@ -137,7 +144,13 @@ class Config:
         _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
         _check(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta must be >= 0")
         _check(0 <= t.validation_fraction < 1, "train.validation_fraction must be in [0, 1)")
-        _check(self.eval.log_likelihood_samples >= 1, "eval.log_likelihood_samples must be >= 1")
+        e = self.eval
+        _check(e.batch_size >= 1, "eval.batch_size must be >= 1")
+        _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")
+        _check(e.random_samples >= 0, "eval.random_samples must be >= 0")
+        _check(e.log_likelihood_samples >= 1, "eval.log_likelihood_samples must be >= 1")
+        _check(e.log_likelihood_examples >= 0, "eval.log_likelihood_examples must be >= 0")
+        _check(e.max_examples >= 0, "eval.max_examples must be >= 0 (0: every example)")
         levels = self.eval.robustness_noise_levels
         _check(len(levels) >= 2 and levels[0] >= 0 and all(b > a for a, b in zip(levels, levels[1:])),
                "eval.robustness_noise_levels must be at least two increasing levels >= 0")
@@ -235,6 +248,8 @@ def _coerce(hint, value, key: str, source: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{source}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{source}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

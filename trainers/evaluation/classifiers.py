@@ -29,6 +29,7 @@ import keras
 import tensorflow as tf
 
 from bmvae_tf import atomic, schema
+from bmvae_tf.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def load_or_train(directory: str, manifest: schema.Manifest,
         expected = fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
         model_path, print_path = _paths(directory, spec.name)
         if _read_fingerprint(print_path) == expected and tf.io.gfile.exists(model_path):
-            classifiers[spec.name] = keras.saving.load_model(model_path)
+            classifiers[spec.name] = _load_model(model_path)
             logger.info("reusing the cached classifier %s", model_path)
         else:
             stale.append(spec)
@@ -224,6 +225,19 @@ def load_or_train(directory: str, manifest: schema.Manifest,
             atomic.write_text(print_path, json.dumps(expected, indent=2) + "\n")
         classifiers.update(trained)
     return {spec.name: classifiers[spec.name] for spec in manifest.modalities}
+
+
+def _load_model(path: str) -> keras.Model:
+    """A cached classifier; one that cannot be loaded safely (a Lambda layer, which would run
+    arbitrary code, or a damaged file) is a UserError naming it."""
+    try:
+        return keras.saving.load_model(path)  # safe_mode: no Lambda layers, no pickled code
+    except Exception as e:  # noqa: BLE001 -- Keras raises ValueError, OSError, zip and HDF5 errors
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        reason = "it holds a Lambda layer (arbitrary code), refused" if "Lambda" in str(e) \
+            else f"cannot be loaded ({first[:200]})"
+        raise UserError(f"{path}: {reason}; delete it and `bmvae evaluate` trains the classifier "
+                        "again") from None
 
 
 def _paths(directory: str, modality: str) -> tuple[str, str]:

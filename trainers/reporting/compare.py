@@ -175,6 +175,8 @@ def compare(paths: Sequence[str], output: str) -> tuple[str, str]:
     """Writes OUTPUT/report.md (+ OUTPUT/images/) and OUTPUT/report.html; returns both paths."""
     if not paths:
         raise UserError("compare needs at least one run directory")
+    if tf.io.gfile.exists(output) and not tf.io.gfile.isdir(output):
+        raise UserError(f"--output {output}: is a file, not a directory")
     runs = load_runs(paths)
     tables = compare_tables(runs)
     images = compare_images(runs)

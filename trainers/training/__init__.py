@@ -10,6 +10,8 @@
   log lines with steady-state rates).
 - `inputs`: what the loop reads (each epoch's batches, the validation set).
 - `strategy`: the tf.distribute strategy, made once at the entry point.
+- `lock`: RUN/train.lock, one training per run directory (an OS file lock; a marker on gs://).
+- `cluster`: a multi-worker run waits for its peers up to `train.cluster_timeout_s`, then exits 2.
 - `global_state`: op determinism and the dtype policy, set for a run and restored after it.
 
 `bmvae_tf.trainers.train` is the entry point the CLI calls.

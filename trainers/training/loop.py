@@ -10,6 +10,7 @@ weights that are not finite.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -20,7 +21,7 @@ from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir
-from bmvae_tf.trainers.training import global_state, inputs, summaries
+from bmvae_tf.trainers.training import cluster, global_state, inputs, lock, summaries
 from bmvae_tf.trainers.training import strategy as strategy_lib
 from bmvae_tf.trainers.training.early_stopping import EarlyStopping
 from bmvae_tf.trainers.training.history import History
@@ -41,15 +42,23 @@ def run_training(config: config_lib.Config, workdir: str, *,
     write_report: the chief also writes RUN/report.html (training curves so far; `evaluate` and
     `analyze` rewrite it with their tables and plots).
     """
+    run_dir.check_run_directory(workdir)
     # First: MultiWorkerMirroredStrategy must be made before the runtime starts.
-    strategy = strategy or strategy_lib.make_strategy(config.train.strategy)
-    with global_state.run_settings(config.train):
-        controller = Controller(config, workdir, strategy)
-        history = controller.run()
-    if write_report and controller.chief:
-        from bmvae_tf.trainers.reporting import report  # matplotlib, only when a report is asked for
+    if strategy is None:
+        with cluster.waiting_for_peers(config.train):  # a peer that never starts: exit 2
+            strategy = strategy_lib.make_strategy(config.train.strategy)
+    # The chief is the run directory's one writer; other workers write only their scratch copies.
+    chief = strategy_lib.is_chief(strategy)
+    with lock.run_lock(workdir) if chief else contextlib.nullcontext():
+        if chief:
+            run_dir.remove_stale_temporaries(run_dir.RunPaths(workdir))
+        with global_state.run_settings(config.train):
+            controller = Controller(config, workdir, strategy)
+            history = controller.run()
+        if write_report and chief:
+            from bmvae_tf.trainers.reporting import report  # matplotlib, only when asked for
 
-        log.info("wrote %s", report.write_run_report(workdir))
+            log.info("wrote %s", report.write_run_report(workdir))
     return history, controller.trainer
 
 

@@ -8,6 +8,7 @@ epoch's order up to it).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -17,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from bmvae_tf import schema
-from bmvae_tf.errors import UserError
+from bmvae_tf.errors import NoSpaceLeft, UserError
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import run_dir
 from bmvae_tf.trainers.training import global_state, inputs, steps
@@ -126,7 +127,7 @@ class Trainer:
                                      self.config.train.checkpoints_to_keep)
         restore_from = tf.train.latest_checkpoint(paths.checkpoints)
         if restore_from:
-            self.checkpoint.restore(restore_from).assert_existing_objects_matched()
+            run_dir.restore_checkpoint(self.checkpoint, restore_from, self.manifest)
         return restore_from
 
     def save(self, step: int, *, best: bool = False) -> None:
@@ -155,9 +156,26 @@ class _Managers:
             checkpoint, os.path.join(directory, run_dir.BEST), max_to_keep=1)
 
     def save(self, step: int, best: bool = False) -> None:
-        (self.best if best else self.latest).save(checkpoint_number=step)
-        if not self.chief:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        manager = self.best if best else self.latest
+        try:
+            manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            # A failed save leaves its ckpt-N_temp directory; the state file still names the
+            # last good checkpoint, which stays the run's state.
+            self._remove_temporaries(manager.directory)
+            message = e.message if isinstance(e, tf.errors.OpError) else str(e)
+            if "No space left" in message or getattr(e, "errno", None) == errno.ENOSPC:
+                raise NoSpaceLeft(manager.directory) from None
+            raise
+        finally:
+            if not self.chief:
+                shutil.rmtree(self.directory, ignore_errors=True)
+
+    @staticmethod
+    def _remove_temporaries(directory: str) -> None:
+        for name in tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []:
+            if name.rstrip("/").endswith("_temp"):
+                tf.io.gfile.rmtree(os.path.join(directory, name.rstrip("/")))
 
     @property
     def last_good(self) -> str:
