@@ -492,14 +492,15 @@ def analyze(workdir: str, data_dir: str | None = None, *, threshold: float = DEF
         "subvector_accuracy": None, "factors": None, "private_vs_factors": None,
         "r2_threshold": r2_threshold, "num_examples": {}, "files": {}, "skipped": {},
     }
-    stage = time.perf_counter()
-    train = evaluate_lib.encode_split(model, run.batches("train"))
-    test = evaluate_lib.encode_split(model, run.batches("test"))
-    logger.info("encoded %d train and %d test examples: %.1f s", train.num_examples,
-                test.num_examples, time.perf_counter() - stage)
-    _subvector_section(run, train, test, result)
-    _factor_section(run, factors, r2_threshold, train, test, result)
-    _picture_section(run, threshold, swap_examples, swap_samples, result)
+    with input_pipeline.reading(manifest):  # a damaged shard: one error naming it
+        stage = time.perf_counter()
+        train = evaluate_lib.encode_split(model, run.batches("train"))
+        test = evaluate_lib.encode_split(model, run.batches("test"))
+        logger.info("encoded %d train and %d test examples: %.1f s", train.num_examples,
+                    test.num_examples, time.perf_counter() - stage)
+        _subvector_section(run, train, test, result)
+        _factor_section(run, factors, r2_threshold, train, test, result)
+        _picture_section(run, threshold, swap_examples, swap_samples, result)
 
     path = os.path.join(run.directory, ANALYSIS_JSON)
     atomic.write_text(path, json.dumps(result, indent=2) + "\n")

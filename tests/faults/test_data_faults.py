@@ -422,10 +422,6 @@ TRAIN_CASES = {
 }
 
 
-# Needs `with input_pipeline.reading(self.manifest):` around the epochs in
-# trainers/training/loop.py Controller.run (a file this branch does not own); strict, so the
-# marker has to go once it is there.
-@pytest.mark.xfail(strict=True, reason="input_pipeline.reading is not yet called by the training loop")
 @pytest.mark.parametrize("case", sorted(TRAIN_CASES))
 def test_train_on_a_damaged_shard_exits_2_naming_it(data, tmp_path, capsys, case):
     damage, culprit = TRAIN_CASES[case]

@@ -20,7 +20,7 @@ import numpy as np
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
 from bmvae_tf.trainers import config as config_lib
-from bmvae_tf.trainers import run_dir
+from bmvae_tf.trainers import input_pipeline, run_dir
 from bmvae_tf.trainers.evaluation import cca, coherence, likelihood, probes, random_coherence, robustness
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.context import EvalContext
@@ -76,11 +76,12 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
     if unlabelled:
         reason = f"dataset {context.manifest.name!r} declares no label"
         logger.warning("%s: skipping the label-based metrics", reason)
-    for stage in STAGES:
-        if unlabelled and stage.needs_labels:
-            context.metrics.skipped.update({key: reason for key in stage.needs_labels})
-        else:
-            stage.run(context)
+    with input_pipeline.reading(context.manifest):  # a damaged shard: one error naming it
+        for stage in STAGES:
+            if unlabelled and stage.needs_labels:
+                context.metrics.skipped.update({key: reason for key in stage.needs_labels})
+            else:
+                stage.run(context)
     _write_plots(context)
     context.metrics.write(context.paths.metrics)
     summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table

@@ -135,11 +135,12 @@ class Controller:
 
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
-        for epoch in range(self.finished + 1, self.config.train.epochs + 1):
-            if self.early_stopping.stopped:
-                break
-            loss, seconds, progress = self._train_epoch(epoch)
-            self._end_epoch(epoch, loss, seconds, progress)
+        with input_pipeline.reading(self.manifest):  # a damaged shard: one error naming it
+            for epoch in range(self.finished + 1, self.config.train.epochs + 1):
+                if self.early_stopping.stopped:
+                    break
+                loss, seconds, progress = self._train_epoch(epoch)
+                self._end_epoch(epoch, loss, seconds, progress)
         if len(self.history.epochs) == self.finished:
             log.info("%s is already trained (%d epochs%s)", self.workdir, self.finished,
                      ", stopped early" if self.early_stopping.stopped else "")
