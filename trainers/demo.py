@@ -1,7 +1,7 @@
 """`bmvae demo`: the embedded Digits data end to end, then a summary table.
 
 build (Beam, DirectRunner) -> train bmvae_m with configs/digits/bmvae_m.yaml -> evaluate ->
-export. Rerunning reuses the built data and resumes the run, so a second demo is quick.
+analyze (the mixture-weight views) -> export; RUN/report.html then has every section. Rerunning reuses the built data and resumes the run, so a second demo is quick.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEMO_CONFIG = os.path.join(CONFIG_DIR, "digits", "bmvae_m.yaml")
 def run_demo(workdir: str, epochs: int | None = None, stream=None) -> dict:
     """Runs the demo in `workdir` (data/, run/, export/) and prints the summary; returns metrics."""
     from bmvae_tf.pipeline.build_digits import build_digits
-    from bmvae_tf.trainers import export, train
+    from bmvae_tf.trainers import analysis, export, train
     from bmvae_tf.trainers.evaluation import evaluate
 
     if not os.path.exists(DEMO_CONFIG):
@@ -43,6 +43,7 @@ def run_demo(workdir: str, epochs: int | None = None, stream=None) -> dict:
     config = train.resolve_config(run, data_dir, DEMO_CONFIG, overrides)
     train.train(config, run)
     metrics = evaluate.evaluate(run)
+    analysis.analyze(run)  # also rewrites RUN/report.html with its sections
     if os.path.exists(export_dir):
         shutil.rmtree(export_dir)  # the demo's own previous export
     export.export_saved_model(run, export_dir)
@@ -75,6 +76,8 @@ def summary_table(metrics: dict, *, data_dir: str, run: str, export_dir: str) ->
               f"  run         {run}/ (config.yaml, checkpoints/, history.jsonl, logs/)",
               f"  metrics     {run}/metrics.json",
               f"  plots       {run}/plots/",
+              f"  analysis    {run}/analysis/ (analysis.json, mixture weights, swap grids)",
+              f"  report      {run}/report.html",
               f"  SavedModel  {export_dir}"]
     return "\n".join(lines)
 
