@@ -143,16 +143,18 @@ def prior_generations(model, num: int, seed: int) -> dict[str, np.ndarray]:
     return {name: value.numpy() for name, value in model.generate(tf.reshape(z, [num, model.latent_dim])).items()}
 
 
-def _embedding_means(context: EvalContext) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The single-modality posterior means of the first EMBEDDING_EXAMPLES test examples, and their
-    labels: the metrics' cached encodings when a stage made them, else a pass without sampling."""
+def _embedding_means(context: EvalContext) -> tuple[dict[str, np.ndarray], np.ndarray | None, list | None]:
+    """The single-modality posterior means of the first EMBEDDING_EXAMPLES test examples, their
+    labels and the class names: the metrics' cached encodings when a stage made them, else a pass
+    without sampling."""
     if context.metrics.latent_accuracy is not None:
         latents = context.test_latents
     else:
         latents = encodings.encode_split(context.model, context.batches("test", limit=EMBEDDING_EXAMPLES))
     means = {n: latents.means[n][:EMBEDDING_EXAMPLES] for n in context.names}
     labels = None if latents.labels is None else latents.labels[:EMBEDDING_EXAMPLES]
-    return means, labels
+    label = context.manifest.label
+    return means, labels, (list(label.names) if label is not None and label.names else None)
 
 
 def _write_plots(context: EvalContext) -> None:

@@ -443,14 +443,15 @@ def write_plots(directory: str, specs: Sequence[schema.ModalitySpec], *,
                 inputs: Mapping[str, np.ndarray],
                 generated: Mapping[str, Mapping[str, np.ndarray]],
                 prior_generated: Mapping[str, np.ndarray] | None = None,
-                embedding: tuple[Mapping[str, np.ndarray], np.ndarray | None] | None = None) -> list[str]:
+                embedding: tuple[Mapping[str, np.ndarray], np.ndarray | None, Sequence[str] | None] | None = None
+                ) -> list[str]:
     """Writes every plot that has data into `directory`; returns the paths written.
 
     weights: [D, M] or None (no mixture weights: no heatmap). history: history.jsonl records
     (empty: no training curve). inputs: {modality: [n, *shape]} test examples; generated:
     {given: {target: [k, n, *shape]}} (`cross_generation_figure`, one file per given modality).
     prior_generated: {modality: [n, *shape]} decoded prior samples. embedding: (posterior means
-    {modality: [n, D]}, labels [n] or None) for `latent_embedding_figure`.
+    {modality: [n, D]}, labels [n] or None, class names or None) for `latent_embedding_figure`.
     """
     tf.io.gfile.makedirs(directory)
     for stale in tf.io.gfile.glob(os.path.join(directory, "cross_generation*.png")):
