@@ -286,7 +286,7 @@ def test_evaluate_writes_metrics_and_plots_and_reuses_classifiers(run):
     assert page.count("data:image/png;base64,") == 9
     assert page.index("Training curve") < page.index("Mixture weights") < page.index("target x given") \
         < page.index("Cross generation from digit") < page.index("Joint generation from the prior") \
-        < page.index("PCA to 2-D") < page.index("against input noise") < page.index("<h2>Tables</h2>")
+        < page.index("embedded together in 2-D") < page.index("against input noise") < page.index("<h2>Tables</h2>")
 
     cached = _mtimes(paths.classifiers)
     assert sorted(cached) == sorted(f"{n}.{ext}" for n in names for ext in ("keras", "json"))

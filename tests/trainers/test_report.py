@@ -322,4 +322,6 @@ def test_generation_grids_and_the_latent_embedding():
     assert [ax.get_title() for ax in embedding.axes] == ["coloured by class", "coloured by modality"]
     assert len(embedding.axes[0].collections[0].get_offsets()) == 100
     assert [t.get_text() for t in embedding.axes[0].get_legend().get_texts()] == ["zero", "one", "two"]
-    assert len(plots.latent_embedding_figure(means, None).axes) == 1  # unlabelled: by modality only
+    assert "t-SNE" in embedding.texts[0].get_text()
+    small = plots.latent_embedding_figure({k: v[:4] for k, v in means.items()}, None)
+    assert len(small.axes) == 1 and "PCA" in small.texts[0].get_text()  # unlabelled: by modality only

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 PLOT_EXAMPLES = 10  # test examples in each cross-generation grid, and prior samples drawn
 PLOT_SAMPLES = 5  # posterior samples per example and target in the cross-generation grids
-EMBEDDING_EXAMPLES = 1000  # test examples per encoder in the latent embedding
+EMBEDDING_EXAMPLES = 500  # test examples per encoder in the latent embedding (t-SNE of 500 x M points)
 
 
 @dataclasses.dataclass(frozen=True)

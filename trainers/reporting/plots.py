@@ -5,7 +5,7 @@
 - cross_generation_<given>.png: 10 test examples of one modality given alone, and 5 posterior
   samples of every modality generated from each (the given modality's own are reconstructions);
 - prior_samples.png: every modality decoded from the same latents drawn from the prior;
-- latent_embedding.png: a 2-D PCA of the single-modality posterior means of test examples,
+- latent_embedding.png: a 2-D t-SNE of the single-modality posterior means of test examples,
   coloured by class and by encoding modality;
 - training_curve.png: the loss, and each loss term history.jsonl records, per epoch;
 - robustness.png: latent accuracy of every subset against the input noise level, with the
@@ -73,7 +73,9 @@ def mixture_weights_figure(weights: np.ndarray, modality_names: Sequence[str],
     if latent_dim * num_modalities <= 400:
         for d in range(latent_dim):
             for m in range(num_modalities):
-                ax.text(m, d, f"{weights[d, m]:.2f}", ha="center", va="center", fontsize=6)
+                dark = abs(norm(weights[d, m]) - 0.5) > 0.3  # far from 1/M: a dark cell
+                ax.text(m, d, f"{weights[d, m]:.3f}", ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
     title = f"mixture weights (white: uniform 1/M = {uniform:.3f})"
     if private is not None:
         names = list(modality_names)
@@ -131,7 +133,7 @@ def loss_terms_figure(history: Sequence[Mapping]) -> Figure:
                        [(h.get("terms") or {}).get(f"val/{term}") for h in history]))
     cols = min(len(panels), 3)
     rows = -(-len(panels) // cols)
-    figure = _new_figure(3.6 * cols + 0.4, 2.7 * rows + 0.5)
+    figure = _new_figure(max(3.6 * cols + 0.4, 6.5), 2.7 * rows + 0.6)
     for i, (title, train, val) in enumerate(panels):
         ax = figure.add_subplot(rows, cols, i + 1)
         for values, style, label in ((train, "-", "train"), (val, "--", "validation")):
@@ -145,8 +147,8 @@ def loss_terms_figure(history: Sequence[Mapping]) -> Figure:
         if i == 0:
             ax.legend(fontsize=7)
     figure.suptitle("loss per epoch" + ("" if len(panels) > 1 else
-                                        " (this run's history.jsonl records no per-term values)"),
-                    fontsize=10)
+                                        "\n(this run's history.jsonl records no per-term values)"),
+                    fontsize=9)
     figure.tight_layout()
     return figure
 
@@ -368,7 +370,7 @@ def cross_generation_figure(specs: Sequence[schema.ModalitySpec], given: str, in
                     ax.set_title(f"{target.name}\n#{k + 1}", fontsize=7, color=f"C{t % 10}")
     figure.suptitle(f"cross generation from {given} alone: {num_examples} test examples x "
                     f"{num_samples} posterior samples per target", fontsize=9)
-    figure.tight_layout(pad=0.3, h_pad=0.1, w_pad=0.1)
+    figure.tight_layout(pad=0.3, h_pad=0.1, w_pad=0.1, rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()))
     return figure
 
 
@@ -390,22 +392,34 @@ def prior_samples_figure(specs: Sequence[schema.ModalitySpec], generated: Mappin
             if m == 0:
                 ax.set_title(f"z #{j + 1}", fontsize=7)
     figure.suptitle(f"joint generation from {num} prior samples z ~ p(z) (one column per z)", fontsize=9)
-    figure.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2)
+    figure.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2, rect=(0, 0, 1, 1 - 0.2 / figure.get_figheight()))
     return figure
+
+
+def embed_2d(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """points [n, D] -> ([n, 2], how): t-SNE (initialised by PCA, perplexity at most 30), or PCA
+    for fewer than 12 points. Pure numpy/scikit-learn: no TensorFlow random stream is drawn."""
+    from sklearn.decomposition import PCA  # scikit-learn is heavy; only plotting needs it
+    from sklearn.manifold import TSNE
+
+    points = np.asarray(points, np.float64)
+    if len(points) < 12:
+        pca = PCA(n_components=2).fit(points)
+        return pca.transform(points), "PCA"
+    perplexity = float(min(30.0, (len(points) - 1) / 3.0))
+    embedded = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(points)
+    return embedded, f"t-SNE (perplexity {perplexity:g})"
 
 
 def latent_embedding_figure(means: Mapping[str, np.ndarray], labels: np.ndarray | None,
                             class_names: Sequence[str] | None = None) -> Figure:
-    """A 2-D PCA of posterior means {encoding modality: [n, D]} (the same n examples through each
-    encoder), coloured by class (when labelled) and by the modality that encoded them."""
-    from sklearn.decomposition import PCA  # scikit-learn is heavy; only plotting needs it
-
+    """A 2-D t-SNE of posterior means {encoding modality: [n, D]} (the same n examples through
+    each encoder, embedded together), coloured by class (when labelled) and by the modality that
+    encoded them."""
     names = list(means)
     stacked = np.concatenate([np.asarray(means[n], np.float64) for n in names])
-    pca = PCA(n_components=2).fit(stacked)
-    points = pca.transform(stacked)
+    points, how = embed_2d(stacked)
     source = np.repeat(np.arange(len(names)), [len(means[n]) for n in names])
-    explained = pca.explained_variance_ratio_
     panels = [("modality", source, names)]
     if labels is not None:
         label_all = np.tile(np.asarray(labels), len(names))
@@ -419,16 +433,15 @@ def latent_embedding_figure(means: Mapping[str, np.ndarray], labels: np.ndarray 
         ax = figure.add_subplot(1, len(panels), i + 1)
         cmap = matplotlib_colormaps["tab10" if len(legend) <= 10 else "tab20"]
         ax.scatter(points[order, 0], points[order, 1], c=[cmap(int(c) % cmap.N) for c in colour[order]],
-                   s=5, alpha=0.6, linewidths=0)
+                   s=5, alpha=0.7, linewidths=0)
         handles = [matplotlib_lines.Line2D([], [], marker="o", linestyle="", color=cmap(j % cmap.N),
                                            label=text) for j, text in enumerate(legend)]
         ax.legend(handles=handles, fontsize=7, title=what, title_fontsize=7, loc="best", markerscale=1.2)
-        ax.set_xlabel(f"PC 1 ({explained[0]:.0%} of variance)", fontsize=8)
-        ax.set_ylabel(f"PC 2 ({explained[1]:.0%})", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
         ax.set_title(f"coloured by {what}", fontsize=9)
     figure.suptitle(f"posterior means of {len(means[names[0]])} test examples through each single-"
-                    f"modality encoder, PCA to 2-D", fontsize=9)
+                    f"modality encoder, {how}", fontsize=9)
     figure.tight_layout()
     return figure
 

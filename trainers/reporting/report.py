@@ -284,7 +284,8 @@ def plot_caption(name: str) -> str:
         plots.PRIOR_SAMPLES: "Joint generation from the prior: each column one z ~ p(z) decoded into every "
                              "modality (what random coherence scores)",
         plots.LATENT_EMBEDDING: "Posterior means of test examples through each single-modality encoder, "
-                                "PCA to 2-D: coloured by class (left) and by encoding modality (right)",
+                                "embedded together in 2-D (t-SNE): coloured by class (left) and by encoding "
+                                "modality (right)",
         plots.TRAINING_CURVE: "Loss and each loss term per epoch (history.jsonl)",
     }.get(name, name)
 
