@@ -234,8 +234,10 @@ def _analysed_run(tmp_path) -> str:
     os.makedirs(tmp_path / "run" / "analysis")
     analysis = {"model": "bmvae_m", "dataset": "toy", "modalities": ["x", "y"], "weights_name": "alpha",
                 "weights": metrics["mixture_weights"], "threshold": 0.3,
-                "dimensions": {"private": {"x": [], "y": [2]}, "shared": [1, 3]}, "files": {}}
+                "dimensions": {"private": {"x": [], "y": [2]}, "shared": [1, 3]},
+                "files": {"mixture_weights": "mixture_weights.png"}}
     (tmp_path / "run" / "analysis" / "analysis.json").write_text(json.dumps(analysis))
+    (tmp_path / "run" / "analysis" / "mixture_weights.png").write_bytes(b"\x89PNG analysis's own")
     return run
 
 
@@ -255,6 +257,9 @@ def test_run_report_has_a_header_then_pictures_then_tables(tmp_path):
     assert captions[0].startswith("Training curve") and "outlined: private dimensions" in captions[1]
     assert "target x given matrix" in captions[2] and "input noise" in captions[3]
     assert "Sub-vector" not in page and "Dimension sets" in page  # analysis tables follow
+    # The mixture weights are shown once, drawn by the report with analysis.json's private sets.
+    assert sum("Mixture weights" in c or "per dimension and modality" in c for c in captions) == 1
+    assert "iVBORyBhbmFseXNpcydzIG93bg" not in page
 
 
 def test_the_source_commit_is_read_when_the_tree_is_a_git_checkout_and_never_fails(monkeypatch):

@@ -356,14 +356,14 @@ def cross_generation_figure(specs: Sequence[schema.ModalitySpec], given: str, in
     figure = _new_figure(0.72 * cols + 0.6, 0.72 * num_examples + 0.9)
     for i in range(num_examples):
         ax = figure.add_subplot(num_examples, cols, i * cols + 1)
-        _draw(ax, by_name[given], inputs[i], fontsize=5)
+        _draw(ax, by_name[given], inputs[i], fontsize=6.5)
         ax.set_ylabel(f"#{i + 1}", fontsize=7)
         if i == 0:
             ax.set_title(f"given\n{given}", fontsize=7)
         for t, target in enumerate(specs):
             for k in range(num_samples):
                 ax = figure.add_subplot(num_examples, cols, i * cols + 2 + t * num_samples + k)
-                _draw(ax, target, generated[target.name][k, i], fontsize=5)
+                _draw(ax, target, generated[target.name][k, i], fontsize=6.5)
                 for spine in ax.spines.values():
                     spine.set_edgecolor(f"C{t % 10}")
                 if i == 0:
@@ -386,7 +386,7 @@ def prior_samples_figure(specs: Sequence[schema.ModalitySpec], generated: Mappin
     for m, spec in enumerate(specs):
         for j in range(num):
             ax = figure.add_subplot(len(specs), num, m * num + j + 1)
-            _draw(ax, spec, generated[spec.name][j], fontsize=6)
+            _draw(ax, spec, generated[spec.name][j], fontsize=7)
             if j == 0:
                 ax.set_ylabel(spec.name, fontsize=8)
             if m == 0:

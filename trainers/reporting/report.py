@@ -286,17 +286,15 @@ def plot_caption(name: str) -> str:
         plots.LATENT_EMBEDDING: "Posterior means of test examples through each single-modality encoder, "
                                 "embedded together in 2-D (t-SNE): coloured by class (left) and by encoding "
                                 "modality (right)",
-        plots.TRAINING_CURVE: "Loss and each loss term per epoch (history.jsonl)",
+        plots.TRAINING_CURVE: "Training curve: loss and each loss term per epoch (history.jsonl)",
     }.get(name, name)
 
 
 def analysis_pictures(analysis: Mapping) -> dict[str, str]:
-    """{caption: file name in RUN/analysis/} of the pictures an analysis.json lists."""
+    """{caption: file name in RUN/analysis/} of the pictures an analysis.json lists, but its
+    mixture weights: `run_pictures` draws those once, with the private dimensions outlined."""
     files = analysis.get("files") or {}
     out = {}
-    if "mixture_weights" in files:
-        out[f"{analysis['weights_name']} per dimension and modality, private dimensions outlined"] = \
-            files["mixture_weights"]
     if "factor_r2" in files:
         out["R^2 of each ground-truth factor from each latent dimension"] = files["factor_r2"]
     for modality, grids in (files.get("swap_grids") or {}).items():
@@ -314,7 +312,7 @@ def run_pictures(metrics: Metrics | None, history: Sequence[Mapping], plot_files
     generation, prior samples, latent embedding, robustness, then `bmvae analyze`'s."""
     images = []
     if history:
-        images.append(Image("Training curve: " + plot_caption(plots.TRAINING_CURVE),
+        images.append(Image("Training curve: loss and each loss term per epoch (history.jsonl)",
                             plots.figure_png(plots.loss_terms_figure(history)), plots.TRAINING_CURVE))
     weights = analysis["weights"] if analysis else (metrics.mixture_weights if metrics else None)
     if weights is not None:
