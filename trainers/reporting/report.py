@@ -440,7 +440,7 @@ def write_run_report(workdir: str) -> str:
     plot_files, analysis, analysis_files = _read_run_files(paths)
     config, config_text = _read_config(paths.config)
     known = metrics if isinstance(metrics, Metrics) else None
-    dates = {"trained (last epoch)": _modified(paths.history), "evaluated": _modified(paths.metrics),
+    dates = {"history.jsonl written": _modified(paths.history), "evaluated": _modified(paths.metrics),
              "analysed": _modified(os.path.join(paths.root, "analysis", "analysis.json")),
              "report written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     header = run_header(workdir, known, config, config_text, {k: v for k, v in dates.items() if v}, source_commit())
