@@ -338,6 +338,46 @@ def _draw(ax, spec: schema.ModalitySpec, value: np.ndarray, fontsize: float = 8)
         ax.plot(np.asarray(value).ravel(), linewidth=0.8)
 
 
+_GAP = 0.08  # between the cells of a grid, in cell widths
+TSNE_MIN_POINTS = 300  # fewer points in the latent embedding: PCA
+
+
+def _draw_cell(ax, row: int, col: int, spec: schema.ModalitySpec, value: np.ndarray, *,
+               fontsize: float, edgecolor: str = "black") -> None:
+    """One example of a modality in cell (row, col) of a grid drawn on ONE axes: a grid of
+    hundreds of cells as separate subplots takes seconds to render, this a fraction of one."""
+    x0, y0, size = col + _GAP / 2, row + _GAP / 2, 1.0 - _GAP
+    if spec.kind == "image":
+        image = np.clip(np.asarray(value, np.float32), 0.0, 1.0)
+        extent = (x0, x0 + size, y0 + size, y0)
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+        else:
+            ax.imshow(image[..., :3], extent=extent, interpolation="nearest")
+    elif spec.kind == "sequence":
+        ax.text(x0 + size / 2, y0 + size / 2, repr(decode_tokens(value, spec.vocab)), ha="center",
+                va="center", family="monospace", fontsize=fontsize, clip_on=True)
+    else:
+        values = np.asarray(value, np.float64).ravel()
+        low, high = float(np.min(values)), float(np.max(values))
+        scaled = (values - low) / (high - low) if high > low else np.full_like(values, 0.5)
+        ax.plot(x0 + 0.05 + 0.9 * size * np.linspace(0.0, 1.0, len(values)),
+                y0 + size * (0.95 - 0.9 * scaled), linewidth=0.6, color="C0")
+    ax.add_patch(matplotlib_patches.Rectangle((x0, y0), size, size, fill=False, edgecolor=edgecolor,
+                                              linewidth=0.8))
+
+
+def _grid_axes(figure: Figure, rows: int, cols: int, top: float):
+    """One axes for a rows x cols grid of cells (row 0 at the top), `top` inches left for headers."""
+    height = figure.get_figheight()
+    ax = figure.add_axes((0.05, 0.01, 0.94, 1.0 - 0.01 - top / height))
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.set_aspect("auto")
+    ax.axis("off")
+    return ax
+
+
 def cross_generation_figure(specs: Sequence[schema.ModalitySpec], given: str, inputs: np.ndarray,
                             generated: Mapping[str, np.ndarray]) -> Figure:
     """n test examples (rows) of modality `given`, and k samples of every modality generated from
@@ -354,23 +394,21 @@ def cross_generation_figure(specs: Sequence[schema.ModalitySpec], given: str, in
     num_samples, num_examples = next(iter(generated.values())).shape[:2]
     cols = 1 + len(specs) * num_samples
     figure = _new_figure(0.72 * cols + 0.6, 0.72 * num_examples + 0.9)
+    ax = _grid_axes(figure, num_examples, cols, top=0.75)
     for i in range(num_examples):
-        ax = figure.add_subplot(num_examples, cols, i * cols + 1)
-        _draw(ax, by_name[given], inputs[i], fontsize=6.5)
-        ax.set_ylabel(f"#{i + 1}", fontsize=7)
-        if i == 0:
-            ax.set_title(f"given\n{given}", fontsize=7)
+        _draw_cell(ax, i, 0, by_name[given], inputs[i], fontsize=6.5)
+        ax.text(-0.1, i + 0.5, f"#{i + 1}", ha="right", va="center", fontsize=7)
         for t, target in enumerate(specs):
             for k in range(num_samples):
-                ax = figure.add_subplot(num_examples, cols, i * cols + 2 + t * num_samples + k)
-                _draw(ax, target, generated[target.name][k, i], fontsize=6.5)
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(f"C{t % 10}")
-                if i == 0:
-                    ax.set_title(f"{target.name}\n#{k + 1}", fontsize=7, color=f"C{t % 10}")
+                _draw_cell(ax, i, 1 + t * num_samples + k, target, generated[target.name][k, i],
+                           fontsize=6.5, edgecolor=f"C{t % 10}")
+    ax.text(0.5, -0.1, f"given\n{given}", ha="center", va="bottom", fontsize=7)
+    for t, target in enumerate(specs):
+        for k in range(num_samples):
+            ax.text(1.5 + t * num_samples + k, -0.1, f"{target.name}\n#{k + 1}", ha="center", va="bottom",
+                    fontsize=7, color=f"C{t % 10}")
     figure.suptitle(f"cross generation from {given} alone: {num_examples} test examples x "
-                    f"{num_samples} posterior samples per target", fontsize=9)
-    figure.tight_layout(pad=0.3, h_pad=0.1, w_pad=0.1, rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()))
+                    f"{num_samples} posterior samples per target", fontsize=9, y=0.995)
     return figure
 
 
@@ -382,32 +420,33 @@ def prior_samples_figure(specs: Sequence[schema.ModalitySpec], generated: Mappin
     """Every modality (rows) decoded from the same n latents drawn from the prior (columns): the
     joint generation that random coherence scores."""
     num = len(next(iter(generated.values())))
-    figure = _new_figure(0.8 * num + 1.0, 0.85 * len(specs) + 0.8)
+    figure = _new_figure(0.85 * num + 1.0, 0.85 * len(specs) + 0.75)
+    ax = _grid_axes(figure, len(specs), num, top=0.55)
     for m, spec in enumerate(specs):
+        ax.text(-0.1, m + 0.5, spec.name, ha="right", va="center", fontsize=8, rotation=90)
         for j in range(num):
-            ax = figure.add_subplot(len(specs), num, m * num + j + 1)
-            _draw(ax, spec, generated[spec.name][j], fontsize=7)
-            if j == 0:
-                ax.set_ylabel(spec.name, fontsize=8)
-            if m == 0:
-                ax.set_title(f"z #{j + 1}", fontsize=7)
-    figure.suptitle(f"joint generation from {num} prior samples z ~ p(z) (one column per z)", fontsize=9)
-    figure.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.2, rect=(0, 0, 1, 1 - 0.2 / figure.get_figheight()))
+            _draw_cell(ax, m, j, spec, generated[spec.name][j], fontsize=7)
+    for j in range(num):
+        ax.text(j + 0.5, -0.1, f"z #{j + 1}", ha="center", va="bottom", fontsize=7)
+    figure.suptitle(f"joint generation from {num} prior samples z ~ p(z) (one column per z)", fontsize=9, y=0.99)
     return figure
 
 
 def embed_2d(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
-    """points [n, D] -> ([n, 2], how): t-SNE (initialised by PCA, perplexity at most 30), or PCA
-    for fewer than 12 points. Pure numpy/scikit-learn: no TensorFlow random stream is drawn."""
+    """points [n, D] -> ([n, 2], how): t-SNE (initialised by PCA, perplexity at most 30) from
+    TSNE_MIN_POINTS points, PCA below (tests' tiny splits, where t-SNE has few neighbourhoods to
+    keep and would cost seconds per evaluation). Pure numpy/scikit-learn: no TensorFlow random
+    stream is drawn, so no metric moves."""
     from sklearn.decomposition import PCA  # scikit-learn is heavy; only plotting needs it
     from sklearn.manifold import TSNE
 
     points = np.asarray(points, np.float64)
-    if len(points) < 12:
+    if len(points) < TSNE_MIN_POINTS:
         pca = PCA(n_components=2).fit(points)
         return pca.transform(points), "PCA"
     perplexity = float(min(30.0, (len(points) - 1) / 3.0))
-    embedded = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(points)
+    embedded = TSNE(n_components=2, init="pca", perplexity=perplexity, max_iter=500,
+                    random_state=seed).fit_transform(points)
     return embedded, f"t-SNE (perplexity {perplexity:g})"
 
 
