@@ -27,10 +27,11 @@ class EvalStream(enum.IntEnum):
     COHERENCE = 1  # one posterior sample per test example and subset, decoded for coherence
     PRIOR = 2  # prior latents of random coherence and CCA's joint coherence
     LOG_LIKELIHOOD = 3  # importance samples of the IWAE estimates
-    CROSS_GENERATION_PLOT = 4  # the posterior samples drawn for cross_generation.png
+    CROSS_GENERATION_PLOT = 4  # the posterior samples drawn for cross_generation_<given>.png
     ROBUSTNESS_NOISE = 5  # the noise added to the test inputs at each level
     DIMENSION_SWAP = 6  # prior draws of `bmvae analyze`'s dimension-swap grids
     CCA = 7  # posterior samples of CCA's cross coherences (was 5, which robustness also used)
+    PRIOR_SAMPLE_PLOT = 8  # the prior latents drawn for prior_samples.png
 
 
 class TrainingStream(enum.IntEnum):

@@ -343,12 +343,10 @@ def _plot_factor_r2(scores: FactorScores, latent_dim: int, path: str) -> None:
 
 def _plot_weights(weights: np.ndarray, names: Sequence[str], sets: DimensionSets, threshold: float,
                   weights_name: str, path: str) -> None:
-    marked = [(d, names.index(m)) for m, dims in sets.private.items() for d in dims]
-    plots.save_figure(plots.heatmap_figure(
-        weights, _dimension_labels(len(weights)), names,
-        title=f"{weights_name} per dimension and modality\n"
-              f"(red: private at normalised weight >= {threshold:g})",
-        colour_label=weights_name, marked=marked), path)
+    figure = plots.mixture_weights_figure(weights, names, private=sets.private)
+    figure.axes[0].set_title(f"{weights_name} per dimension and modality (white: 1/M)\n"
+                             f"outlined: private at normalised weight >= {threshold:g}", fontsize=9)
+    plots.save_figure(figure, path)
 
 
 def _swap_grids(model, manifest: schema.Manifest, sets: DimensionSets, inputs: Mapping[str, tf.Tensor],

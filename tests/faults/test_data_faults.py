@@ -21,7 +21,6 @@ from bmvae_tf.errors import UserError
 from bmvae_tf.pipeline import arrays, beam_io, build_arrays
 from bmvae_tf.trainers import cli, export, input_pipeline
 from bmvae_tf.trainers import config as config_lib
-from bmvae_tf.trainers import run_dir
 from tests import synthetic
 
 TRAIN_SHARDS = ("train-00000-of-00002.tfrecord.gz", "train-00001-of-00002.tfrecord.gz")

@@ -169,7 +169,8 @@ def test_analyze_writes_the_planted_sets_tables_and_pictures(planted_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(workdir, "report.html")) as f:
         page = f.read()
-    assert "Mixture-weight analysis" in page and "Sub-vector latent accuracy" in page
+    assert "Dimension sets from the normalised" in page and "Sub-vector latent accuracy" in page
+    assert "outlined: private dimensions at normalised weight" in page  # the heatmap marks them
     assert "No metrics.json yet" in page  # analysed before evaluation: the report says so
     assert page.count("<figcaption>Dimension swap (Fig. 7)") == 4
 

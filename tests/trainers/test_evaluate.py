@@ -262,7 +262,9 @@ def test_evaluate_writes_metrics_and_plots_and_reuses_classifiers(run):
     assert all(np.isfinite(v) and v < 0 for v in metrics["log_likelihood"].values())
     assert metrics["num_examples"]["latent_accuracy"] == {"train": 96, "test": 64}
     assert metrics["num_examples"]["log_likelihood"] == 16
-    for name in ("mixture_weights.png", "cross_generation.png", "training_curve.png"):
+    plot_names = ["mixture_weights.png", "training_curve.png", "prior_samples.png", "latent_embedding.png",
+                  *[f"cross_generation_{n}.png" for n in names]]
+    for name in plot_names:
         with open(os.path.join(paths.plots, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(paths.plots) if ".tmp-" in n]
@@ -280,8 +282,12 @@ def test_evaluate_writes_metrics_and_plots_and_reuses_classifiers(run):
     with open(os.path.join(paths.root, "report.html")) as f:
         page = f.read()
     assert "Robustness (MultiBench)" in page and "Latent accuracy (linear probe" in page
-    # the training curve from history.jsonl, cross generation, mixture weights and robustness
-    assert page.count("data:image/png;base64,") == 4
+    # the loss curves, mixture weights, coherence matrix, cross generation from each of the three
+    # modalities, prior samples, the latent embedding and robustness
+    assert page.count("data:image/png;base64,") == 9
+    assert page.index("Training curve") < page.index("Mixture weights") < page.index("target x given") \
+        < page.index("Cross generation from digit") < page.index("Joint generation from the prior") \
+        < page.index("embedded together in 2-D") < page.index("against input noise") < page.index("<h2>Tables</h2>")
 
     cached = _mtimes(paths.classifiers)
     assert sorted(cached) == sorted(f"{n}.{ext}" for n in names for ext in ("keras", "json"))

@@ -3,7 +3,6 @@ the mixture weights as an image and histograms, the cross-generation and prior-s
 epoch, and the HParams session `bmvae evaluate` adds. Read back with TensorBoard's
 EventAccumulator, as TensorBoard reads them."""
 
-import json
 import os
 
 import pytest

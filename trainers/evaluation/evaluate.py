@@ -16,12 +16,14 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir
-from bmvae_tf.trainers.evaluation import cca, coherence, likelihood, probes, random_coherence, robustness
+from bmvae_tf.trainers.evaluation import (cca, coherence, encodings, likelihood, probes, random_coherence,
+                                          robustness)
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.context import EvalContext
 from bmvae_tf.trainers.evaluation.metrics import Metrics
@@ -30,7 +32,9 @@ from bmvae_tf.trainers.training import summaries
 
 logger = logging.getLogger(__name__)
 
-PLOT_EXAMPLES = 3
+PLOT_EXAMPLES = 10  # test examples in each cross-generation grid, and prior samples drawn
+PLOT_SAMPLES = 5  # posterior samples per example and target in the cross-generation grids
+EMBEDDING_EXAMPLES = 500  # test examples per encoder in the latent embedding (t-SNE of 500 x M points)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +123,14 @@ def with_eval_overrides(config: config_lib.Config, overrides: Sequence[str]) -> 
     return config_lib.from_dict(data, source="--set")
 
 
-def cross_generations(model, inputs, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """{given: {target: [n, *shape]}}: every modality generated from each single modality
-    (one posterior sample, stream EvalStream.CROSS_GENERATION_PLOT)."""
+def cross_generations(model, inputs, seed: int, num_samples: int = PLOT_SAMPLES) -> dict[str, dict[str, np.ndarray]]:
+    """{given: {target: [num_samples, n, *shape]}}: every modality generated from each single
+    modality, from `num_samples` posterior samples per example (stream
+    EvalStream.CROSS_GENERATION_PLOT, which no metric reads)."""
     names = [spec.name for spec in model.modalities]
 
     def generate(masked, present, sample_seed):
-        z = model.posterior(masked, present).sample(seed=sample_seed)
+        z = model.posterior(masked, present).sample(num_samples, seed=sample_seed)   # [k, n, D]
         return {target: value.numpy() for target, value in model.generate(z).items()}
 
     _, out = next(subsets_lib.run_subsets(
@@ -135,8 +140,30 @@ def cross_generations(model, inputs, seed: int) -> dict[str, dict[str, np.ndarra
     return out
 
 
+def prior_generations(model, num: int, seed: int) -> dict[str, np.ndarray]:
+    """{modality: [num, *shape]} decoded from `num` prior latents (stream
+    EvalStream.PRIOR_SAMPLE_PLOT: the latents random coherence scores are drawn elsewhere)."""
+    z = model.prior().sample([num], seed=subsets_lib.stream_seed(seed, EvalStream.PRIOR_SAMPLE_PLOT))
+    return {name: value.numpy() for name, value in model.generate(tf.reshape(z, [num, model.latent_dim])).items()}
+
+
+def _embedding_means(context: EvalContext) -> tuple[dict[str, np.ndarray], np.ndarray | None, list | None]:
+    """The single-modality posterior means of the first EMBEDDING_EXAMPLES test examples, their
+    labels and the class names: the metrics' cached encodings when a stage made them, else a pass
+    without sampling."""
+    if context.metrics.latent_accuracy is not None:
+        latents = context.test_latents
+    else:
+        latents = encodings.encode_split(context.model, context.batches("test", limit=EMBEDDING_EXAMPLES))
+    means = {n: latents.means[n][:EMBEDDING_EXAMPLES] for n in context.names}
+    labels = None if latents.labels is None else latents.labels[:EMBEDDING_EXAMPLES]
+    label = context.manifest.label
+    return means, labels, (list(label.names) if label is not None and label.names else None)
+
+
 def _write_plots(context: EvalContext) -> None:
-    """RUN/plots: mixture weights, cross generation, training curve and (with labels) robustness."""
+    """RUN/plots: mixture weights, cross generation, prior samples, the latent embedding, the loss
+    curves and (with labels) robustness."""
     examples = next(iter(context.batches("test", PLOT_EXAMPLES, PLOT_EXAMPLES)))
     inputs = {n: examples[n] for n in context.names}
     weights = context.model.mixture_weights()
@@ -144,7 +171,9 @@ def _write_plots(context: EvalContext) -> None:
         context.paths.plots, context.manifest.modalities,
         weights=None if weights is None else np.asarray(weights), history=context.history,
         inputs={n: v.numpy() for n, v in inputs.items()},
-        generated=cross_generations(context.model, inputs, context.seed))
+        generated=cross_generations(context.model, inputs, context.seed),
+        prior_generated=prior_generations(context.model, PLOT_EXAMPLES, context.seed),
+        embedding=_embedding_means(context))
     if context.metrics.robustness is not None:
         written.append(os.path.join(context.paths.plots, plots.ROBUSTNESS))
         plots.save_figure(plots.robustness_figure(context.metrics.robustness), written[-1])

@@ -20,7 +20,7 @@ from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import run_dir
 from bmvae_tf.trainers.evaluation.metrics import Metrics
 from bmvae_tf.trainers.reporting import plots
-from bmvae_tf.trainers.reporting.report import (PLOT_CAPTIONS, Image, Table, fmt, read_bytes, render_html,
+from bmvae_tf.trainers.reporting.report import (Image, Table, fmt, plot_caption, read_bytes, render_html,
                                                 render_markdown)
 
 COMPARE_MARKDOWN = "report.md"
@@ -166,7 +166,7 @@ def compare_images(runs: Sequence[RunSummary]) -> list[Image]:
             plots.runs_robustness_figure(curves, "all modalities")), "images/robustness.png"))
     for index, run in enumerate(runs):
         for name, png in run.plot_files.items():
-            images.append(Image(f"{run.label}: {PLOT_CAPTIONS.get(name, name)}", png,
+            images.append(Image(f"{run.label}: {plot_caption(name)}", png,
                                 f"images/run{index + 1}_{name}"))
     return images
 

@@ -1,9 +1,13 @@
 """The PNGs of `bmvae evaluate` in RUN/plots/ (SPEC section 1).
 
-- mixture_weights.png: the D x M weights of BMVAE models (alpha for BMVAE_M, E[pi] for BMVAE_P);
-- cross_generation.png: a few test examples, each modality given alone, and what the model
-  generates for every modality from it (the diagonal is reconstruction);
-- training_curve.png: loss and val_loss per epoch from RUN/history.jsonl;
+- mixture_weights.png: the D x M weights of BMVAE models (alpha for BMVAE_M, E[pi] for BMVAE_P),
+  colours diverging around the uniform weight 1/M;
+- cross_generation_<given>.png: 10 test examples of one modality given alone, and 5 posterior
+  samples of every modality generated from each (the given modality's own are reconstructions);
+- prior_samples.png: every modality decoded from the same latents drawn from the prior;
+- latent_embedding.png: a 2-D t-SNE of the single-modality posterior means of test examples,
+  coloured by class and by encoding modality;
+- training_curve.png: the loss, and each loss term history.jsonl records, per epoch;
 - robustness.png: latent accuracy of every subset against the input noise level, with the
   raw-input baseline dashed (trainers/evaluation/robustness.py).
 
@@ -22,6 +26,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
+from matplotlib import colormaps as matplotlib_colormaps
+from matplotlib import colors as matplotlib_colors
+from matplotlib import lines as matplotlib_lines
 from matplotlib import patches as matplotlib_patches
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -29,7 +36,8 @@ from matplotlib.figure import Figure
 from bmvae_tf import atomic, schema
 
 MIXTURE_WEIGHTS = "mixture_weights.png"
-CROSS_GENERATION = "cross_generation.png"
+PRIOR_SAMPLES = "prior_samples.png"
+LATENT_EMBEDDING = "latent_embedding.png"
 TRAINING_CURVE = "training_curve.png"
 ROBUSTNESS = "robustness.png"
 
@@ -42,20 +50,44 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def mixture_weights_figure(weights: np.ndarray, modality_names: Sequence[str]) -> Figure:
-    """Heatmap of weights [D, M]: modalities on x, latent dimensions on y, values in [0, 1]."""
-    weights = np.asarray(weights)
+def mixture_weights_figure(weights: np.ndarray, modality_names: Sequence[str],
+                           private: Mapping[str, Sequence[int]] | None = None) -> Figure:
+    """Heatmap of weights [D, M]: modalities on x, latent dimensions on y.
+
+    The colours diverge around the uniform weight 1/M (white), red above and blue below, over
+    the range the weights span: learned weights sit close to 1/M, and a 0-1 scale would show them
+    as one colour. private: {modality: 0-based dimensions} (`bmvae analyze`) outlined in black;
+    the other dimensions are shared.
+    """
+    weights = np.asarray(weights, np.float64)
     latent_dim, num_modalities = weights.shape
-    figure = _new_figure(1.2 * num_modalities + 2.0, min(0.25 * latent_dim + 1.5, 12.0))
+    uniform = 1.0 / num_modalities
+    spread = max(float(np.max(np.abs(weights - uniform))), 1e-3)
+    norm = matplotlib_colors.TwoSlopeNorm(vcenter=uniform, vmin=uniform - spread, vmax=uniform + spread)
+    figure = _new_figure(1.1 * num_modalities + 2.6, min(0.26 * latent_dim + 1.6, 12.0))
     ax = figure.add_subplot()
-    image = ax.imshow(weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
-                      interpolation="nearest")
+    image = ax.imshow(weights, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
     ax.set_xticks(range(num_modalities), labels=list(modality_names))
     if latent_dim <= 40:
-        ax.set_yticks(range(latent_dim), labels=[str(d + 1) for d in range(latent_dim)])
+        ax.set_yticks(range(latent_dim), labels=[str(d + 1) for d in range(latent_dim)], fontsize=7)
+    if latent_dim * num_modalities <= 400:
+        for d in range(latent_dim):
+            for m in range(num_modalities):
+                dark = abs(norm(weights[d, m]) - 0.5) > 0.3  # far from 1/M: a dark cell
+                ax.text(m, d, f"{weights[d, m]:.3f}", ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
+    title = f"mixture weights (white: uniform 1/M = {uniform:.3f})"
+    if private is not None:
+        names = list(modality_names)
+        for modality, dims in private.items():
+            for d in dims:
+                ax.add_patch(matplotlib_patches.Rectangle((names.index(modality) - 0.5, d - 0.5), 1, 1,
+                                                          fill=False, edgecolor="black", linewidth=1.8))
+        shared = latent_dim - sum(len(v) for v in private.values())
+        title += f"\noutlined: private to that modality; {shared} of {latent_dim} dimensions shared"
     ax.set_xlabel("modality")
     ax.set_ylabel("latent dimension d")
-    ax.set_title("mixture weights")
+    ax.set_title(title, fontsize=9)
     figure.colorbar(image, ax=ax, label="weight")
     figure.tight_layout()
     return figure
@@ -74,6 +106,87 @@ def training_curve_figure(history: Sequence[Mapping]) -> Figure:
     ax.set_ylabel("negative objective per example")
     ax.set_title("training curve")
     ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def loss_term_names(history: Sequence[Mapping]) -> list[str]:
+    """The loss terms history.jsonl records under "terms" ({"train/<term>": v, "val/<term>": v}),
+    in first-seen order; none for runs trained before the terms were recorded."""
+    names: list[str] = []
+    for record in history:
+        for key in record.get("terms") or {}:
+            term = key.split("/", 1)[-1]
+            if term not in names:
+                names.append(term)
+    return names
+
+
+def loss_terms_figure(history: Sequence[Mapping]) -> Figure:
+    """One panel per loss term (train solid, validation dashed) against the epoch, the total
+    loss first; a run without recorded terms gets the total loss alone."""
+    epochs = [int(h["epoch"]) for h in history]
+    panels = [("loss (negative objective)", [h.get("loss") for h in history],
+               [h.get("val_loss") for h in history])]
+    for term in loss_term_names(history):
+        panels.append((term, [(h.get("terms") or {}).get(f"train/{term}") for h in history],
+                       [(h.get("terms") or {}).get(f"val/{term}") for h in history]))
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    figure = _new_figure(max(3.6 * cols + 0.4, 6.5), 2.7 * rows + 0.6)
+    for i, (title, train, val) in enumerate(panels):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        for values, style, label in ((train, "-", "train"), (val, "--", "validation")):
+            points = [(e, v) for e, v in zip(epochs, values) if v is not None]
+            if points:
+                ax.plot(*zip(*points), linestyle=style, marker="o", markersize=2.5, label=label,
+                        color="C0" if label == "train" else "C1")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7)
+    figure.suptitle("loss per epoch" + ("" if len(panels) > 1 else
+                                        "\n(this run's history.jsonl records no per-term values)"),
+                    fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def coherence_matrix_figure(coherence: Mapping[str, float | None], modality_names: Sequence[str],
+                            random_coherence: float | None = None) -> Figure:
+    """metrics.json's coherence {"target|given": v} as a matrix: targets (rows) by given subsets
+    (columns), grey where the target is given."""
+    givens: list[str] = []
+    for key in coherence:
+        given = key.split("|", 1)[1]
+        if given not in givens:
+            givens.append(given)
+    targets = list(modality_names)
+    values = np.full((len(targets), len(givens)), np.nan)
+    for key, value in coherence.items():
+        target, given = key.split("|", 1)
+        if target in targets and value is not None:
+            values[targets.index(target), givens.index(given)] = value
+    figure = _new_figure(0.95 * len(givens) + 2.8, 0.55 * len(targets) + 2.0)
+    ax = figure.add_subplot()
+    ax.set_facecolor("#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+    ax.set_xticks(range(len(givens)), labels=givens, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(targets)), labels=targets, fontsize=8)
+    for r in range(len(targets)):
+        for c in range(len(givens)):
+            if not np.isnan(values[r, c]):
+                ax.text(c, r, f"{values[r, c]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if values[r, c] < 0.5 else "black")
+    ax.set_xlabel("given modalities")
+    ax.set_ylabel("generated (target)")
+    title = "cross coherence: target | given (grey: target given)"
+    if random_coherence is not None:
+        title += f"\nrandom coherence from the prior: {random_coherence:.2f}"
+    ax.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=ax, label="coherence")
     figure.tight_layout()
     return figure
 
@@ -208,7 +321,7 @@ def _is_special(symbol: str) -> bool:
     return len(symbol) > 2 and symbol.startswith("<") and symbol.endswith(">")
 
 
-def _draw(ax, spec: schema.ModalitySpec, value: np.ndarray) -> None:
+def _draw(ax, spec: schema.ModalitySpec, value: np.ndarray, fontsize: float = 8) -> None:
     """One example of a modality in one grid cell."""
     ax.set_xticks([])
     ax.set_yticks([])
@@ -220,39 +333,154 @@ def _draw(ax, spec: schema.ModalitySpec, value: np.ndarray) -> None:
             ax.imshow(image[..., :3])
     elif spec.kind == "sequence":
         ax.text(0.5, 0.5, repr(decode_tokens(value, spec.vocab)), ha="center", va="center",
-                family="monospace", fontsize=8, wrap=True, transform=ax.transAxes)
+                family="monospace", fontsize=fontsize, wrap=True, transform=ax.transAxes)
     else:
         ax.plot(np.asarray(value).ravel(), linewidth=0.8)
 
 
-def cross_generation_figure(specs: Sequence[schema.ModalitySpec], inputs: Mapping[str, np.ndarray],
-                            generated: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
-    """A grid of n examples x M given modalities (rows) by 1 + M columns.
+_GAP = 0.08  # between the cells of a grid, in cell widths
+TSNE_MIN_POINTS = 300  # fewer points in the latent embedding: PCA
+
+
+def _draw_cell(ax, row: int, col: int, spec: schema.ModalitySpec, value: np.ndarray, *,
+               fontsize: float, edgecolor: str = "black") -> None:
+    """One example of a modality in cell (row, col) of a grid drawn on ONE axes: a grid of
+    hundreds of cells as separate subplots takes seconds to render, this a fraction of one."""
+    x0, y0, size = col + _GAP / 2, row + _GAP / 2, 1.0 - _GAP
+    if spec.kind == "image":
+        image = np.clip(np.asarray(value, np.float32), 0.0, 1.0)
+        extent = (x0, x0 + size, y0 + size, y0)
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+        else:
+            ax.imshow(image[..., :3], extent=extent, interpolation="nearest")
+    elif spec.kind == "sequence":
+        ax.text(x0 + size / 2, y0 + size / 2, repr(decode_tokens(value, spec.vocab)), ha="center",
+                va="center", family="monospace", fontsize=fontsize, clip_on=True)
+    else:
+        values = np.asarray(value, np.float64).ravel()
+        low, high = float(np.min(values)), float(np.max(values))
+        scaled = (values - low) / (high - low) if high > low else np.full_like(values, 0.5)
+        ax.plot(x0 + 0.05 + 0.9 * size * np.linspace(0.0, 1.0, len(values)),
+                y0 + size * (0.95 - 0.9 * scaled), linewidth=0.6, color="C0")
+    ax.add_patch(matplotlib_patches.Rectangle((x0, y0), size, size, fill=False, edgecolor=edgecolor,
+                                              linewidth=0.8))
+
+
+def _grid_axes(figure: Figure, rows: int, cols: int, top: float):
+    """One axes for a rows x cols grid of cells (row 0 at the top), `top` inches left for headers."""
+    height = figure.get_figheight()
+    ax = figure.add_axes((0.05, 0.01, 0.94, 1.0 - 0.01 - top / height))
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.set_aspect("auto")
+    ax.axis("off")
+    return ax
+
+
+def cross_generation_figure(specs: Sequence[schema.ModalitySpec], given: str, inputs: np.ndarray,
+                            generated: Mapping[str, np.ndarray]) -> Figure:
+    """n test examples (rows) of modality `given`, and k samples of every modality generated from
+    it alone: columns are the input, then k per target (the given modality's own are
+    reconstructions).
 
     Args:
       specs: the modalities, in manifest order.
-      inputs: {modality: [n, *shape]} real test examples.
-      generated: {given modality: {target modality: [n, *shape]}}: what the model generates for
-        each target from the given modality alone (targets include the given one).
+      given: the name of the given modality.
+      inputs: [n, *shape] real test examples of `given`.
+      generated: {target: [k, n, *shape]} decoded from k posterior samples per example.
     """
-    names = [spec.name for spec in specs]
-    num_examples = len(next(iter(inputs.values())))
-    rows, cols = num_examples * len(specs), 1 + len(specs)
-    figure = _new_figure(1.7 * cols, 1.3 * rows)
+    by_name = {spec.name: spec for spec in specs}
+    num_samples, num_examples = next(iter(generated.values())).shape[:2]
+    cols = 1 + len(specs) * num_samples
+    figure = _new_figure(0.72 * cols + 0.6, 0.72 * num_examples + 0.9)
+    ax = _grid_axes(figure, num_examples, cols, top=0.75)
     for i in range(num_examples):
-        for m, given in enumerate(specs):
-            row = i * len(specs) + m
-            ax = figure.add_subplot(rows, cols, row * cols + 1)
-            _draw(ax, given, inputs[given.name][i])
-            ax.set_ylabel(f"#{i} {given.name}", fontsize=8)
-            if row == 0:
-                ax.set_title("given", fontsize=9)
-            for t, target in enumerate(specs):
-                ax = figure.add_subplot(rows, cols, row * cols + 2 + t)
-                _draw(ax, target, generated[given.name][target.name][i])
-                if row == 0:
-                    ax.set_title(f"-> {names[t]}", fontsize=9)
-    figure.suptitle("cross generation (rows: example and given modality)", fontsize=10)
+        _draw_cell(ax, i, 0, by_name[given], inputs[i], fontsize=6.5)
+        ax.text(-0.1, i + 0.5, f"#{i + 1}", ha="right", va="center", fontsize=7)
+        for t, target in enumerate(specs):
+            for k in range(num_samples):
+                _draw_cell(ax, i, 1 + t * num_samples + k, target, generated[target.name][k, i],
+                           fontsize=6.5, edgecolor=f"C{t % 10}")
+    ax.text(0.5, -0.1, f"given\n{given}", ha="center", va="bottom", fontsize=7)
+    for t, target in enumerate(specs):
+        for k in range(num_samples):
+            ax.text(1.5 + t * num_samples + k, -0.1, f"{target.name}\n#{k + 1}", ha="center", va="bottom",
+                    fontsize=7, color=f"C{t % 10}")
+    figure.suptitle(f"cross generation from {given} alone: {num_examples} test examples x "
+                    f"{num_samples} posterior samples per target", fontsize=9, y=0.995)
+    return figure
+
+
+def cross_generation_filename(given: str) -> str:
+    return f"cross_generation_{given}.png"
+
+
+def prior_samples_figure(specs: Sequence[schema.ModalitySpec], generated: Mapping[str, np.ndarray]) -> Figure:
+    """Every modality (rows) decoded from the same n latents drawn from the prior (columns): the
+    joint generation that random coherence scores."""
+    num = len(next(iter(generated.values())))
+    figure = _new_figure(0.85 * num + 1.0, 0.85 * len(specs) + 0.75)
+    ax = _grid_axes(figure, len(specs), num, top=0.55)
+    for m, spec in enumerate(specs):
+        ax.text(-0.1, m + 0.5, spec.name, ha="right", va="center", fontsize=8, rotation=90)
+        for j in range(num):
+            _draw_cell(ax, m, j, spec, generated[spec.name][j], fontsize=7)
+    for j in range(num):
+        ax.text(j + 0.5, -0.1, f"z #{j + 1}", ha="center", va="bottom", fontsize=7)
+    figure.suptitle(f"joint generation from {num} prior samples z ~ p(z) (one column per z)", fontsize=9, y=0.99)
+    return figure
+
+
+def embed_2d(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """points [n, D] -> ([n, 2], how): t-SNE (initialised by PCA, perplexity at most 30) from
+    TSNE_MIN_POINTS points, PCA below (tests' tiny splits, where t-SNE has few neighbourhoods to
+    keep and would cost seconds per evaluation). Pure numpy/scikit-learn: no TensorFlow random
+    stream is drawn, so no metric moves."""
+    from sklearn.decomposition import PCA  # scikit-learn is heavy; only plotting needs it
+    from sklearn.manifold import TSNE
+
+    points = np.asarray(points, np.float64)
+    if len(points) < TSNE_MIN_POINTS:
+        pca = PCA(n_components=2).fit(points)
+        return pca.transform(points), "PCA"
+    perplexity = float(min(30.0, (len(points) - 1) / 3.0))
+    embedded = TSNE(n_components=2, init="pca", perplexity=perplexity, max_iter=500,
+                    random_state=seed).fit_transform(points)
+    return embedded, f"t-SNE (perplexity {perplexity:g})"
+
+
+def latent_embedding_figure(means: Mapping[str, np.ndarray], labels: np.ndarray | None,
+                            class_names: Sequence[str] | None = None) -> Figure:
+    """A 2-D t-SNE of posterior means {encoding modality: [n, D]} (the same n examples through
+    each encoder, embedded together), coloured by class (when labelled) and by the modality that
+    encoded them."""
+    names = list(means)
+    stacked = np.concatenate([np.asarray(means[n], np.float64) for n in names])
+    points, how = embed_2d(stacked)
+    source = np.repeat(np.arange(len(names)), [len(means[n]) for n in names])
+    panels = [("modality", source, names)]
+    if labels is not None:
+        label_all = np.tile(np.asarray(labels), len(names))
+        classes = np.unique(label_all)
+        legend = [str(class_names[int(c)]) if class_names is not None and 0 <= int(c) < len(class_names)
+                  else str(c) for c in classes]
+        panels.insert(0, ("class", np.searchsorted(classes, label_all), legend))
+    figure = _new_figure(5.0 * len(panels) + 0.5, 4.6)
+    order = np.random.default_rng(0).permutation(len(points))  # no modality drawn over the others
+    for i, (what, colour, legend) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), i + 1)
+        cmap = matplotlib_colormaps["tab10" if len(legend) <= 10 else "tab20"]
+        ax.scatter(points[order, 0], points[order, 1], c=[cmap(int(c) % cmap.N) for c in colour[order]],
+                   s=5, alpha=0.7, linewidths=0)
+        handles = [matplotlib_lines.Line2D([], [], marker="o", linestyle="", color=cmap(j % cmap.N),
+                                           label=text) for j, text in enumerate(legend)]
+        ax.legend(handles=handles, fontsize=7, title=what, title_fontsize=7, loc="best", markerscale=1.2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"coloured by {what}", fontsize=9)
+    figure.suptitle(f"posterior means of {len(means[names[0]])} test examples through each single-"
+                    f"modality encoder, {how}", fontsize=9)
     figure.tight_layout()
     return figure
 
@@ -265,18 +493,31 @@ def save_figure(figure: Figure, path: str) -> None:
 def write_plots(directory: str, specs: Sequence[schema.ModalitySpec], *,
                 weights: np.ndarray | None, history: Sequence[Mapping],
                 inputs: Mapping[str, np.ndarray],
-                generated: Mapping[str, Mapping[str, np.ndarray]]) -> list[str]:
+                generated: Mapping[str, Mapping[str, np.ndarray]],
+                prior_generated: Mapping[str, np.ndarray] | None = None,
+                embedding: tuple[Mapping[str, np.ndarray], np.ndarray | None, Sequence[str] | None] | None = None
+                ) -> list[str]:
     """Writes every plot that has data into `directory`; returns the paths written.
 
     weights: [D, M] or None (no mixture weights: no heatmap). history: history.jsonl records
-    (empty: no training curve). inputs, generated: as `cross_generation_figure`.
+    (empty: no training curve). inputs: {modality: [n, *shape]} test examples; generated:
+    {given: {target: [k, n, *shape]}} (`cross_generation_figure`, one file per given modality).
+    prior_generated: {modality: [n, *shape]} decoded prior samples. embedding: (posterior means
+    {modality: [n, D]}, labels [n] or None, class names or None) for `latent_embedding_figure`.
     """
     tf.io.gfile.makedirs(directory)
-    figures = {CROSS_GENERATION: cross_generation_figure(specs, inputs, generated)}
+    for stale in tf.io.gfile.glob(os.path.join(directory, "cross_generation*.png")):
+        tf.io.gfile.remove(stale)  # an older evaluation's grids (another layout or modality)
+    figures = {cross_generation_filename(given): cross_generation_figure(specs, given, inputs[given], out)
+               for given, out in generated.items()}
     if weights is not None:
         figures[MIXTURE_WEIGHTS] = mixture_weights_figure(weights, [spec.name for spec in specs])
     if history:
-        figures[TRAINING_CURVE] = training_curve_figure(history)
+        figures[TRAINING_CURVE] = loss_terms_figure(history)
+    if prior_generated is not None:
+        figures[PRIOR_SAMPLES] = prior_samples_figure(specs, prior_generated)
+    if embedding is not None:
+        figures[LATENT_EMBEDDING] = latent_embedding_figure(*embedding)
     written = []
     for filename, figure in figures.items():
         path = os.path.join(directory, filename)

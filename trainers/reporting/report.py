@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import html
 import json
 import os
+import subprocess
 from typing import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
+import yaml
 
 from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
@@ -36,6 +39,10 @@ th { background: #eee; }
 p.note { color: #555; font-size: 0.85em; margin-top: 0; }
 figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.85em; }
 img { max-width: 100%; border: 1px solid #ddd; }
+dl.facts { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1.2em; margin: 0.5em 0; }
+dl.facts dt { font-weight: bold; } dl.facts dd { margin: 0; font-family: monospace; }
+details { margin: 0.6em 0; } summary { cursor: pointer; color: #235; }
+pre { background: #f6f6f6; padding: 0.6em; font-size: 0.8em; overflow-x: auto; }
 """
 
 
@@ -54,6 +61,21 @@ class Image:
     filename: str  # where the Markdown report puts it, relative to the report
 
 
+@dataclasses.dataclass
+class Details:
+    """A collapsed block of preformatted text (the resolved config)."""
+
+    summary: str
+    text: str
+
+
+@dataclasses.dataclass
+class Facts:
+    """The header's key-value pairs (model, dataset, seed, ...)."""
+
+    items: list[tuple[str, str]]
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"
@@ -65,7 +87,7 @@ def fmt(value, digits: int = 3) -> str:
 # ------------------------------------------------------------------------------------ rendering
 
 
-def render_html(title: str, sections: Sequence[tuple[str, Sequence[Table | Image | str]]]) -> str:
+def render_html(title: str, sections: Sequence[tuple[str, Sequence[Table | Image | Details | Facts | str]]]) -> str:
     """A standalone HTML page: sections of tables, images (inline PNG) and paragraphs."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -75,6 +97,12 @@ def render_html(title: str, sections: Sequence[tuple[str, Sequence[Table | Image
         for item in items:
             if isinstance(item, Table):
                 out.append(_html_table(item))
+            elif isinstance(item, Details):
+                out.append(f"<details><summary>{html.escape(item.summary)}</summary>"
+                           f"<pre>{html.escape(item.text)}</pre></details>")
+            elif isinstance(item, Facts):
+                out.append('<dl class="facts">' + "".join(
+                    f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in item.items) + "</dl>")
             elif isinstance(item, Image):
                 data = base64.b64encode(item.png).decode("ascii")
                 out.append(f'<figure><img alt="{html.escape(item.caption)}" '
@@ -110,6 +138,10 @@ def render_markdown(title: str, sections: Sequence[tuple[str, Sequence[Table | I
                     out += [item.note, ""]
             elif isinstance(item, Image):
                 out += [f"![{item.caption}]({item.filename})", "", f"*{item.caption}*", ""]
+            elif isinstance(item, Details):
+                out += [f"{item.summary}:", "", "```", item.text.rstrip("\n"), "```", ""]
+            elif isinstance(item, Facts):
+                out += [f"- {k}: {v}" for k, v in item.items] + [""]
             else:
                 out += [item, ""]
     return "\n".join(out)
@@ -122,12 +154,6 @@ def _md_cell(text: str) -> str:
 # ------------------------------------------------------------------------------------ tables
 
 
-def history_table(history: Sequence[Mapping]) -> Table:
-    return Table("Training history (history.jsonl)", ["epoch", "step", "loss", "val_loss", "seconds"],
-                 [[str(h.get("epoch")), str(h.get("step")), fmt(h.get("loss"), 4),
-                   fmt(h.get("val_loss"), 4), fmt(h.get("seconds"), 1)] for h in history])
-
-
 def run_metric_tables(metrics: Metrics) -> list[Table]:
     """The metrics.json of one run as tables, each saying how many examples it rests on."""
     tables = []
@@ -137,11 +163,6 @@ def run_metric_tables(metrics: Metrics) -> list[Table]:
         tables.append(Table("Latent accuracy (linear probe on posterior means)", ["subset", "accuracy"],
                             [[k, fmt(v)] for k, v in latent.items()],
                             f"fitted on {n.get('train')} train examples, scored on {n.get('test')} test examples"))
-    coherence = metrics.coherence
-    if coherence:
-        tables.append(Table("Cross coherence (target|given)", ["target|given", "coherence"],
-                            [[k, fmt(v)] for k, v in coherence.items()],
-                            f"{metrics.count('coherence')} test examples, one posterior sample each"))
     if metrics.random_coherence is not None:
         gmm_n = metrics.count("random_coherence_gmm") or {}
         tables.append(Table("Random coherence", ["latents from", "coherence", "samples"], [
@@ -250,20 +271,30 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-PLOT_CAPTIONS = {
-    plots.CROSS_GENERATION: "Cross generation: each modality given alone, every modality generated",
-    plots.MIXTURE_WEIGHTS: "Mixture weights per latent dimension and modality",
-    plots.ROBUSTNESS: "Latent accuracy against input noise (dashed: raw-input baseline)",
-}
+def plot_caption(name: str) -> str:
+    """The caption of RUN/plots/<name> (reports and `bmvae compare`)."""
+    if name.startswith("cross_generation_"):
+        given = name[len("cross_generation_"):-len(".png")]
+        return (f"Cross generation from {given} alone: each row a test example, then 5 posterior samples "
+                f"decoded into every modality (under {given} itself: reconstructions)")
+    return {
+        "cross_generation.png": "Cross generation: each modality given alone, every modality generated",
+        plots.MIXTURE_WEIGHTS: "Mixture weights per latent dimension and modality (white: uniform 1/M)",
+        plots.ROBUSTNESS: "Latent accuracy against input noise (dashed: raw-input baseline)",
+        plots.PRIOR_SAMPLES: "Joint generation from the prior: each column one z ~ p(z) decoded into every "
+                             "modality (what random coherence scores)",
+        plots.LATENT_EMBEDDING: "Posterior means of test examples through each single-modality encoder, "
+                                "embedded together in 2-D (t-SNE): coloured by class (left) and by encoding "
+                                "modality (right)",
+        plots.TRAINING_CURVE: "Training curve: loss and each loss term per epoch (history.jsonl)",
+    }.get(name, name)
 
 
 def analysis_pictures(analysis: Mapping) -> dict[str, str]:
-    """{caption: file name in RUN/analysis/} of the pictures an analysis.json lists."""
+    """{caption: file name in RUN/analysis/} of the pictures an analysis.json lists, but its
+    mixture weights: `run_pictures` draws those once, with the private dimensions outlined."""
     files = analysis.get("files") or {}
     out = {}
-    if "mixture_weights" in files:
-        out[f"{analysis['weights_name']} per dimension and modality, private dimensions outlined"] = \
-            files["mixture_weights"]
     if "factor_r2" in files:
         out["R^2 of each ground-truth factor from each latent dimension"] = files["factor_r2"]
     for modality, grids in (files.get("swap_grids") or {}).items():
@@ -275,39 +306,117 @@ def analysis_pictures(analysis: Mapping) -> dict[str, str]:
     return out
 
 
+def run_pictures(metrics: Metrics | None, history: Sequence[Mapping], plot_files: Mapping[str, bytes],
+                 analysis: Mapping | None, analysis_files: Mapping[str, bytes]) -> list[Image]:
+    """Every picture of a run, in reading order: loss curves, mixture weights, coherence, cross
+    generation, prior samples, latent embedding, robustness, then `bmvae analyze`'s."""
+    images = []
+    if history:
+        images.append(Image("Training curve: loss and each loss term per epoch (history.jsonl)",
+                            plots.figure_png(plots.loss_terms_figure(history)), plots.TRAINING_CURVE))
+    weights = analysis["weights"] if analysis else (metrics.mixture_weights if metrics else None)
+    if weights is not None:
+        names = analysis["modalities"] if analysis else metrics.modalities
+        private = ({m: [d - 1 for d in dims] for m, dims in analysis["dimensions"]["private"].items()}
+                   if analysis else None)
+        caption = plot_caption(plots.MIXTURE_WEIGHTS) + (
+            f"; outlined: private dimensions at normalised weight >= {analysis['threshold']:g} "
+            f"(bmvae analyze)" if analysis else "; run `bmvae analyze` to mark the private dimensions")
+        images.append(Image(caption, plots.figure_png(plots.mixture_weights_figure(
+            np.asarray(weights), names, private)), plots.MIXTURE_WEIGHTS))
+    if metrics is not None and metrics.coherence:
+        images.append(Image(
+            f"Cross coherence as a target x given matrix: {metrics.count('coherence')} test examples, one "
+            f"posterior sample each, classified by the coherence classifiers",
+            plots.figure_png(plots.coherence_matrix_figure(metrics.coherence, metrics.modalities,
+                                                           metrics.random_coherence)), "coherence.png"))
+    names = metrics.modalities if metrics is not None else []
+    order = ([plots.cross_generation_filename(n) for n in names]
+             + [plots.PRIOR_SAMPLES, plots.LATENT_EMBEDDING, plots.ROBUSTNESS])
+    drawn_here = {plots.TRAINING_CURVE, plots.MIXTURE_WEIGHTS}
+    for name in [*order, *sorted(plot_files)]:
+        if name in plot_files and name not in drawn_here:
+            images.append(Image(plot_caption(name), plot_files[name], name))
+            drawn_here.add(name)
+    images += [Image(caption, png, f"analysis_{i}.png") for i, (caption, png) in enumerate(analysis_files.items())]
+    return images
+
+
+def run_header(workdir: str, metrics: Metrics | None, config: Mapping | None, config_text: str | None,
+               dates: Mapping[str, str], commit: str | None) -> list:
+    """Model, dataset, seed, dates, source commit, and the resolved config (collapsed)."""
+    model = (metrics.model if metrics else None) or ((config or {}).get("model") or {}).get("name")
+    facts = [("model", str(model or "unknown")),
+             ("dataset", str((metrics.dataset if metrics else None) or ((config or {}).get("data") or {}).get("dir")
+                             or "unknown")),
+             ("seed", str(((config or {}).get("train") or {}).get("seed", "unknown"))),
+             ("epochs", str(metrics.epochs) if metrics else "not evaluated yet")]
+    facts += [(what, when) for what, when in dates.items()]
+    facts.append(("source commit", f"{commit} (the source tree's git HEAD when this report was written; "
+                                   f"the run does not record it)" if commit else
+                  "unknown (the source tree is not a git checkout)"))
+    facts.append(("run directory", os.path.abspath(workdir)))
+    items: list = [Facts(facts)]
+    if config_text is not None:
+        items.append(Details("Resolved config (RUN/config.yaml)", config_text))
+    return items
+
+
 def run_sections(metrics: Metrics | str | None, history: Sequence[Mapping], plot_files: Mapping[str, bytes],
                  analysis: Mapping | None, analysis_files: Mapping[str, bytes]) -> list:
-    """The sections of RUN/report.html (pure: everything read is passed in)."""
-    sections = []
-    if history:
-        sections.append(("Training", [
-            Image("Training curve from history.jsonl", plots.figure_png(plots.training_curve_figure(history)),
-                  "training_curve.png")]))
+    """The sections of RUN/report.html after its header (pure: everything read is passed in):
+    pictures first, then the tables of the numbers no picture shows."""
+    known = metrics if isinstance(metrics, Metrics) else None
+    sections = [("Pictures", run_pictures(known, history, plot_files, analysis, analysis_files))]
     if metrics is None:
-        sections.append(("Metrics", ["No metrics.json yet: run `bmvae evaluate`."]))
+        tables: list = ["No metrics.json yet: run `bmvae evaluate`."]
     elif isinstance(metrics, str):
-        sections.append(("Metrics", [metrics]))
+        tables = [metrics]
     else:
-        sections.append(("Metrics", run_metric_tables(metrics)))
-    images = [Image(PLOT_CAPTIONS.get(name, name), png, name) for name, png in plot_files.items()
-              if name != plots.TRAINING_CURVE]
-    if images:
-        sections.append(("Plots", images))
+        tables = run_metric_tables(metrics)
     if analysis is not None:
-        items: list = list(analysis_tables(analysis))
-        items += [Image(caption, png, f"analysis_{i}.png")
-                  for i, (caption, png) in enumerate(analysis_files.items())]
-        sections.append(("Mixture-weight analysis (bmvae analyze)", items))
-    if history:
-        sections.append(("Training history", [history_table(history)]))
+        tables += analysis_tables(analysis)
+    sections.append(("Tables", tables))
     return sections
 
 
-def write_run_report(workdir: str) -> str:
-    """Writes RUN/report.html from what the run directory holds; returns its path."""
-    paths = run_dir.RunPaths(workdir)
-    metrics = _read_metrics(paths.metrics)
-    history = run_dir.read_history(paths)
+def source_commit() -> str | None:
+    """`git rev-parse HEAD` of the source tree this package runs from, or None (no git, not a
+    checkout, an installed copy)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        done = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def _modified(path: str) -> str | None:
+    if not tf.io.gfile.exists(path):
+        return None
+    seconds = tf.io.gfile.stat(path).mtime_nsec / 1e9
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _read_config(path: str) -> tuple[Mapping | None, str | None]:
+    """RUN/config.yaml as (dict, text); (None, None) when absent, (None, text) when unparsable."""
+    if not tf.io.gfile.exists(path):
+        return None, None
+    with tf.io.gfile.GFile(path) as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None, text
+    return (data if isinstance(data, dict) else None), text
+
+
+def _read_run_files(paths: run_dir.RunPaths) -> tuple[dict, Mapping | None, dict]:
+    """(plot PNGs {name: bytes}, analysis.json, analysis PNGs {caption: bytes})."""
     plot_files = {}
     if tf.io.gfile.isdir(paths.plots):
         plot_files = {name: read_bytes(os.path.join(paths.plots, name))
@@ -320,12 +429,26 @@ def write_run_report(workdir: str) -> str:
         analysis_files = {caption: read_bytes(os.path.join(analysis_dir, name))
                           for caption, name in analysis_pictures(analysis).items()
                           if tf.io.gfile.exists(os.path.join(analysis_dir, name))}
-    known = isinstance(metrics, Metrics)
-    name = (metrics.model if known else None) or os.path.basename(os.path.normpath(workdir))
-    dataset = metrics.dataset if known else None
+    return plot_files, analysis, analysis_files
+
+
+def write_run_report(workdir: str) -> str:
+    """Writes RUN/report.html from what the run directory holds; returns its path."""
+    paths = run_dir.RunPaths(workdir)
+    metrics = _read_metrics(paths.metrics)
+    history = run_dir.read_history(paths)
+    plot_files, analysis, analysis_files = _read_run_files(paths)
+    config, config_text = _read_config(paths.config)
+    known = metrics if isinstance(metrics, Metrics) else None
+    dates = {"history.jsonl written": _modified(paths.history), "evaluated": _modified(paths.metrics),
+             "analysed": _modified(os.path.join(paths.root, "analysis", "analysis.json")),
+             "report written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    header = run_header(workdir, known, config, config_text, {k: v for k, v in dates.items() if v}, source_commit())
+    name = (known.model if known else None) or os.path.basename(os.path.normpath(workdir))
+    dataset = known.dataset if known else None
     title = f"bmvae run report: {name}" + (f" on {dataset}" if dataset else "")
-    page = render_html(title, [("Run", [f"Run directory: {os.path.abspath(workdir)}"]),
-                               *run_sections(metrics, history, plot_files, analysis, analysis_files)])
+    page = render_html(title, [("Run", header), *run_sections(metrics, history, plot_files, analysis,
+                                                                analysis_files)])
     path = os.path.join(paths.root, REPORT_HTML)
     atomic.write_text(path, page)
     return path
