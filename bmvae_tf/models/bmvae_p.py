@@ -72,9 +72,15 @@ class BMVAEP(MultimodalVAE):
     enters KL(q_m || q_bar). The Gaussian KLs are closed form; the Dirichlet KL is a global term
     (it does not depend on the batch). M decoder passes per step.
 
+    The posterior of a subset S (evaluation, export) is q_bar over the experts in S with pi
+    renormalised over S: drawn per example from Dir(beta) as the paper does (Sect. 6.3.1,
+    `subset_weights: sample`, the default) or E[pi] (`subset_weights: mean`); see
+    `subset_posterior_weights`.
+
     Args:
       lambda_zq, lambda_mq, lambda_mz, eta, beta_prior, subset_weights: see
-        BMVAEPHyperParameters, which holds their defaults. The model keeps lambda_mq and lambda_mz with None resolved to 1/M.
+        BMVAEPHyperParameters, which holds their defaults. The model keeps lambda_mq and
+        lambda_mz with None resolved to 1/M.
       learn_weights: False gives the uniform ablation BMVAE_P^u: pi fixed at 1/M, no beta, no
         Dirichlet KL.
       posterior: must be "gaussian"; q_bar is a product of Gaussians.
