@@ -54,6 +54,22 @@ def dimensionwise_mixture(family: str, loc: tf.Tensor, scale: tf.Tensor,
     return tfd.Independent(tfd.MixtureSameFamily(mixing, components), reinterpreted_batch_ndims=1)
 
 
+def uniform_mixture(family: str, loc: tf.Tensor, scale: tf.Tensor, present: tf.Tensor) -> tfd.Distribution:
+    """(1/|S|) sum_{m in S} q_m, mixing whole latent vectors of the present experts (MMVAE's joint
+    posterior, and mmJSD's subset posterior as Sutter et al.'s `moe_fusion`).
+
+    loc, scale: [M, B, D]; present: bool [M], at least one True. Returns batch [B], event [D].
+    """
+    components = tfd.Independent(
+        distributions.expert(family, tf.transpose(loc, [1, 0, 2]), tf.transpose(scale, [1, 0, 2])),
+        reinterpreted_batch_ndims=1)                                    # batch [B, M], event [D]
+    logits = tf.where(tf.convert_to_tensor(present, tf.bool), tf.constant(0.0, loc.dtype),
+                      tf.constant(-float("inf"), loc.dtype))                       # [M]
+    batch, num = tf.shape(loc)[1], loc.shape[0]
+    mixing = tfd.Categorical(logits=tf.broadcast_to(logits, [batch, num]))
+    return tfd.MixtureSameFamily(mixing, components)
+
+
 def product_of_gaussians(loc: tf.Tensor, scale: tf.Tensor, weights: tf.Tensor | float,
                          present: tf.Tensor, *, prior_loc: tf.Tensor | float = 0.0,
                          prior_scale: tf.Tensor | float = 1.0,

@@ -63,5 +63,15 @@ class ArraysStream(enum.IntEnum):
     TEST_SPLIT = 7  # keys the permutation that picks the test rows
 
 
+class ModelStream(enum.IntEnum):
+    """Fixed seeds (stream, 0) a model draws from inside `posterior`, which no run seed reaches.
+
+    As with the SavedModel's fixed posterior seed, a draw depends on the example's row and on the
+    batch size, not on the other rows' values, so evaluation and export stay deterministic.
+    """
+
+    SUBSET_WEIGHTS = 1  # BMVAE_P's pi ~ Dir(beta) of a subset posterior (`subset_weights: sample`)
+
+
 FAMILIES: tuple[type[enum.IntEnum], ...] = (EvalStream, TrainingStream, DigitsStream, MnistSvhnStream,
-                                            ArraysStream)
+                                            ArraysStream, ModelStream)

@@ -41,6 +41,8 @@ class ModelConfig:
     networks: dict[str, str] = dataclasses.field(default_factory=dict)  # modality -> networks.NETWORKS
     # modality -> weight of its log-likelihood; replaces the manifest's likelihood_weight.
     likelihood_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Learn the prior's scale per latent dimension (Shi et al.'s --learn-prior), for every model.
+    learn_prior: bool = False
     # The models' own hyper-parameters: each section is the dataclass its models declare
     # (`hyper_parameter_sections()`), with its defaults and checks, and goes to every model that
     # reads it (bmvae_m to bmvae_m and bmvae_m_uniform, mmvae to mmvae, mmvae_tight and mmvae_ms).
@@ -330,7 +332,7 @@ def build_model(model_config: ModelConfig, modalities):
         posterior=resolve_posterior(model_config),
         likelihood_scale=model_config.likelihood_scale, networks=dict(model_config.networks),
         hidden_units=tuple(model_config.hidden_units), channels=tuple(model_config.channels),
-        sequence_width=model_config.sequence_width,
+        sequence_width=model_config.sequence_width, learn_prior=model_config.learn_prior,
     )
     if cls.IMPORTANCE_SAMPLED:
         kwargs["K"] = model_config.K

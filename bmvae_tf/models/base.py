@@ -47,6 +47,13 @@ class MultimodalVAE(keras.Model):
       likelihood_scale: the fixed scale of Laplace/Gaussian likelihoods (0.75 in Shi et al.).
       networks: per-modality network choice ("auto", "mlp", "cnn"); missing names mean "auto".
       hidden_units, channels, sequence_width: network sizes (Tables 3 and 8 by default).
+      learn_prior: learn the prior's scale, as Shi et al.'s `--learn-prior` (their recipe for
+        MNIST-SVHN and CUB): p(z) keeps loc 0 and takes the scale softmax(l) * D per latent
+        dimension, l a trainable [D] weight `prior_scale_logits` starting at 0 (scale 1). The
+        scales sum to D, exactly as in their `pz_params`. False (the default) keeps the fixed
+        N(0, 1) or Laplace(0, 1) prior and creates no weight.
+      prior_dim: the dimension of z when it differs from the experts' (the MS variants pass
+        D_c + M D_s); None means latent_dim. Not a config field.
 
     A subclass adds its own keyword arguments and lists them in `get_config()`; those that are
     hyper-parameters of the objective come from a frozen dataclass declared beside the class,
@@ -65,7 +72,8 @@ class MultimodalVAE(keras.Model):
     def __init__(self, modalities: Sequence[ModalitySpec], latent_dim: int, *,
                  posterior: str = "laplace", likelihood_scale: float = 0.75,
                  networks: Mapping[str, str] | None = None, hidden_units: Sequence[int] = (400,),
-                 channels: Sequence[int] = (32, 64, 128), sequence_width: int = 128, **kwargs):
+                 channels: Sequence[int] = (32, 64, 128), sequence_width: int = 128,
+                 learn_prior: bool = False, prior_dim: int | None = None, **kwargs):
         # The model's own maths (distributions, mixture weights) is float32 under any global dtype
         # policy; only its networks, which take the global policy, compute in float16 under
         # mixed_float16.
@@ -89,6 +97,11 @@ class MultimodalVAE(keras.Model):
         self.decoders = [networks_lib.build_decoder(m, networks.get(m.name, "auto"), **sizes)
                          for m in self.modalities]
         self.likelihood_weights = [float(m.likelihood_weight) for m in self.modalities]
+        self.learn_prior = bool(learn_prior)
+        # Only a learned prior adds a weight, so runs without it keep their checkpoint layout.
+        self.prior_scale_logits = self.add_weight(
+            shape=(int(prior_dim or latent_dim),), initializer="zeros", name="prior_scale_logits",
+        ) if self.learn_prior else None
 
     @classmethod
     def hyper_parameter_sections(cls) -> dict[str, type]:
@@ -115,6 +128,7 @@ class MultimodalVAE(keras.Model):
             "hidden_units": list(self.hidden_units),
             "channels": list(self.channels),
             "sequence_width": self.sequence_width,
+            "learn_prior": self.learn_prior,
         })
         return config
 
@@ -159,9 +173,26 @@ class MultimodalVAE(keras.Model):
             scale = tf.where(given, scale, tf.ones_like(scale))
         return loc, scale
 
+    def prior_scale(self) -> tf.Tensor:
+        """The prior's scale over every dimension of z, [D]: softmax(l) * D with learn_prior
+        (Shi et al.'s parameterisation), else ones."""
+        if not self.learn_prior:
+            return tf.ones([self.latent_dim], tf.float32)
+        logits = tf.convert_to_tensor(self.prior_scale_logits)
+        return tf.nn.softmax(logits) * float(logits.shape[0])
+
     def prior(self) -> tfd.Distribution:
-        """p(z), batch shape [D]."""
-        return distributions.standard_prior(self.posterior_family, self.latent_dim)
+        """p(z), batch shape [D]: loc 0 and scale `prior_scale()`. Every term that names the
+        prior (KLs, log p(z), the prior expert of a product, prior samples) goes through it."""
+        if not self.learn_prior:
+            return distributions.standard_prior(self.posterior_family, self.latent_dim)
+        scale = self.prior_scale()
+        return distributions.expert(self.posterior_family, tf.zeros_like(scale), scale)
+
+    def expert_prior_scale(self) -> tf.Tensor:
+        """The prior's scale over the dimensions the experts are aggregated on, [D] (the shared
+        D_c of the MS variants): the prior expert of MVAE's and mmJSD's products."""
+        return self.prior_scale()
 
     def decoder_latents(self, index: int, z: tf.Tensor) -> tf.Tensor:
         """The part of z [..., D] that decoder `index` reads: all of it, unless a model splits z."""

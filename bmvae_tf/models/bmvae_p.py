@@ -14,10 +14,14 @@ from bmvae_tf import aggregation
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
 from bmvae_tf.models.hyper_parameters import require
 from bmvae_tf.noise import Noise, reparameterized_sample
+from bmvae_tf.random_streams import ModelStream
 
 tfd = tfp.distributions
 
 _CONCENTRATION_FLOOR = 1e-3
+SUBSET_WEIGHTS = ("sample", "mean")
+# The fixed seed of the pi that `posterior` draws (see bmvae_tf.random_streams.ModelStream).
+SUBSET_WEIGHTS_SEED = (int(ModelStream.SUBSET_WEIGHTS), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,8 @@ class BMVAEPHyperParameters:
     eta: weight of the Dirichlet KL. The paper picks it from {0.01h, 0.1h, 0.5h} with h the mean
       data size; 1.0 is our default.
     beta_prior: the concentration of the symmetric Dirichlet prior on every pi_d.
+    subset_weights: the weights of the subset posterior used in evaluation and export: "sample"
+      draws pi ~ Dir(beta) for each example, as the paper does (Sect. 6.3.1); "mean" takes E[pi].
     """
 
     lambda_zq: float = 1.0
@@ -37,12 +43,15 @@ class BMVAEPHyperParameters:
     lambda_mz: float | None = None
     eta: float = 1.0
     beta_prior: float = 0.5
+    subset_weights: str = "sample"
 
     def __post_init__(self):
         for field in ("lambda_zq", "lambda_mq", "lambda_mz", "eta"):
             value = getattr(self, field)
             require(value is None or value >= 0, field, "must be >= 0", value)
         require(self.beta_prior > 0, "beta_prior", "must be positive", self.beta_prior)
+        require(self.subset_weights in SUBSET_WEIGHTS, "subset_weights",
+                f"must be one of {', '.join(SUBSET_WEIGHTS)}", self.subset_weights)
 
 
 _DEFAULTS = BMVAEPHyperParameters()
@@ -63,9 +72,15 @@ class BMVAEP(MultimodalVAE):
     enters KL(q_m || q_bar). The Gaussian KLs are closed form; the Dirichlet KL is a global term
     (it does not depend on the batch). M decoder passes per step.
 
+    The posterior of a subset S (evaluation, export) is q_bar over the experts in S with pi
+    renormalised over S: drawn per example from Dir(beta) as the paper does (Sect. 6.3.1,
+    `subset_weights: sample`, the default) or E[pi] (`subset_weights: mean`); see
+    `subset_posterior_weights`.
+
     Args:
-      lambda_zq, lambda_mq, lambda_mz, eta, beta_prior: see BMVAEPHyperParameters, which holds
-        their defaults. The model keeps lambda_mq and lambda_mz with None resolved to 1/M.
+      lambda_zq, lambda_mq, lambda_mz, eta, beta_prior, subset_weights: see
+        BMVAEPHyperParameters, which holds their defaults. The model keeps lambda_mq and
+        lambda_mz with None resolved to 1/M.
       learn_weights: False gives the uniform ablation BMVAE_P^u: pi fixed at 1/M, no beta, no
         Dirichlet KL.
       posterior: must be "gaussian"; q_bar is a product of Gaussians.
@@ -78,11 +93,12 @@ class BMVAEP(MultimodalVAE):
     def __init__(self, modalities, latent_dim: int, *, lambda_zq: float = _DEFAULTS.lambda_zq,
                  lambda_mq: float | None = _DEFAULTS.lambda_mq,
                  lambda_mz: float | None = _DEFAULTS.lambda_mz, eta: float = _DEFAULTS.eta,
-                 beta_prior: float = _DEFAULTS.beta_prior, learn_weights: bool = True,
+                 beta_prior: float = _DEFAULTS.beta_prior,
+                 subset_weights: str = _DEFAULTS.subset_weights, learn_weights: bool = True,
                  posterior: str = "gaussian", **kwargs):
         if posterior != "gaussian":
             raise ValueError(f"BMVAE_P needs Gaussian experts for its product; got posterior={posterior!r}")
-        checked = BMVAEPHyperParameters(lambda_zq, lambda_mq, lambda_mz, eta, beta_prior)
+        checked = BMVAEPHyperParameters(lambda_zq, lambda_mq, lambda_mz, eta, beta_prior, subset_weights)
         super().__init__(modalities, latent_dim, posterior=posterior, **kwargs)
         uniform = 1.0 / self.num_modalities
         self.lambda_zq = float(checked.lambda_zq)
@@ -90,6 +106,7 @@ class BMVAEP(MultimodalVAE):
         self.lambda_mz = uniform if checked.lambda_mz is None else float(checked.lambda_mz)
         self.eta = float(checked.eta)
         self.beta_prior = float(checked.beta_prior)
+        self.subset_weights = checked.subset_weights
         self.learn_weights = bool(learn_weights)
         # beta starts at 1 everywhere: the flat Dirichlet, E[pi_d] = 1/M, as BMVAE_M starts at the
         # uniform alpha.
@@ -102,7 +119,7 @@ class BMVAEP(MultimodalVAE):
     def get_config(self) -> dict:
         return {**super().get_config(), "lambda_zq": self.lambda_zq, "lambda_mq": self.lambda_mq,
                 "lambda_mz": self.lambda_mz, "eta": self.eta, "beta_prior": self.beta_prior,
-                "learn_weights": self.learn_weights}
+                "subset_weights": self.subset_weights, "learn_weights": self.learn_weights}
 
     def concentration(self) -> tf.Tensor:
         """beta = softplus(logits) + 1e-3, [D, M]. Only with learn_weights."""
@@ -150,14 +167,29 @@ class BMVAEP(MultimodalVAE):
                      "kl_mz": tf.reduce_mean(kl_mz), "kl_dirichlet": kl_dirichlet})
 
     def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
-        """The weighted product over the present experts with weights E[pi_d] renormalised over them.
-
-        The paper samples pi; evaluation (latent probes, `encode`, IWAE proposals) needs one
-        deterministic posterior per input, so this uses the mean weights: posterior(...).mean() is
-        deterministic. For the uniform ablation the weights are 1/|S|.
-        """
+        """The weighted product q_bar over the present experts, with the weights of
+        `subset_posterior_weights`: batch [B], event [D]. No prior expert, as in training."""
         loc, scale = self.encode(inputs)
-        log_weights = aggregation.masked_log_weights(tf.math.log(self.mixture_weights()), present)
-        weights = tf.exp(tf.transpose(log_weights))[:, None, :]           # [M, 1, D]
+        weights = self.subset_posterior_weights(present, tf.shape(loc)[1])
         q_bar = aggregation.product_of_gaussians(loc, scale, weights, present)
         return tfd.Independent(q_bar, reinterpreted_batch_ndims=1)
+
+    def subset_posterior_weights(self, present: tf.Tensor, batch: tf.Tensor,
+                                 seed: tf.Tensor | None = None) -> tf.Tensor:
+        """The weights of the subset posterior's experts, renormalised over the present ones.
+
+        "sample" (the paper's Sect. 6.3.1): one pi_d ~ Dir(beta_d) per example and dimension,
+        [M, B, D]; renormalised over the present experts it is a draw of Dir(beta_{S,d}). The draw
+        comes from the fixed stateless seed SUBSET_WEIGHTS_SEED (or `seed`), keyed by the
+        example's row, so posterior(...).mean() is deterministic: the same batch always gets the
+        same pi (example g of every batch of one size gets the same draw).
+        "mean": E[pi_d] = beta_d / sum_m beta_{m,d}, [M, 1, D]. The uniform ablation has 1/|S|.
+        """
+        present = tf.convert_to_tensor(present, tf.bool)
+        if self.learn_weights and self.subset_weights == "sample":
+            seed = tf.constant(SUBSET_WEIGHTS_SEED, tf.int32) if seed is None else seed
+            pi = Noise(seed).dirichlet(batch, self.concentration())                   # [B, D, M]
+            pi = tf.where(present, pi, tf.zeros_like(pi))
+            return tf.transpose(pi / tf.reduce_sum(pi, axis=-1, keepdims=True), [2, 0, 1])
+        log_weights = aggregation.masked_log_weights(tf.math.log(self.mixture_weights()), present)
+        return tf.exp(tf.transpose(log_weights))[:, None, :]                          # [M, 1, D]

@@ -7,6 +7,7 @@ from typing import Mapping
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from bmvae_tf import aggregation
 from bmvae_tf.models.base import LossTerms
 from bmvae_tf.models.mmjsd import MMJSD
 from bmvae_tf.models.modality_specific import ModalitySpecificLatents
@@ -19,24 +20,25 @@ class MMJSDMS(ModalitySpecificLatents, MMJSD):
     """Eq. 5:
         sum_m E_{q(c | x_{1:M})} E_{q(s_m | x_m)}[log p(x_m | s_m, c)]
           - sum_m KL(q(s_m | x_m) || p(s_m)) - JS_pi^{M+1}({q_m(c | x_m)}, p(c)),
-    with q(c | x_{1:M}) the dynamic prior f_M of the shared experts, as in mmJSD.
+    with q(c | x_{1:M}) = (1/M) sum_m q_m(c | x_m), the mixture of the shared experts, as in
+    Sutter et al.'s code (`moe_fusion`; see MMJSD). The dynamic prior f_M, the product of the
+    shared experts and p(c), enters only the JS term. The expectation over c is stratified as in
+    MMJSD: stratum m decodes c_m ~ q_m(c | x_m) with a draw of every s_m' from its own expert, and
+    the strata are averaged with weight 1/M.
     """
 
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
-        return tfd.Independent(self.dynamic_prior(loc, scale, present), reinterpreted_batch_ndims=1)
+        return aggregation.uniform_mixture(self.posterior_family, loc, scale, present)
 
     def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
         c_noise, s_noise = Noise.of(noise).split(2)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs))
-        f_m = self.dynamic_prior(c_loc, c_scale, self.all_present())             # [B, D_c]
-        z = self.join(reparameterized_sample("gaussian", f_m.loc, f_m.scale, c_noise),
-                      self.sample_private(s_loc, s_scale, s_noise))
-        reconstruction = self.reconstruction_log_prob(inputs, z)                 # [B]
+        c = reparameterized_sample("gaussian", c_loc, c_scale, c_noise, batch_axis=1)    # [M, B, D_c]
+        s = self.sample_private(s_loc, s_scale, s_noise, [self.num_modalities])        # [M, B, M*D_s]
+        reconstruction = tf.reduce_mean(self.reconstruction_log_prob(inputs, self.join(c, s)), axis=0)
 
-        kl_experts = tf.reduce_sum(tfd.kl_divergence(tfd.Normal(c_loc, c_scale), f_m), axis=-1)  # [M, B]
-        kl_prior = tf.reduce_sum(tfd.kl_divergence(self.shared_prior(), f_m), axis=-1)        # [B]
-        js = (tf.reduce_sum(kl_experts, axis=0) + kl_prior) / (self.num_modalities + 1.0)
-        kl_private = tf.reduce_sum(self.private_kl(s_loc, s_scale), axis=0)                   # [B]
+        js = self.js_divergence(c_loc, c_scale, self.shared_prior())                   # [B]
+        kl_private = tf.reduce_sum(self.private_kl(s_loc, s_scale), axis=0)             # [B]
         objective = reconstruction - js - kl_private
 
         return LossTerms(

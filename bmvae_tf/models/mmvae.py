@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import distributions, objectives
+from bmvae_tf import aggregation, distributions, objectives
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
 from bmvae_tf.schema import ModalitySpec
 from bmvae_tf.noise import Noise, reparameterized_sample
@@ -128,12 +128,4 @@ class MMVAE(MultimodalVAE):
 
     def uniform_mixture(self, loc: tf.Tensor, scale: tf.Tensor, present: tf.Tensor) -> tfd.Distribution:
         """(1/|S|) sum_{m in S} q_m of the present experts [M, B, D]: batch [B], event [D]."""
-        components = tfd.Independent(
-            distributions.expert(self.posterior_family, tf.transpose(loc, [1, 0, 2]),
-                                 tf.transpose(scale, [1, 0, 2])),
-            reinterpreted_batch_ndims=1)                                # batch [B, M], event [D]
-        logits = tf.where(present, tf.constant(0.0, loc.dtype),
-                          tf.constant(-float("inf"), loc.dtype))                   # [M]
-        batch = tf.shape(loc)[1]
-        mixing = tfd.Categorical(logits=tf.broadcast_to(logits, [batch, self.num_modalities]))
-        return tfd.MixtureSameFamily(mixing, components)
+        return aggregation.uniform_mixture(self.posterior_family, loc, scale, present)

@@ -58,7 +58,9 @@ class ModalitySpecificLatents:
     def __init__(self, modalities, latent_dim: int, *, private_dim: int = _DEFAULTS.private_dim,
                  **kwargs):
         private_dim = ModalitySpecificHyperParameters(private_dim).private_dim
-        super().__init__(modalities, int(latent_dim) + int(private_dim), **kwargs)  # experts over [c, s_m]
+        z_dim = int(latent_dim) + len(modalities) * int(private_dim)
+        # Experts over [c, s_m]; the (learned) prior over the whole z = [c, s_1..s_M].
+        super().__init__(modalities, int(latent_dim) + int(private_dim), prior_dim=z_dim, **kwargs)
         self.shared_dim = int(latent_dim)
         self.private_dim = int(private_dim)
         self.latent_dim = self.shared_dim + self.num_modalities * self.private_dim
@@ -83,14 +85,26 @@ class ModalitySpecificLatents:
 
     # ---------------------------------------------------------------- distributions
     def shared_prior(self) -> tfd.Distribution:
-        """p(c), batch shape [D_c]."""
-        return distributions.standard_prior(self.posterior_family, self.shared_dim)
+        """p(c), batch shape [D_c]: the first D_c dimensions of the prior over z."""
+        if not self.learn_prior:
+            return distributions.standard_prior(self.posterior_family, self.shared_dim)
+        scale = self.expert_prior_scale()
+        return distributions.expert(self.posterior_family, tf.zeros_like(scale), scale)
+
+    def expert_prior_scale(self) -> tf.Tensor:
+        """The prior's scale over c, [D_c]: the prior expert of a product over the shared experts."""
+        return self.prior_scale()[:self.shared_dim]
+
+    def private_prior_scale(self) -> tf.Tensor:
+        """The prior's scale over each s_m, [M, D_s]."""
+        return tf.reshape(self.prior_scale()[self.shared_dim:], [self.num_modalities, self.private_dim])
 
     def private_posterior(self, loc: tf.Tensor, scale: tf.Tensor) -> tfd.Distribution:
         """prod_m q(s_m | x_m) from the private parts [M, B, D_s]: batch [B], event [M * D_s].
 
         An absent modality's expert arrives from `encode(inputs, present)` as loc 0, scale 1,
-        which is exactly its prior p(s_m).
+        which is exactly its prior p(s_m) unless the prior is learned; `posterior` puts the
+        learned prior's scale in its place.
         """
         batch = tf.shape(loc)[1]
         flat = lambda t: tf.reshape(tf.transpose(t, [1, 0, 2]), [batch, self.num_modalities * self.private_dim])
@@ -108,7 +122,11 @@ class ModalitySpecificLatents:
     def private_kl(self, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
         """KL(q(s_m | x_m) || p(s_m)) summed over D_s, in closed form: [M, B]."""
         experts = distributions.expert(self.posterior_family, loc, scale)
-        prior = distributions.standard_prior(self.posterior_family, self.private_dim)
+        if self.learn_prior:
+            prior_scale = self.private_prior_scale()[:, None, :]                # [M, 1, D_s]
+            prior = distributions.expert(self.posterior_family, tf.zeros_like(prior_scale), prior_scale)
+        else:
+            prior = distributions.standard_prior(self.posterior_family, self.private_dim)
         return tf.reduce_sum(tfd.kl_divergence(experts, prior), axis=-1)
 
     def shared_kl(self, q: tfd.Distribution) -> tf.Tensor:
@@ -122,5 +140,7 @@ class ModalitySpecificLatents:
         """q(c | x_S) prod_{m in S} q(s_m | x_m) prod_{m not in S} p(s_m): batch [B], event [D]."""
         present = tf.convert_to_tensor(present, tf.bool)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs, present))
+        if self.learn_prior:  # an absent modality's s_m comes from its (learned) prior
+            s_scale = tf.where(present[:, None, None], s_scale, self.private_prior_scale()[:, None, :])
         return tfd.Blockwise([self.shared_posterior(c_loc, c_scale, present),
                               self.private_posterior(s_loc, s_scale)])

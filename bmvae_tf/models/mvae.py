@@ -37,7 +37,8 @@ class MVAE(MultimodalVAE):
 
     def _product(self, loc: tf.Tensor, scale: tf.Tensor, present: tf.Tensor) -> tfd.Normal:
         """The PoE of the present experts [M, B, D] and the prior: batch [B, D]."""
-        return aggregation.product_of_gaussians(loc, scale, 1.0, present, prior_weight=1.0)
+        return aggregation.product_of_gaussians(loc, scale, 1.0, present, prior_weight=1.0,
+                                                prior_scale=self.expert_prior_scale())
 
     def _kl_to_prior(self, q: tfd.Normal) -> tf.Tensor:
         """KL(q || p) summed over the latent dimensions: [B, D] -> [B]."""

@@ -535,3 +535,79 @@ def test_mmvae_adam_steps_lower_the_loss():
                                       model.trainable_variables))
         losses.append(float(loss))
     assert losses[-1] < 0.99 * losses[0], losses
+
+
+# ------------------------------------------------------------------ 7. mmJSD (Sutter et al.)
+
+
+def _normal_kl(mu1, s1, mu2, s2):
+    return np.log(s2 / s1) + (s1 ** 2 + (mu1 - mu2) ** 2) / (2 * s2 ** 2) - 0.5
+
+
+def test_mmjsd_loss_matches_a_hand_computation():
+    """Eq. 4 by hand: the reconstruction decodes one draw of every expert (stratified mixture,
+    each weighted 1/M, every decoder on every draw) and the JS divergence is to the dynamic prior
+    f_M = prod_m q_m^{1/(M+1)} p^{1/(M+1)}. Likelihood weights are in play."""
+    from bmvae_tf.models.mmjsd import MMJSD
+
+    M, batch, D = 2, 4, 2
+    specs = _vector_specs(M, 3)
+    specs[1] = schema.ModalitySpec("v1", "vector", (3,), likelihood="gaussian", likelihood_weight=2.5)
+    model = MMJSD(specs, D, likelihood_scale=SIGMA, hidden_units=(8,))
+    x = synthetic.random_inputs(specs, batch)
+    seed = tf.constant([2, 7])
+    model.loss_terms(x, tf.constant([0, 0]))
+    calls = synthetic.record_decoder_calls(model)
+    per_example = model.loss_terms(x, seed).per_example.numpy()
+    assert sorted(i for i, _ in calls) == list(range(M))
+    z = calls[0][1].numpy()                                                         # [M*B, D]
+    np.testing.assert_array_equal(calls[1][1].numpy(), z)  # every decoder sees every draw
+
+    loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))            # [M, B, D]
+    eps = Noise(seed).normal([M], batch, [D]).numpy()                               # [M, B, D]
+    np.testing.assert_allclose(z.reshape(M, batch, D), loc + scale * eps, rtol=1e-5, atol=1e-6)
+    log_lik = sum(
+        spec.likelihood_weight * scipy.stats.norm(
+            model.decoders[i](z).numpy().reshape(M, batch, 3), SIGMA
+        ).logpdf(x[spec.name].numpy()).sum(-1)
+        for i, spec in enumerate(specs))                                            # [M, B]
+    reconstruction = log_lik.mean(0)                                                # [B]
+
+    w = 1.0 / (M + 1)
+    precision = w * (1.0 + (1.0 / scale ** 2).sum(0))
+    f_mean = w * (loc / scale ** 2).sum(0) / precision
+    f_std = precision ** -0.5
+    js = (sum(_normal_kl(loc[m], scale[m], f_mean, f_std).sum(-1) for m in range(M))
+          + _normal_kl(0.0, 1.0, f_mean, f_std).sum(-1)) / (M + 1)
+    np.testing.assert_allclose(per_example, -(reconstruction - js), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mmjsd", "mmjsd_ms"])
+def test_mmjsd_decodes_m_squared_b_rows_and_its_subset_posterior_is_the_mixture(name):
+    """The reconstruction decodes M draws per example with every decoder (M^2 B rows, as
+    MMVAE with K = 1). The subset posterior is Sutter et al.'s `moe_fusion`: the uniform mixture
+    of the given experts, with no prior component and no product."""
+    from bmvae_tf.models import MODELS
+
+    cls, _ = MODELS[name]
+    specs = synthetic.digits_like_modalities(3)
+    model = cls(specs, 4, **SMALL)
+    x = synthetic.random_inputs(specs, 5)
+    model.loss_terms(x, tf.constant([1, 2]))
+    calls = synthetic.record_decoder_calls(model)
+    model.loss_terms(x, tf.constant([3, 4]))
+    assert sorted(i for i, _ in calls) == [0, 1, 2]
+    assert sum(int(z.shape[0]) for _, z in calls) == 3 * 3 * 5
+
+    present = tf.constant([True, False, True])
+    loc, scale = (t.numpy() for t in model.encode(x))
+    posterior = model.posterior(x, present)
+    shared = posterior.distributions[0] if name == "mmjsd_ms" else posterior
+    assert isinstance(shared, tfd.MixtureSameFamily)
+    c = slice(0, 4)
+    np.testing.assert_allclose(shared.mean().numpy(), (loc[0, :, c] + loc[2, :, c]) / 2, rtol=1e-5, atol=1e-6)
+    point = tf.constant(loc[0, :, c])
+    expected = scipy.special.logsumexp(
+        [scipy.stats.norm(loc[m, :, c], scale[m, :, c]).logpdf(point.numpy()).sum(-1) for m in (0, 2)],
+        axis=0) - np.log(2)
+    np.testing.assert_allclose(shared.log_prob(point).numpy(), expected, rtol=1e-5)

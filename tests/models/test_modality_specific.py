@@ -85,10 +85,10 @@ def test_subset_posterior_is_shared_aggregate_times_private_experts_or_priors(na
             np.testing.assert_allclose(stddev[:, block], 1.0, rtol=1e-6)
 
     idx = list(given)
-    if name == "mmvae_ms":                       # uniform mixture of the given shared experts
+    if name in ("mmvae_ms", "mmjsd_ms"):         # uniform mixture of the given shared experts
         expected = c_loc[idx].mean(0)
-    else:                                        # product with the prior, weights 1 or 1/(|S|+1)
-        w = 1.0 if name == "mvae_ms" else 1.0 / (len(idx) + 1)
+    else:                                        # MVAE: product with the prior, weights 1
+        w = 1.0
         precision = w + sum(w / c_scale[m] ** 2 for m in idx)
         expected = sum(w * c_loc[m] / c_scale[m] ** 2 for m in idx) / precision
         np.testing.assert_allclose(stddev[:, :SHARED], precision ** -0.5, rtol=1e-4)

@@ -17,7 +17,8 @@ from tests import synthetic
 # A value other than the default for every field of every hyper-parameter section.
 NON_DEFAULT = {
     "bmvae_m": dict(lambda_c=3.5, tau_low=0.25, tau_high=1.5),
-    "bmvae_p": dict(lambda_zq=0.7, lambda_mq=0.2, lambda_mz=0.3, eta=0.25, beta_prior=0.8),
+    "bmvae_p": dict(lambda_zq=0.7, lambda_mq=0.2, lambda_mz=0.3, eta=0.25, beta_prior=0.8,
+                    subset_weights="mean"),
     "mmvae": dict(dreg=True),
     "ms": dict(private_dim=2),
 }
@@ -26,7 +27,7 @@ NON_DEFAULT = {
 def _build(name, specs):
     cls, fixed = MODELS[name]
     kwargs = dict(synthetic.TINY_NETWORKS, posterior="gaussian", likelihood_scale=0.5,
-                  networks={"street": "mlp"}, name=name, **fixed)
+                  networks={"street": "mlp"}, learn_prior=True, name=name, **fixed)
     if cls.IMPORTANCE_SAMPLED:
         kwargs["K"] = 3
     for section in cls.hyper_parameter_sections():
@@ -50,6 +51,7 @@ def test_config_round_trips_to_the_same_model(name):
     for section in type(model).hyper_parameter_sections():
         assert {k: config[k] for k in NON_DEFAULT[section]} == NON_DEFAULT[section]
     assert ("K" in config) == type(model).IMPORTANCE_SAMPLED
+    assert config["learn_prior"] is True
 
     rebuilt = type(model).from_config(json.loads(json.dumps(config)))       # JSON-serialisable
     assert type(rebuilt) is type(model)
@@ -83,6 +85,7 @@ def test_constructor_defaults_are_the_dataclass_defaults(name):
     (BMVAEP, dict(lambda_mq=-0.1), "lambda_mq"),
     (BMVAEP, dict(eta=-1.0), "eta"),
     (BMVAEP, dict(beta_prior=0.0), "beta_prior"),
+    (BMVAEP, dict(subset_weights="median"), "subset_weights"),
     (MVAEMS, dict(private_dim=0), "private_dim"),
 ])
 def test_constructor_rejects_a_bad_hyper_parameter_by_name(cls, kwargs, field):

@@ -242,22 +242,23 @@ def test_mmjsd_dynamic_prior_weights_prior_and_experts_equally():
     specs = synthetic.digits_like_modalities(3)
     model = _build("mmjsd", specs)
     x = synthetic.random_inputs(specs, 5)
-    loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
+    loc_t, scale_t = model.encode(x)
+    loc, scale = loc_t.numpy().astype(np.float64), scale_t.numpy().astype(np.float64)
     for present in ([True, True, True], [True, False, True]):
         idx = [i for i, p in enumerate(present) if p]
         w = 1 / (len(idx) + 1)
         precision = w * (1 + sum(1 / scale[i] ** 2 for i in idx))
         mean = w * sum(loc[i] / scale[i] ** 2 for i in idx) / precision
-        posterior = model.posterior(x, tf.constant(present))
-        np.testing.assert_allclose(posterior.variance().numpy(), 1 / precision, rtol=1e-5)
-        np.testing.assert_allclose(posterior.mean().numpy(), mean, rtol=1e-4, atol=1e-6)
+        f_m = model.dynamic_prior(loc_t, scale_t, tf.constant(present))
+        np.testing.assert_allclose(f_m.variance().numpy(), 1 / precision, rtol=1e-5)
+        np.testing.assert_allclose(f_m.mean().numpy(), mean, rtol=1e-4, atol=1e-6)
 
 
 def test_mmjsd_loss_is_the_js_divergence_without_reconstruction():
     specs = synthetic.digits_like_modalities(3)
     model = _build("mmjsd", specs)
     x = synthetic.random_inputs(specs, 5)
-    f = model.posterior(x, model.all_present()).distribution
+    f = model.dynamic_prior(*model.encode(x), model.all_present())
     f_mean, f_std = f.mean().numpy().astype(np.float64), f.stddev().numpy().astype(np.float64)
     loc, scale = (t.numpy().astype(np.float64) for t in model.encode(x))
     _zero_reconstruction(model)
@@ -329,7 +330,7 @@ def test_bmvae_p_dirichlet_kl_is_the_global_term():
 
 def test_bmvae_p_posterior_uses_mean_weights_renormalised_over_the_present_experts():
     specs = synthetic.digits_like_modalities(3)
-    model = _build("bmvae_p", specs)
+    model = _build("bmvae_p", specs, subset_weights="mean")
     x = synthetic.random_inputs(specs, 5)
     beta = np.random.default_rng(2).uniform(0.1, 3.0, size=(LATENT, 3))
     model.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
@@ -342,3 +343,47 @@ def test_bmvae_p_posterior_uses_mean_weights_renormalised_over_the_present_exper
     np.testing.assert_allclose(posterior.variance().numpy(), 1 / precision, rtol=1e-5)
     np.testing.assert_allclose(posterior.mean().numpy(), mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(model.posterior(x, present).mean().numpy(), posterior.mean().numpy())
+
+
+def test_bmvae_p_subset_posterior_samples_dirichlet_weights_renormalised_over_the_given():
+    """`subset_weights: sample` (the paper's Sect. 6.3.1): each example draws pi_d ~ Dir(beta_d);
+    over the given experts {0, 2} that is pi_{0,d} ~ Beta(beta_{0,d}, beta_{2,d})."""
+    specs = synthetic.digits_like_modalities(3)
+    model = _build("bmvae_p", specs)
+    assert model.subset_weights == "sample"
+    beta = np.array([[0.3, 2.0, 0.6], [1.0, 0.5, 1.0], [4.0, 1.0, 0.5], [0.2, 0.2, 0.2]])
+    model.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
+    n = 20000
+    weights = model.subset_posterior_weights(tf.constant([True, False, True]), n).numpy()  # [M, n, D]
+    np.testing.assert_array_equal(weights[1], 0.0)
+    np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-5)
+    a, b = beta[:, 0], beta[:, 2]
+    mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
+    assert np.all(np.abs(weights[0].mean(0) - mean) < 4 * np.sqrt(var / n)), (weights[0].mean(0), mean)
+    np.testing.assert_allclose(weights[0].var(0), var, rtol=0.06)
+
+
+def test_bmvae_p_sampled_and_mean_subset_posteriors_differ_and_both_are_deterministic():
+    specs = synthetic.digits_like_modalities(3)
+    sampled = _build("bmvae_p", specs)
+    mean_weights = _build("bmvae_p", specs, subset_weights="mean")
+    x = synthetic.random_inputs(specs, 6)
+    mean_weights(x), sampled(x)
+    mean_weights.set_weights(sampled.get_weights())
+    beta = np.random.default_rng(4).uniform(0.1, 0.6, size=(LATENT, 3))        # beta < 1: near one-hot pi
+    sampled.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
+    mean_weights.concentration_logits.assign(np.log(np.expm1(beta - 1e-3)))
+    present = tf.constant([True, True, False])
+
+    posterior = sampled.posterior(x, present)
+    np.testing.assert_array_equal(sampled.posterior(x, present).mean().numpy(), posterior.mean().numpy())
+    assert np.abs(posterior.mean().numpy() - mean_weights.posterior(x, present).mean().numpy()).max() > 1e-3
+
+    # The sampled posterior is the product with the drawn weights, by hand.
+    loc, scale = (t.numpy().astype(np.float64) for t in sampled.encode(x))
+    w = sampled.subset_posterior_weights(present, 6).numpy().astype(np.float64)     # [M, B, D]
+    precision = w[0] / scale[0] ** 2 + w[1] / scale[1] ** 2
+    expected = (w[0] * loc[0] / scale[0] ** 2 + w[1] * loc[1] / scale[1] ** 2) / precision
+    np.testing.assert_allclose(posterior.mean().numpy(), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(posterior.variance().numpy(), 1 / precision, rtol=1e-4)
+    assert np.all(w[:2].std(axis=1) > 0.05)                  # a per-example draw, not a constant

@@ -79,8 +79,10 @@ def test_every_model_receives_its_configured_hyper_parameters(name):
 
     config = config_lib.from_dict(config_lib.apply_overrides({}, [
         f"model.name={name}", "model.latent_dim=5", "model.K=3", "model.ms.private_dim=2",
-        "model.bmvae_m.lambda_c=7", "model.bmvae_p.eta=0.25", "model.mmvae.dreg=true"]))
+        "model.bmvae_m.lambda_c=7", "model.bmvae_p.eta=0.25", "model.mmvae.dreg=true",
+        "model.bmvae_p.subset_weights=mean", "model.learn_prior=true"]))
     model = config_lib.build_model(config.model, synthetic.digits_like_modalities(3))
+    assert model.learn_prior and model.prior_scale_logits is not None
     # Every importance-sampled model (BMVAE_M and the MMVAE family) must take the configured K.
     if name.startswith(("bmvae_m", "mmvae")):
         assert model.K == 3
@@ -123,3 +125,16 @@ def test_a_bad_hyper_parameter_is_a_user_error_naming_its_key(key, value):
 
     with pytest.raises(UserError, match=rf"{key} must be .*, got {value}"):
         config_lib.from_dict(config_lib.apply_overrides({}, [f"{key}={value}"]))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.bmvae_p.subset_weights", "median", "must be one of sample, mean"),
+    ("model.learn_prior", "1", "must be true or false")])
+def test_subset_weights_and_learn_prior_are_checked_by_the_config(key, value, message):
+    from bmvae_tf.errors import UserError
+    from bmvae_tf.trainers import config as config_lib
+
+    with pytest.raises(UserError, match=rf"{key} {message}"):
+        config_lib.from_dict(config_lib.apply_overrides({}, [f"{key}={value}"]))
+    assert config_lib.from_dict({}).model.learn_prior is False
+    assert config_lib.from_dict({}).model.bmvae_p.subset_weights == "sample"
