@@ -93,7 +93,7 @@ class EvalConfig:
     classifier_epochs: int = 5
     random_samples: int = 1000
     log_likelihood_samples: int = 1000  # K of the IWAE estimate; the paper uses 1000
-    log_likelihood_examples: int = 500  # test examples the estimate averages over
+    log_likelihood_examples: int = 500  # test examples the estimates average over (0: all of them)
     max_examples: int = 0  # 0: every example of each split
     # Robustness (trainers/robustness.py): MultiBench's noise levels 0, 0.1, ..., 1.0, and how many
     # train examples the raw-input baseline probe is fitted on (0: no baseline, no effective

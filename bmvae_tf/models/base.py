@@ -210,6 +210,8 @@ class MultimodalVAE(keras.Model):
                                 present: tf.Tensor | None = None) -> tf.Tensor:
         """sum_m w_m log p(x_m | z) over the present modalities: z [..., B, D] -> [..., B].
 
+        The TRAINING term: w_m is the modality's likelihood weight (the manifest's, or the config's
+        model.likelihood_weights). A reported likelihood never uses it: see `modality_log_probs`.
         One decoder pass per modality for all leading sample dimensions at once.
         """
         total = 0.0
@@ -219,6 +221,14 @@ class MultimodalVAE(keras.Model):
                 log_prob = tf.where(present[index], log_prob, tf.zeros_like(log_prob))
             total += self.likelihood_weights[index] * log_prob
         return total
+
+    def modality_log_probs(self, inputs: Mapping[str, tf.Tensor], z: tf.Tensor) -> tf.Tensor:
+        """Unweighted log p(x_m | z) of every modality, stacked: z [..., B, D] -> [M, ..., B].
+
+        What every reported likelihood (`log_marginals`) scores; one decoder pass per modality.
+        """
+        return tf.stack([self.modality_log_prob(index, inputs[spec.name], z)
+                         for index, spec in enumerate(self.modalities)])
 
     def modality_log_prob(self, index: int, x: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
         """log p(x_m | z) for modality `index`: x [B, *shape], z [..., B, D] -> [..., B]."""
@@ -259,29 +269,55 @@ class MultimodalVAE(keras.Model):
 
     def log_marginal(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor, num_samples: int,
                      seed: tf.Tensor, chunk_size: int = 100) -> tf.Tensor:
-        """IWAE estimate of log p(x_S) for the present subset S, [B] (Eq. 1, Burda et al.).
+        """IWAE estimate of log p(x_S) for the present subset S, [B] (Eq. 1, Burda et al.):
+        `log_marginals` with S as the only scored subset. Unweighted: the likelihood weights of
+        training never enter it."""
+        present = tf.convert_to_tensor(present, tf.bool)
+        return self.log_marginals(inputs, present, present[None], num_samples, seed, chunk_size)[0]
 
-        The proposal is the model's subset posterior. Samples are drawn `chunk_size` at a time,
-        chunk i from seed fold_in(seed, i * chunk_size), and folded into a running log-sum-exp.
-        The full chunks run in a tf.while_loop with one iteration in flight, so a traced graph
-        holds one chunk's decoder activations whatever K is (the paper's K = 1000 and beyond);
-        an unrolled Python loop would let TensorFlow run every chunk at once.
+    def log_marginals(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor, scored: tf.Tensor,
+                      num_samples: int, seed: tf.Tensor, chunk_size: int = 100) -> tf.Tensor:
+        """IWAE estimates of log p(x_A) for every row A of `scored`, all from one proposal: [N, B].
+
+            log (1/K) sum_k p(x_A | z_k) p(z_k) / q(z_k | x_S),   z_k ~ q(z | x_S),  S = present,
+
+        with p(x_A | z) = prod_{m in A} p(x_m | z), UNWEIGHTED (the likelihood weights of training
+        never enter a likelihood). Every row shares the same K samples, so for A = T u S the
+        difference of rows A and S is the conditional estimate of log p(x_T | x_S) (docs/metrics.md).
+        For A = S it is the IWAE lower bound of log p(x_S), exact for any K when q is the true
+        posterior. The proposal sees only x_S: the absent modalities are zeroed before encoding;
+        the scored modalities are read from `inputs` as given.
+
+        Args:
+          present: bool [M], the proposal's subset S. scored: bool [N, M], the subsets A.
+          num_samples: K. seed: int32 [2]; chunk i of the samples draws from
+            fold_in(seed, i * chunk_size), whatever `scored` is.
+
+        The samples are drawn `chunk_size` at a time and folded into a running log-sum-exp. The
+        full chunks run in a tf.while_loop with one iteration in flight, so a traced graph holds
+        one chunk's decoder activations whatever K is (the paper's K = 1000 and beyond); an
+        unrolled Python loop would let TensorFlow run every chunk at once.
         """
-        proposal = self.posterior(inputs, present)
+        present = tf.convert_to_tensor(present, tf.bool)
+        scored = tf.convert_to_tensor(scored, tf.bool)[:, :, None, None]                 # [N, M, 1, 1]
+        given = {spec.name: tf.where(present[m], inputs[spec.name], tf.zeros_like(inputs[spec.name]))
+                 for m, spec in enumerate(self.modalities)}
+        proposal = self.posterior(given, present)
         prior = self.prior()
 
         def chunk_log_sum(start, k: int) -> tf.Tensor:
             z = proposal.sample(k, seed=tf.random.experimental.stateless_fold_in(seed, start))
-            log_w = (self.reconstruction_log_prob(inputs, z, present)
-                     + tf.reduce_sum(prior.log_prob(z), -1) - proposal.log_prob(z))     # [k, B]
-            return tf.reduce_logsumexp(log_w, axis=0)                                    # [B]
+            log_lik = self.modality_log_probs(inputs, z)                                 # [M, k, B]
+            log_lik = tf.reduce_sum(tf.where(scored, log_lik[None], tf.zeros_like(log_lik[None])), 1)
+            log_w = log_lik + tf.reduce_sum(prior.log_prob(z), -1) - proposal.log_prob(z)  # [N, k, B]
+            return tf.reduce_logsumexp(log_w, axis=1)                                    # [N, B]
 
         def accumulate(running: tf.Tensor, chunk: tf.Tensor) -> tf.Tensor:
             return tf.reduce_logsumexp(tf.stack([running, chunk]), axis=0)
 
         full_chunks, rest = divmod(int(num_samples), int(chunk_size))
-        batch = proposal.batch_shape_tensor()[0]
-        running = tf.fill([batch], tf.constant(-float("inf"), tf.float32))
+        shape = tf.stack([tf.shape(scored)[0], proposal.batch_shape_tensor()[0]])
+        running = tf.fill(shape, tf.constant(-float("inf"), tf.float32))
         if full_chunks:
             _, running = tf.while_loop(
                 lambda i, _: i < full_chunks,

@@ -31,6 +31,9 @@ def _metrics(model: str, latent: float, relative_curve: list[float], baseline: l
         "coherence": {"y|x": 0.5, "x|y": 0.25},
         "random_coherence": 0.1, "random_coherence_gmm": 0.2,
         "log_likelihood": {s: -100.0 for s in subsets},
+        "joint_log_likelihood": -100.0, "conditional_log_likelihood": {"y|x": -40.0, "x|y": -60.0},
+        "likelihood_estimators": {"log_likelihood": "toy IWAE", "joint_log_likelihood": "toy",
+                                  "conditional_log_likelihood": "toy difference"},
         "classifier_accuracy": {"x": 0.9, "y": 0.8},
         "robustness": {
             "noise_levels": LEVELS, "noise": "toy noise",
@@ -43,6 +46,8 @@ def _metrics(model: str, latent: float, relative_curve: list[float], baseline: l
         "num_examples": {"latent_accuracy": {"train": 80, "test": 20}, "coherence": 20,
                          "random_coherence": 50, "random_coherence_gmm": {"samples": 50, "gmm_fit": 80},
                          "log_likelihood": 10, "log_likelihood_samples": 7, "classifier": {"train": 80, "test": 20},
+                         "joint_log_likelihood": 10, "joint_log_likelihood_samples": 7,
+                         "conditional_log_likelihood": 10, "conditional_log_likelihood_samples": 7,
                          "robustness": {"train": 80, "test": 20, "baseline_train": 80, "levels": 3}},
         "skipped": {},
     }
@@ -84,6 +89,9 @@ def test_run_tables_say_how_many_examples_each_number_rests_on():
     latent = tables["Latent accuracy (linear probe on posterior means)"]
     assert latent.rows[0] == ["x", "0.900"] and "80 train" in latent.note and "20 test" in latent.note
     assert "K = 7" in tables["Log-likelihood (IWAE estimate of log p(x_S))"].note
+    conditional = tables["Conditional log-likelihood log p(x_T | x_S)"]
+    assert conditional.rows == [["y|x", "-40.0"], ["x|y", "-60.0"]]
+    assert "10 test examples" in conditional.note and "toy difference" in conditional.note
     rob = tables["Robustness (MultiBench): latent accuracy under input noise"]
     # relative: 0.5 * (0.9 + 0.6) / 2 + 0.5 * (0.6 + 0.3) / 2 = 0.6; effective: (0 - 0) + (-0.3 + 0.4)
     # + (-0.6 + 0.6) = 0.1
@@ -208,6 +216,10 @@ def test_metrics_record_round_trips_metrics_json(tmp_path):
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     (json.dumps({"model": "m", "dataset": "d"}), "missing 'modalities'"),
+    # Written before the likelihoods were unweighted (issue 14): its log_likelihood is not one.
+    (json.dumps({k: v for k, v in _metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]).items()
+                 if k not in ("joint_log_likelihood", "conditional_log_likelihood", "likelihood_estimators")}),
+     "missing 'joint_log_likelihood', 'conditional_log_likelihood', 'likelihood_estimators'"),
     (json.dumps({**_metrics("m", 0.9, [0.9, 0.6, 0.3], [0.8, 0.4, 0.2]), "latent_acc": {}}), "unknown 'latent_acc'"),
 ])
 def test_a_bad_or_old_metrics_json_is_a_user_error_naming_the_file(tmp_path, content, problem):

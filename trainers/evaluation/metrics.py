@@ -2,9 +2,10 @@
 
 `bmvae evaluate` fills a `Metrics` stage by stage and writes it with `write`; the run report and
 `bmvae compare` read it back with `Metrics.from_json`, so a field is named in one place. The JSON
-keys and values are exactly the fields: subset keys "a+b", coherence keys "t|a+b"; a label-based
-metric is None on unlabelled data, with the reason in `skipped`; `num_examples` says how many
-examples (and samples) each number rests on.
+keys and values are exactly the fields: subset keys "a+b", coherence keys "t|a+b", conditional
+likelihood keys "T|S" (both subset keys); a label-based metric is None on unlabelled data, with the
+reason in `skipped`; `num_examples` says how many examples (and samples) each number rests on.
+Likelihoods are unweighted (the training likelihood weights never enter them), in nats.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ class Metrics:
     coherence: dict[str, float] | None = None  # {"t|S": cross coherence}
     random_coherence: float | None = None  # prior latents
     random_coherence_gmm: float | None = None  # latents of the ex-post GMM
-    log_likelihood: dict[str, float | None] | None = None  # {subset: IWAE estimate, nats}
+    log_likelihood: dict[str, float | None] | None = None  # {subset: IWAE estimate of log p(x_S), nats}
+    joint_log_likelihood: float | None = None  # log p(x_1..M) from the joint posterior, nats
+    conditional_log_likelihood: dict[str, float | None] | None = None  # {"T|S": log p(x_T | x_S), nats}
+    likelihood_estimators: dict[str, str] | None = None  # {likelihood metric: how it is estimated}
     robustness: dict[str, Any] | None = None  # `robustness.RobustnessResult.to_json()`
     mixture_weights: list[list[float]] | None = None  # [D][M], BMVAE models only
     classifier_accuracy: dict[str, float] | None = None  # {modality: accuracy on real test data}

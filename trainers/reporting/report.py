@@ -175,12 +175,7 @@ def run_metric_tables(metrics: Metrics) -> list[Table]:
         tables.append(Table("Coherence classifiers (accuracy on real test data)", ["modality", "accuracy"],
                             [[k, fmt(v)] for k, v in classifier.items()],
                             f"trained on {n.get('train')} train examples, scored on {n.get('test')} test examples"))
-    ll = metrics.log_likelihood
-    if ll:
-        tables.append(Table("Log-likelihood (IWAE estimate of log p(x_S))", ["subset", "log-likelihood"],
-                            [[k, fmt(v, 1)] for k, v in ll.items()],
-                            f"mean over {metrics.count('log_likelihood')} test examples, "
-                            f"K = {metrics.count('log_likelihood_samples')} importance samples"))
+    tables.extend(likelihood_tables(metrics))
     rob = metrics.robustness
     if rob:
         n = metrics.count("robustness") or {}
@@ -206,6 +201,27 @@ def run_metric_tables(metrics: Metrics) -> list[Table]:
     skipped = metrics.skipped
     if skipped:
         tables.append(Table("Skipped", ["metric", "why"], [[k, v] for k, v in skipped.items()]))
+    return tables
+
+
+def likelihood_tables(metrics: Metrics) -> list[Table]:
+    """log p(x_S) by subset (the joint is the row of all modalities) and log p(x_T | x_S), each
+    noting its estimator, examples and K."""
+    tables = []
+    estimators = metrics.likelihood_estimators or {}
+
+    def note(name: str) -> str:
+        return (f"nats, mean over {metrics.count(name)} test examples, K = {metrics.count(f'{name}_samples')} "
+                f"importance samples; unweighted. Estimator: {estimators.get(name, 'n/a')}")
+
+    if metrics.log_likelihood:
+        tables.append(Table("Log-likelihood (IWAE estimate of log p(x_S))", ["subset", "log-likelihood"],
+                            [[k, fmt(v, 1)] for k, v in metrics.log_likelihood.items()],
+                            note("log_likelihood") + ". The row of all modalities is joint_log_likelihood."))
+    if metrics.conditional_log_likelihood:
+        tables.append(Table("Conditional log-likelihood log p(x_T | x_S)", ["T|S", "log-likelihood"],
+                            [[k, fmt(v, 1)] for k, v in metrics.conditional_log_likelihood.items()],
+                            note("conditional_log_likelihood")))
     return tables
 
 

@@ -242,11 +242,11 @@ def headline_metrics(metrics: Mapping) -> dict[str, float]:
     """metrics.json's numbers as `eval/<metric>[/<key>]` tags (robustness curves and the
     mixture weights, which are not single numbers, are left to report.html)."""
     out = {}
-    for name in ("random_coherence", "random_coherence_gmm", "seconds_per_epoch"):
+    for name in ("random_coherence", "random_coherence_gmm", "joint_log_likelihood", "seconds_per_epoch"):
         if isinstance(metrics.get(name), (int, float)):
             out[f"eval/{name}"] = float(metrics[name])
-    for name in ("latent_accuracy", "coherence", "log_likelihood", "classifier_accuracy",
-                 "cca_coherence"):
+    for name in ("latent_accuracy", "coherence", "log_likelihood", "conditional_log_likelihood",
+                 "classifier_accuracy", "cca_coherence"):
         for key, value in (metrics.get(name) or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"eval/{name}/{key}"] = float(value)
