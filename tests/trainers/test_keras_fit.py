@@ -48,7 +48,7 @@ class StepLosses(keras.callbacks.Callback):
         return [m[0]] + [(k + 1) * m[k] - k * m[k - 1] for k in range(1, len(m))]
 
 
-@pytest.mark.parametrize("name", ["bmvae_m", "mmvae"])
+@pytest.mark.parametrize("name", ["bmvae_m", pytest.param("mmvae", marks=pytest.mark.slow)])
 def test_one_epoch_of_fit_follows_the_custom_loop(dataset, tmp_path, name):
     """Same seed, same initial weights, same batches: fit() and `bmvae train`'s loop take the same
     steps (losses per step, validation loss, final weights) within float tolerance."""
