@@ -161,9 +161,10 @@ def check_decoder(spec: ModalitySpec, layer, latent_dim: int, batch: int = 2) ->
 
 def check_networks(modalities: Sequence[ModalitySpec], encoders, decoders, expert_dims: Sequence[int],
                    decoder_dims: Sequence[int]) -> None:
-    """Calls every encoder and decoder once on zeros (building its variables) and checks the
-    contract; UserError naming the first modality and layer that breaks it."""
-    for spec, encoder, decoder, expert_dim, decoder_dim in zip(modalities, encoders, decoders,
-                                                               expert_dims, decoder_dims):
+    """Calls every encoder, then every decoder, once on zeros (building its variables, in the
+    order a forward pass and `generate` would, so a seed gives the same initial weights) and
+    checks the contract; UserError naming the first modality and layer that breaks it."""
+    for spec, encoder, expert_dim in zip(modalities, encoders, expert_dims):
         check_encoder(spec, encoder, expert_dim)
+    for spec, decoder, decoder_dim in zip(modalities, decoders, decoder_dims):
         check_decoder(spec, decoder, decoder_dim)
