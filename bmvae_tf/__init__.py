@@ -5,8 +5,10 @@ Only two modules here touch files: `schema` (the data contract, with `read_manif
 `pipeline/` (installed as `bmvae_tf.pipeline`) and `trainers/` (`bmvae_tf.trainers`) are the edges.
 
 The Python API (`bmvae_tf.api`, imported on first use, so `import bmvae_tf` stays free of
-TensorFlow): `build_model`, `load_dataset`, `load_run`, `evaluate`, `metric_names`,
-`modality_specs`; `CustomNetworks` (`bmvae_tf.custom_networks`) for your own layers.
+TensorFlow) is the library's edge, as the CLI is the command line's: it reaches files only
+through `schema` and `trainers/`. It exports `build_model`, `load_dataset`, `load_run`,
+`evaluate`, `metric_names`, `modality_specs`; and `CustomNetworks` (`bmvae_tf.custom_networks`)
+for your own layers.
 """
 
 _API = {"build_model": "bmvae_tf.api", "load_dataset": "bmvae_tf.api", "load_run": "bmvae_tf.api",
