@@ -48,6 +48,13 @@ class CustomNetworks:
     decoder: Any = None
     fallback: str = "auto"
 
+    def get_config(self):
+        """Keras asks when saving a whole model (`model.save`, `ModelCheckpoint`): layer objects
+        are not a config; their weights save with `save_weights`."""
+        raise UserError("a model whose networks are layer objects (encoders=/decoders=) saves "
+                        "its weights only: use save_weights or ModelCheckpoint(save_weights_only=True), "
+                        "or name the network as \"module:factory\" in model.networks")
+
     def __post_init__(self):
         for role in ROLES:
             layer = getattr(self, role)

@@ -74,6 +74,9 @@ def test_custom_layers_are_the_models_networks_and_train(tmp_path):
     model.fit(synthetic.random_inputs(SPECS, 8), batch_size=8, epochs=1, verbose=0)
     after = [w.numpy() for w in encoder.weights + decoder.weights]
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+    model.save_weights(str(tmp_path / "custom.weights.h5"))
+    with pytest.raises(UserError, match=r"layer objects \(encoders=/decoders=\) saves its weights only"):
+        model.save(str(tmp_path / "custom.keras"))
 
 
 @pytest.mark.parametrize("role, layer, what", [
