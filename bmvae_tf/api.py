@@ -61,6 +61,10 @@ def modality_specs(modalities) -> list[schema.ModalitySpec]:
     return specs
 
 
+def _field_names(dataclass) -> set[str]:
+    return {f.name for f in dataclasses.fields(dataclass)}
+
+
 def _model_section(name: str, hyper_parameters: Mapping[str, Any]) -> dict:
     """The `model:` config section: shared keys as they are; a class's hyper-parameters either
     as its section (`bmvae_m={"lambda_c": 12}`) or flat (`lambda_c=12`)."""
@@ -74,15 +78,15 @@ def _model_section(name: str, hyper_parameters: Mapping[str, Any]) -> dict:
         shared.discard("K")
     section: dict[str, Any] = {"name": name}
     for key, value in hyper_parameters.items():
-        owner = next((s for s, dc in sections.items() if key in {f.name for f in dataclasses.fields(dc)}), None)
+        owner = next((s for s, dc in sections.items() if key in _field_names(dc)), None)
         if key in shared or key in sections:
             section[key] = dict(value) if key in sections else value
         elif owner is not None:
             section.setdefault(owner, {})[key] = value
         else:
-            known = sorted(shared | set(sections) | {f.name for dc in sections.values()
-                                                     for f in dataclasses.fields(dc)})
-            raise UserError(f"build_model: {name} takes no hyper-parameter {key!r}; known: {', '.join(known)}")
+            known = sorted(shared | set(sections) | {f for dc in sections.values() for f in _field_names(dc)})
+            raise UserError(f"build_model: {name} takes no hyper-parameter {key!r}; "
+                            f"known: {', '.join(known)}")
     return section
 
 
@@ -196,9 +200,9 @@ def evaluate(model, data_dir: str, *, metrics: Sequence[str] | None = None, seed
     if unknown:
         raise UserError(f"evaluate: unknown metric {unknown[0]!r}; choose from {', '.join(known)}")
     weights = model.mixture_weights()
+    weights = None if weights is None else tf.convert_to_tensor(weights).numpy().tolist()
     record = Metrics(model=model.name, dataset=manifest.name, modalities=manifest.modality_names,
-                     epochs=0, seconds_per_epoch=None,
-                     mixture_weights=None if weights is None else tf.convert_to_tensor(weights).numpy().tolist())
+                     epochs=0, seconds_per_epoch=None, mixture_weights=weights)
     with tempfile.TemporaryDirectory(prefix="bmvae-eval-") as scratch:
         context = EvalContext(model=model, manifest=manifest, eval=eval_config, seed=int(seed),
                               paths=run_dir.RunPaths(cache_dir or scratch), history=[], metrics=record)

@@ -45,7 +45,9 @@ class DigitDecoder(keras.layers.Layer):
 def make_network(role, spec, latent_dim):
     """A "module:factory" factory: tests.models.test_custom_networks:make_network."""
     assert spec.name == "digit"
-    return DigitEncoder(latent_dim, name="factory_encoder") if role == "encoder" else DigitDecoder(name="factory_decoder")
+    if role == "encoder":
+        return DigitEncoder(latent_dim, name="factory_encoder")
+    return DigitDecoder(name="factory_decoder")
 
 
 class Returns(keras.layers.Layer):
@@ -87,7 +89,8 @@ def test_custom_layers_are_the_models_networks_and_train(tmp_path):
     ("encoders", Returns(lambda x: (tf.zeros([_rows(x), 4], tf.int32),) * 2, name="ints"),
      "loc has dtype int32; it must be floating"),
     ("encoders", Returns(lambda x: (x, x, x), name="triple"), "it returned a tuple of 3"),
-    ("encoders", Returns(lambda x: tf.reshape(x, [3, -1]), name="raises"), "calling it on float32 [2, 8, 8, 1] failed"),
+    ("encoders", Returns(lambda x: tf.reshape(x, [3, -1]), name="raises"),
+     "calling it on float32 [2, 8, 8, 1] failed"),
     ("decoders", Returns(lambda z: tf.zeros([_rows(z), 64]), name="flat"),
      "its output has shape [2, 64], expected [2, 8, 8, 1]"),
     ("decoders", Returns(lambda z: (z, z), name="pair"), "it returned a tuple of 2; a decoder returns one tensor"),

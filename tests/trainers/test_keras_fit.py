@@ -69,8 +69,8 @@ def test_one_epoch_of_fit_follows_the_custom_loop(dataset, tmp_path, name):
     epoch = inputs.epoch_dataset(tf.distribute.InputContext(), manifest, config, validation, 1, 0,
                                  steps, False)
     recorder = StepLosses()
-    fitted = model.fit(epoch, epochs=1, verbose=0, callbacks=[recorder],
-                       validation_data=inputs.validation_dataset(manifest, validation, config.eval.batch_size))
+    held_out = inputs.validation_dataset(manifest, validation, config.eval.batch_size)
+    fitted = model.fit(epoch, epochs=1, verbose=0, callbacks=[recorder], validation_data=held_out)
 
     assert len(loop_losses) == steps == 4
     np.testing.assert_allclose(recorder.losses, loop_losses, rtol=1e-4)
