@@ -9,6 +9,7 @@ latents [batch, D] to likelihood parameters: [batch, *shape] for images and vect
   mirror image in transposed convolutions.
 - sequences: Table 8's text network: one-hot tokens as channels, 1-D convolutions.
 - vectors: an MLP (Table 3's MNIST network has one hidden layer of 400).
+- your own layers (`custom_networks`): a `CustomNetworks` or a "module:factory" name.
 - CUB (Table 6, after Shi et al.'s code), chosen by name in `model.networks`:
   `feature_mlp` for ResNet feature vectors (widths halving 2048-1024-512-256 with ELU, and the
   mirror image), `sentence_cnn` for captions of 32 tokens (a 128-d embedding read as a
@@ -26,6 +27,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
+from bmvae_tf import custom_networks
 from bmvae_tf.schema import ModalitySpec
 
 NETWORKS = ("auto", "mlp", "cnn", "feature_mlp", "sentence_cnn")
@@ -284,10 +286,15 @@ class SentenceCNNDecoder(keras.layers.Layer):
         return self.out(h[..., 0])
 
 
-def build_encoder(spec: ModalitySpec, latent_dim: int, network: str = "auto",
+def build_encoder(spec: ModalitySpec, latent_dim: int, network="auto",
                   hidden_units: Sequence[int] = (400,), channels: Sequence[int] = (32, 64, 128),
                   sequence_width: int = 128) -> keras.layers.Layer:
-    kind = resolve_network(spec, network)
+    """The encoder of one modality. network: a name of NETWORKS, a "module:factory" name or a
+    `custom_networks.CustomNetworks` (the user's layers, kept as they are)."""
+    custom = custom_networks.custom_layer(spec, network, "encoder", latent_dim)
+    if custom is not None:
+        return custom
+    kind = resolve_network(spec, custom_networks.builtin_name(network))
     name = f"encoder_{spec.name}"
     if kind == "feature_mlp":
         return FeatureEncoder(latent_dim, spec.shape[0], name=name)
@@ -300,11 +307,15 @@ def build_encoder(spec: ModalitySpec, latent_dim: int, network: str = "auto",
     return MLPEncoder(latent_dim, hidden_units, name=name)
 
 
-def build_decoder(spec: ModalitySpec, network: str = "auto",
+def build_decoder(spec: ModalitySpec, network="auto",
                   hidden_units: Sequence[int] = (400,), channels: Sequence[int] = (32, 64, 128),
                   sequence_width: int = 128) -> keras.layers.Layer:
-    """The decoder of one modality; it takes its latent width from its first call."""
-    kind = resolve_network(spec, network)
+    """The decoder of one modality; it takes its latent width from its first call. network: as
+    for `build_encoder`."""
+    custom = custom_networks.custom_layer(spec, network, "decoder", None)
+    if custom is not None:
+        return custom
+    kind = resolve_network(spec, custom_networks.builtin_name(network))
     name = f"decoder_{spec.name}"
     if kind == "feature_mlp":
         return FeatureDecoder(spec.shape[0], name=name)

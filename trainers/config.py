@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from bmvae_tf import custom_networks
 from bmvae_tf import networks as networks_lib
 from bmvae_tf.errors import UserError
 from bmvae_tf.models import (MODELS, BMVAEMHyperParameters, BMVAEPHyperParameters, HyperParameterError,
@@ -129,8 +130,10 @@ class Config:
         _check(m.posterior in families,
                f"model.posterior: {m.name} supports {' or '.join(families)} experts, not {m.posterior!r}")
         _check(m.likelihood_scale > 0, "model.likelihood_scale must be positive")
-        _check(all(n in networks_lib.NETWORKS for n in m.networks.values()),
-               f"model.networks values must be one of {', '.join(networks_lib.NETWORKS)}")
+        _check(all(n in networks_lib.NETWORKS or custom_networks.is_factory_name(n)
+                   for n in m.networks.values()),
+               f"model.networks values must be one of {', '.join(networks_lib.NETWORKS)} or a "
+               f"\"module:factory\" name")
         _check(all(w > 0 for w in m.likelihood_weights.values()),
                "model.likelihood_weights values must be positive")
         _check(t.epochs >= 0, "train.epochs must be >= 0")

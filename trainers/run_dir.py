@@ -147,9 +147,10 @@ def dummy_inputs(manifest: schema.Manifest, batch: int = 1) -> dict:
 
 
 def build_variables(model, manifest: schema.Manifest) -> None:
-    """Create every variable of `model` (Keras builds layers lazily on first call)."""
-    model(dummy_inputs(manifest))
-    model.generate(tf.zeros([1, model.latent_dim]))
+    """Create every variable of `model` (Keras builds layers lazily on first call), after checking
+    that each network keeps its contract (`MultimodalVAE.build_variables`)."""
+    del manifest  # the model knows its modalities
+    model.build_variables()
 
 
 def model_checkpoint(model, **objects) -> tf.train.Checkpoint:

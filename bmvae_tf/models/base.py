@@ -15,6 +15,7 @@ import tensorflow_probability as tfp
 
 from bmvae_tf import distributions
 from bmvae_tf import networks as networks_lib
+from bmvae_tf.keras_fit import KerasFit
 from bmvae_tf.schema import ModalitySpec
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class LossTerms(NamedTuple):
     metrics: Mapping[str, tf.Tensor]
 
 
-class MultimodalVAE(keras.Model):
+class MultimodalVAE(KerasFit, keras.Model):
     """Encoders, decoders and shared maths for M >= 1 modalities.
 
     Args:
