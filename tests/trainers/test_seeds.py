@@ -56,6 +56,12 @@ def test_a_seed_root_stands_for_its_seed_runs(tmp_path):
     # The seed a run trained with: its config's train.seed, else its directory's name.
     assert seeds.run_seed(str(single)) == 5
     assert seeds.run_seed(str(root / "seed-10")) == 10 and seeds.run_seed(str(tmp_path)) is None
+    # Read without the config's checks: a key of another version does not hide the seed, and a
+    # config without train.seed trained with the default, 0.
+    (single / "config.yaml").write_text("train:\n  seed: 6\n  a_future_key: 1\n")
+    assert seeds.run_seed(str(single)) == 6
+    (single / "config.yaml").write_text("model:\n  name: mvae\n")
+    assert seeds.run_seed(str(single)) == 0
 
 
 def test_one_run_commands_given_a_seed_root_say_what_to_pass(tmp_path, capsys):

@@ -308,7 +308,8 @@ def pairwise_table(groups: Sequence[ModelGroup], alpha: float = statistics.ALPHA
                 row += [_difference(test, digits, alpha), _p_value(test.p)]
             rows.append(row)
     return Table("Differences between models over seed-matched runs", headers, rows,
-                 f"A - B: the mean ± sd of the per-seed differences; p: {statistics.TEST}; "
+                 f"A - B: the mean ± sd of the per-seed differences (positive: A is better, as each "
+                 f"number is higher-is-better); p: {statistics.TEST}; "
                  f"* p < {alpha} (uncorrected for the {len(rows) * len(HEADLINES)} tests here); "
                  "n/a: fewer than two seed-matched pairs, or all differences equal")
 

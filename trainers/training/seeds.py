@@ -84,10 +84,13 @@ def expand(workdir: str) -> list[str]:
 
 def run_seed(workdir: str) -> int | None:
     """The seed a run trained with: `train.seed` of RUN/config.yaml, else N of a `seed-N`
-    directory name, else None (a hand-made run directory)."""
+    directory name, else None (a hand-made run directory). The YAML is read without the
+    config's checks, so a run written by another version still has its seed."""
     paths = run_dir.RunPaths(workdir)
     if tf.io.gfile.exists(paths.config):
-        return run_dir.read_config(paths).train.seed
+        seed = (config_lib.load_yaml(paths.config).get("train") or {}).get("seed", config_lib.TrainConfig.seed)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed
     match = _NAME.match(os.path.basename(os.path.normpath(workdir)))
     return int(match.group(1)) if match else None
 
