@@ -81,7 +81,7 @@ def _add_analyze_command(commands) -> None:
                               "default: the ones the dataset's manifest declares (digits: street_*, text_pad)")
     analyze.add_argument("--swap-examples", type=int, default=6, help="rows of each swap grid")
     analyze.add_argument("--swap-samples", type=int, default=8, help="resampled columns of each swap grid")
-    analyze.set_defaults(func=_cmd_analyze)
+    analyze.set_defaults(func=_each_seed(_cmd_analyze))
 
 
 def _add_train_command(commands) -> None:
@@ -101,7 +101,14 @@ def _add_train_command(commands) -> None:
                             "starts, so --strategy mirrored runs without GPUs")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.K=30 --set train.batch_size=64")
+    _add_seeds_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+
+def _add_seeds_arguments(train: argparse.ArgumentParser) -> None:
+    train.add_argument("--seeds", metavar="LIST",
+                       help="one run per seed under WORKDIR/seed-N, each with train.seed=N, trained one "
+                            "after another; rerunning continues the unfinished ones. e.g. 0,1,2 or 0-4")
 
 
 def _add_run_commands(commands) -> None:
@@ -112,7 +119,7 @@ def _add_run_commands(commands) -> None:
     evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                           help="override an eval setting for this evaluation, e.g. "
                                "--set eval.log_likelihood_samples=1000")
-    evaluate.set_defaults(func=_cmd_evaluate)
+    evaluate.set_defaults(func=_each_seed(_cmd_evaluate))
     _add_analyze_command(commands)
 
     compare = _parser(commands, "compare", help="Markdown and HTML report of several evaluated runs")
@@ -173,12 +180,48 @@ def _cmd_train(args, beam_args: list[str]) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     if args.strategy:
         overrides.append(f"train.strategy={args.strategy}")
+    if args.seeds is not None:
+        return _cmd_train_seeds(args, overrides)
+    _refuse_seed_root(args.workdir, train=True)
     config = train.resolve_config(args.workdir, args.data, args.config, overrides)
     history = train.train(config, args.workdir, write_report=True)
     if history:
         last = history[-1]
         print(f"trained {args.workdir}: epoch {last['epoch']}, loss {last['loss']:.4f}")
     return 0
+
+
+def _cmd_train_seeds(args, overrides: list[str]) -> int:
+    from bmvae_tf.trainers.training import seeds
+
+    histories = seeds.train_seeds(args.workdir, args.data, args.config, overrides,
+                                  seeds.parse_seeds(args.seeds))
+    for seed, history in histories.items():
+        if history:
+            print(f"trained {seeds.seed_dir(args.workdir, seed)}: epoch {history[-1]['epoch']}, "
+                  f"loss {history[-1]['loss']:.4f}")
+    return 0
+
+
+def _refuse_seed_root(workdir: str, train: bool = False) -> None:
+    """One run's command given the WORKDIR of `train --seeds`: an error saying what to pass."""
+    from bmvae_tf.trainers.training import seeds
+
+    seeds.refuse_seed_root(workdir, train=train)
+
+
+def _each_seed(command):
+    """`command` run once per seed-N run when --workdir is the WORKDIR of `train --seeds`."""
+    def each(args, beam_args: list[str]) -> int:
+        from bmvae_tf.trainers.training import seeds
+
+        for run in seeds.expand(args.workdir):
+            code = command(argparse.Namespace(**{**vars(args), "workdir": run}), beam_args)
+            if code:
+                return code
+        return 0
+
+    return each
 
 
 def _cmd_evaluate(args, beam_args: list[str]) -> int:
@@ -229,6 +272,7 @@ def _fmt(value) -> str:
 def _cmd_export(args, beam_args: list[str]) -> int:
     from bmvae_tf.trainers import export
 
+    _refuse_seed_root(args.workdir)
     path = export.export_saved_model(args.workdir, args.output)
     print(f"wrote SavedModel {path}")
     return 0

@@ -1,6 +1,11 @@
 """`bmvae compare`: several evaluated runs side by side, OUTPUT/report.md (+ images/) and
 OUTPUT/report.html, rendered as `reporting.report` renders one run.
 
+Runs are grouped by model (and dataset): a RUN argument made by `bmvae train --seeds` stands for
+its seed-N runs. Each group's headline numbers (`HEADLINES`) are reported as mean +- sd over its
+seeds, and two models' difference is marked significant only when the paired t-test over
+seed-matched runs of `statistics` says so (docs/compare.md).
+
 Robustness is compared as MultiBench does: each run's relative and effective robustness are
 min-max normalised across the compared runs (`minmax_normalise`), and their mean is the paper's
 Fig. 5a score.
@@ -18,8 +23,9 @@ import tensorflow as tf
 from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import run_dir
+from bmvae_tf.trainers.training import seeds as seeds_lib
 from bmvae_tf.trainers.evaluation.metrics import Metrics
-from bmvae_tf.trainers.reporting import plots
+from bmvae_tf.trainers.reporting import plots, statistics
 from bmvae_tf.trainers.reporting.report import (Image, Table, fmt, plot_caption, read_bytes, render_html,
                                                 render_markdown)
 
@@ -44,13 +50,16 @@ class RunSummary:
     metrics: Metrics
     history: list[dict]
     plot_files: dict[str, bytes]
+    seed: int | None = None  # train.seed of RUN/config.yaml (or N of a seed-N directory)
 
 
 def run_labels(paths: Sequence[str]) -> list[str]:
-    """Short unique labels: the directory names, with parent directories added (to all of them)
-    until they differ."""
+    """Short unique labels: the directory names (with their parent's for seed-N runs), with
+    parent directories added (to all of them) until they differ."""
     parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
-    for depth in range(1, max(len(p) for p in parts) + 1):
+    # A seed-N run is named with its parent (the model's WORKDIR of `bmvae train --seeds`).
+    start = 2 if any(seeds_lib.is_seed_name(p[-1]) for p in parts) else 1
+    for depth in range(start, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
             return labels
@@ -68,8 +77,15 @@ def load_runs(paths: Sequence[str]) -> list[RunSummary]:
         if tf.io.gfile.isdir(run_paths.plots):
             plot_files = {n: read_bytes(os.path.join(run_paths.plots, n))
                           for n in sorted(tf.io.gfile.listdir(run_paths.plots)) if n.endswith(".png")}
-        runs.append(RunSummary(label, path, metrics, run_dir.read_history(run_paths), plot_files))
+        runs.append(RunSummary(label, path, metrics, run_dir.read_history(run_paths), plot_files,
+                               seeds_lib.run_seed(path)))
     return runs
+
+
+def expand_runs(paths: Sequence[str]) -> list[str]:
+    """The run directories named by `paths`: a WORKDIR of `bmvae train --seeds` stands for its
+    seed-N runs, in seed order."""
+    return [run for path in paths for run in seeds_lib.expand(path)]
 
 
 def _union_keys(dicts: Sequence[Mapping | None]) -> list[str]:
@@ -149,6 +165,195 @@ def compare_tables(runs: Sequence[RunSummary]) -> list[Table]:
     return tables
 
 
+# ------------------------------------------------------------------------ models over seeds
+
+# (key, column title, digits): the numbers a model is judged by; higher is better for each.
+HEADLINES = (("latent_accuracy", "latent accuracy (all modalities)", 3),
+             ("cross_coherence", "mean cross coherence", 3),
+             ("joint_log_likelihood", "joint log-likelihood (nats)", 1))
+
+
+def headline_numbers(metrics: Metrics) -> dict[str, float | None]:
+    """A run's headline numbers (None where metrics.json has none):
+
+    - latent_accuracy: the linear probe's test accuracy on the subset of all modalities;
+    - cross_coherence: the mean of the cross coherences "t|s" given one other modality;
+    - joint_log_likelihood: metrics.json's `joint_log_likelihood` (log p(x_1..M)) when it has
+      one, else its `log_likelihood` of the subset of all modalities (the IWAE estimate of the
+      same quantity with the joint posterior as proposal).
+    """
+    full = schema.subset_key(metrics.modalities)
+    singles = [v for k, v in (metrics.coherence or {}).items()
+               if "+" not in k.split("|", 1)[-1] and _number(v) is not None]
+    joint = _number(getattr(metrics, "joint_log_likelihood", None))
+    if joint is None:
+        joint = _number((metrics.log_likelihood or {}).get(full))
+    return {"latent_accuracy": _number((metrics.latent_accuracy or {}).get(full)),
+            "cross_coherence": float(np.mean(singles)) if singles else None,
+            "joint_log_likelihood": joint}
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclasses.dataclass
+class ModelGroup:
+    """The runs of one model on one dataset (its seeds)."""
+
+    label: str
+    runs: list[RunSummary]
+
+    def values(self, key: str) -> list[float | None]:
+        return [headline_numbers(r.metrics)[key] for r in self.runs]
+
+    def by_seed(self, key: str) -> dict[int, float | None]:
+        return {r.seed: headline_numbers(r.metrics)[key] for r in self.runs if r.seed is not None}
+
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs if r.seed is not None)
+
+
+def group_runs(runs: Sequence[RunSummary]) -> list[ModelGroup]:
+    """The runs grouped by (model, dataset), in the order the models first appear; labelled by
+    the model, with the dataset when the runs span several.
+
+    Raises:
+      UserError: two runs of one group have the same seed (two configurations of one model,
+        which a group by model would mix).
+    """
+    keyed: dict[tuple[str, str], list[RunSummary]] = {}
+    for run in runs:
+        keyed.setdefault((run.metrics.model, run.metrics.dataset), []).append(run)
+    several_datasets = len({dataset for _, dataset in keyed}) > 1
+    groups = []
+    for (model, dataset), members in keyed.items():
+        seen: dict[int, RunSummary] = {}
+        for run in members:
+            if run.seed is not None and run.seed in seen:
+                raise UserError(
+                    f"{seen[run.seed].path} and {run.path}: two runs of {model} on {dataset} with "
+                    f"seed {run.seed}; compare groups runs by model, so compare each configuration "
+                    "of a model in its own report")
+            if run.seed is not None:
+                seen[run.seed] = run
+        groups.append(ModelGroup(f"{model} ({dataset})" if several_datasets else model, members))
+    return groups
+
+
+def _mean_sd(summary: statistics.Summary, digits: int, runs: int) -> str:
+    if summary.mean is None:
+        return "n/a"
+    text = fmt(summary.mean, digits) + ("" if summary.sd is None else f" ± {fmt(summary.sd, digits)}")
+    return text if summary.n == runs else f"{text} (n={summary.n})"
+
+
+def headline_table(groups: Sequence[ModelGroup], alpha: float = statistics.ALPHA) -> Table:
+    """One row per model: its seeds and each headline number's mean ± sd over them; in each
+    column the best mean is marked † and every model below it by the paired test * ."""
+    cells = {g.label: [] for g in groups}
+    for key, _, digits in HEADLINES:
+        summaries = {g.label: statistics.summarise(g.values(key)) for g in groups}
+        known = [g for g in groups if summaries[g.label].mean is not None]
+        best = max(known, key=lambda g: summaries[g.label].mean) if len(known) > 1 else None
+        for group in groups:
+            text = _mean_sd(summaries[group.label], digits, len(group.runs))
+            if best is not None and group is best:
+                text += " †"
+            elif best is not None and summaries[group.label].mean is not None:
+                test = statistics.paired_test(best.by_seed(key), group.by_seed(key))
+                if test.significant(alpha) and test.mean > 0:
+                    text += " *"
+            cells[group.label].append(text)
+    rows = [[g.label, _seed_list(g), *cells[g.label]] for g in groups]
+    return Table("Headline numbers over seeds (mean ± sd)", ["model", "seeds", *[t for _, t, _ in HEADLINES]],
+                 rows, _headline_note(groups, alpha))
+
+
+def _seed_list(group: ModelGroup) -> str:
+    unknown = sum(r.seed is None for r in group.runs)
+    listed = ",".join(map(str, group.seeds()))
+    return ", ".join(part for part in (listed, f"{unknown} unknown" if unknown else "") if part)
+
+
+def _headline_note(groups: Sequence[ModelGroup], alpha: float) -> str:
+    fallback = [g.label for g in groups if any(
+        _number(getattr(r.metrics, "joint_log_likelihood", None)) is None for r in g.runs)]
+    note = (f"mean ± sample sd (ddof 1) over a model's runs; (n=k): only k of its runs have the number. "
+            f"† the column's best mean; * below it by a {statistics.TEST}, p < {alpha} (uncorrected); "
+            "no mark: the test does not tell it from the best, or cannot run (fewer than two "
+            "seed-matched pairs). latent accuracy: the linear probe on all modalities (test); mean "
+            "cross coherence: the mean over every target given one other modality (test); joint "
+            "log-likelihood: metrics.json's joint_log_likelihood, in nats")
+    if fallback:
+        note += (f"; for {', '.join(fallback)} (no joint_log_likelihood in metrics.json) the "
+                 "IWAE log_likelihood of all modalities")
+    return note
+
+
+def pairwise_table(groups: Sequence[ModelGroup], alpha: float = statistics.ALPHA) -> Table | None:
+    """Every pair of models A, B: the mean ± sd of A - B over their seed-matched runs and the
+    paired t-test's p for each headline number; * marks p < alpha."""
+    if len(groups) < 2:
+        return None
+    headers = ["A - B", "paired seeds"]
+    for _, title, _ in HEADLINES:
+        headers += [f"{title}: A - B", "p"]
+    rows = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            row = [f"{a.label} - {b.label}", ",".join(map(str, sorted(set(a.seeds()) & set(b.seeds())))) or "none"]
+            for key, _, digits in HEADLINES:
+                test = statistics.paired_test(a.by_seed(key), b.by_seed(key))
+                row += [_difference(test, digits, alpha), _p_value(test.p)]
+            rows.append(row)
+    return Table("Differences between models over seed-matched runs", headers, rows,
+                 f"A - B: the mean ± sd of the per-seed differences (positive: A is better, as each "
+                 f"number is higher-is-better); p: {statistics.TEST}; "
+                 f"* p < {alpha} (uncorrected for the {len(rows) * len(HEADLINES)} tests here); "
+                 "n/a: fewer than two seed-matched pairs, or all differences equal")
+
+
+def _difference(test: statistics.PairedTest, digits: int, alpha: float) -> str:
+    if test.mean is None:
+        return "n/a"
+    text = f"{test.mean:+.{digits}f}" + ("" if test.sd is None else f" ± {fmt(test.sd, digits)}")
+    return text + (" *" if test.significant(alpha) else "")
+
+
+def _p_value(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _by_group_table(title: str, groups: Sequence[ModelGroup], key: str, digits: int) -> Table | None:
+    """A per-subset metric as mean ± sd over each model's runs."""
+    columns = _union_keys([getattr(r.metrics, key) for g in groups for r in g.runs])
+    if not columns:
+        return None
+    rows = [[g.label, *[_mean_sd(statistics.summarise([(getattr(r.metrics, key) or {}).get(c) for r in g.runs]),
+                                 digits, len(g.runs)) for c in columns]] for g in groups]
+    return Table(f"{title}, mean ± sd over seeds", ["model", *columns], rows)
+
+
+def seed_tables(groups: Sequence[ModelGroup], alpha: float = statistics.ALPHA) -> list[Table]:
+    """The tables over seeds: headline numbers, the pairwise differences and, when some model
+    has several runs, the per-subset metrics as mean ± sd."""
+    tables = [headline_table(groups, alpha)]
+    pairwise = pairwise_table(groups, alpha)
+    if pairwise is not None:
+        tables.append(pairwise)
+    if any(len(g.runs) > 1 for g in groups):
+        for title, key, digits in (("Latent accuracy by subset", "latent_accuracy", 3),
+                                   ("Cross coherence by target|given", "coherence", 3),
+                                   ("Log-likelihood by subset (IWAE)", "log_likelihood", 1)):
+            table = _by_group_table(title, groups, key, digits)
+            if table is not None:
+                tables.append(table)
+    return tables
+
+
 def compare_images(runs: Sequence[RunSummary]) -> list[Image]:
     images = []
     histories = {r.label: r.history for r in runs if r.history}
@@ -177,12 +382,14 @@ def compare(paths: Sequence[str], output: str) -> tuple[str, str]:
         raise UserError("compare needs at least one run directory")
     if tf.io.gfile.exists(output) and not tf.io.gfile.isdir(output):
         raise UserError(f"--output {output}: is a file, not a directory")
-    runs = load_runs(paths)
+    runs = load_runs(expand_runs(paths))
+    groups = group_runs(runs)
     tables = compare_tables(runs)
     images = compare_images(runs)
     sources = [f"{r.label}: {os.path.abspath(r.path)}" for r in runs]
-    sections = [("Runs compared", sources), ("Tables", tables), ("Plots", images)]
-    title = f"bmvae comparison of {len(runs)} runs"
+    sections = [("Runs compared", sources), ("Models over seeds", seed_tables(groups)),
+                ("Tables", tables), ("Plots", images)]
+    title = f"bmvae comparison of {len(groups)} models ({len(runs)} runs)"
     tf.io.gfile.makedirs(os.path.join(output, "images"))
     for image in images:
         atomic.write_bytes(os.path.join(output, image.filename), image.png)
