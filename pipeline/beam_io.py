@@ -421,9 +421,11 @@ def check_runner_support(pipeline: beam.Pipeline) -> None:
         return
     graph = _GraphVisitor()
     pipeline.visit(graph)
-    for label, why in graph.unsupported:
-        raise UserError(f"the DaskRunner cannot run stage {label!r}: {why}; build this dataset "
-                        "with the default in-process runner (--direct_num_workers=N) or on Dataflow")
+    if graph.unsupported:
+        (label, why), more = graph.unsupported[0], len(graph.unsupported) - 1
+        raise UserError(f"the DaskRunner cannot run stage {label!r}{f' (nor {more} more)' if more else ''}: "
+                        f"{why}; build this dataset with the default in-process runner "
+                        "(--direct_num_workers=N) or on Dataflow")
     dangling = [label for label in graph.leaves() if label != graph.last]
     if dangling:
         raise RuntimeError(f"the DaskRunner runs only the stages behind the last one ({graph.last!r}); "

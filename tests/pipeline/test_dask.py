@@ -293,3 +293,18 @@ def test_counters_of_a_runner_without_metrics_are_none():
             raise NotImplementedError("collecting metrics will come later!")
 
     assert beam_io.query_counters(NoMetrics(), "digits") is None
+
+
+def test_cub_is_refused_on_dask_before_its_output_is_touched(tmp_path):
+    from bmvae_tf.pipeline import build_cub
+    from tests import cub_tree
+
+    tree = cub_tree.write_tree(str(tmp_path / "raw"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / schema.MANIFEST_FILENAME).write_text(json.dumps({"name": "cub"}))
+    with pytest.raises(UserError, match="DaskRunner cannot run stage .* side input"):
+        build_cub.run_cub_job(str(out), cub_dir=tree.cub_dir, captions_dir=tree.captions_dir,
+                              resnet_weights=None, image_size=32, overwrite=True,
+                              beam_args=["--runner=DaskRunner", "--dask_client_address=127.0.0.1:1"])
+    assert (out / schema.MANIFEST_FILENAME).exists()  # the old dataset is untouched
