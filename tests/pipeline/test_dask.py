@@ -133,14 +133,15 @@ def test_digits_from_the_cli_on_dask_is_byte_identical(dask_cluster, built, tmp_
     # The README's invocation, with the short runner name the CLI accepts too.
     code = cli.main(["data", "build", "digits", "--output", out, "--dm", "1", "--",
                      "--runner=DaskRunner", f"--dask_client_address={dask_cluster}"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
     assert_same_dataset(out, built.manifest.directory)
     manifest = schema.read_manifest(out)
     assert manifest.pipeline_options["runner"] == beam_io.DASK_RUNNER
     assert {k: v.count for k, v in manifest.splits.items()} == {"train": 1437, "test": 360}
     # The DaskRunner reports no metrics: said in a log line, not dropped silently.
-    assert re.search(r"WARNING .*reports no Beam metrics.*counts \{'train': 1437, 'test': 360\}",
-                     capsys.readouterr().err)
+    assert re.search(r"WARNING .*reports no Beam metrics.*counts \{'train': 1437, 'test': 360\}", err)
+    assert "partition size" not in err  # Beam's DaskRunner notice, hidden without --verbose
 
 
 @pytest.mark.slow
@@ -254,6 +255,12 @@ def test_the_short_runner_name_means_beams_dask_runner():
     options = dask_pipeline().options
     assert beam_io.options_to_json(options)["runner"] == beam_io.DASK_RUNNER
     assert beam_io.is_dask_runner(beam_io.DASK_RUNNER) and not beam_io.is_dask_runner("FnApiRunner")
+
+
+def test_the_dask_runner_without_the_dask_extra_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # `import distributed` raises ImportError
+    with pytest.raises(UserError, match=r"DaskRunner needs dask.distributed: pip install 'bmvae-tf\[dask\]'"):
+        dask_pipeline()
 
 
 def test_side_inputs_are_refused_on_dask_but_not_locally():
