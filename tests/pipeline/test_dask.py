@@ -109,6 +109,13 @@ def assert_same_dataset(written_dir: str, expected_dir: str) -> None:
     assert manifests[0] == manifests[1]
 
 
+def tasks_run_per_worker(address: str) -> dict[str, int]:
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        return client.run(lambda dask_worker: dask_worker.state.executed_count)
+
+
 def wait_until_idle(address: str) -> None:
     """Until the scheduler holds no task and no other client: a killed driver's work is gone."""
     from distributed import Client
@@ -130,6 +137,7 @@ def wait_until_idle(address: str) -> None:
 @pytest.mark.slow  # a cluster start and a build: 20-60 s on 2 busy cores
 def test_digits_from_the_cli_on_dask_is_byte_identical(dask_cluster, built, tmp_path, capsys):
     out = str(tmp_path / "digits")
+    before = tasks_run_per_worker(dask_cluster)
     # The README's invocation, with the short runner name the CLI accepts too.
     code = cli.main(["data", "build", "digits", "--output", out, "--dm", "1", "--",
                      "--runner=DaskRunner", f"--dask_client_address={dask_cluster}"])
@@ -142,6 +150,8 @@ def test_digits_from_the_cli_on_dask_is_byte_identical(dask_cluster, built, tmp_
     # The DaskRunner reports no metrics: said in a log line, not dropped silently.
     assert re.search(r"WARNING .*reports no Beam metrics.*counts \{'train': 1437, 'test': 360\}", err)
     assert "partition size" not in err  # Beam's DaskRunner notice, hidden without --verbose
+    after = tasks_run_per_worker(dask_cluster)
+    assert len(after) == 2 and all(after[w] > before[w] for w in after), (before, after)  # both worked
 
 
 @pytest.mark.slow
