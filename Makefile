@@ -1,4 +1,6 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv, install the project and run.
+# The test install includes the `dask` extra: tests/pipeline/test_dask.py runs the dataset jobs on a
+# real dask.distributed cluster, in CI too.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +17,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python setup.py
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,dask]"
 	touch $(STAMP)
 
 install: $(STAMP)

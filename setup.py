@@ -52,6 +52,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+        # Beam's DaskRunner on a dask.distributed cluster (dask, distributed); tests/pipeline/test_dask.py.
+        "dask": ["apache-beam[dask]~=2.77.0"],
     },
     entry_points={"console_scripts": ["bmvae=bmvae_tf.trainers.cli:main"]},
 )

@@ -16,6 +16,13 @@ Guarantees:
   manifest is written last, by a stage that depends on every shard and checks the counts, so a
   failed run leaves no manifest.
 All file access goes through tf.io.gfile, so output directories may be gs:// or hdfs:// URLs.
+
+Runners: the jobs run on LOCAL_RUNNER (in this process), on Beam's DaskRunner (a dask.distributed
+cluster, `pip install .[dask]`) and on the portable runners. The DaskRunner translates only Create,
+ParDo, GroupByKey and Flatten, computes only the graph behind the last transform, computes each
+side input as a separate Dask job from inside a worker task, and reports no metrics;
+`check_runner_support` refuses a job it would run wrongly, and `run_build` says in a log line when
+the counters are absent (the manifest's counts never come from counters).
 """
 
 from __future__ import annotations
@@ -112,6 +119,8 @@ def _dataset_name(manifest_path: str) -> str:
 # reach for the network. FnApiRunner is the Python direct runner DirectRunner falls back to; it
 # takes the same --direct_num_workers / --direct_running_mode options.
 LOCAL_RUNNER = "FnApiRunner"
+# Beam registers no short name for its DaskRunner; `--runner=DaskRunner` is taken to mean it.
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 
 def make_pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
@@ -128,6 +137,9 @@ def make_pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
         standard = options.view_as(StandardOptions)
         if not standard.runner:
             standard.runner = LOCAL_RUNNER
+        if is_dask_runner(standard.runner):
+            standard.runner = DASK_RUNNER
+            _require_dask()
         logger.info("Beam runner: %s%s", standard.runner,
                     " (Python direct runner, in this process)" if standard.runner == LOCAL_RUNNER else "")
         return beam.Pipeline(options=options)
@@ -136,6 +148,20 @@ def make_pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
         raise UserError(f"bad Beam pipeline arguments: {lines[-1].split('error: ')[-1]}") from None
     except ValueError as e:
         raise UserError(f"bad Beam pipeline arguments: {e}") from None
+
+
+def is_dask_runner(runner: Any) -> bool:
+    """True for Beam's DaskRunner, named in full, by `DaskRunner`, or given as a runner object."""
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return name in ("DaskRunner", DASK_RUNNER)
+
+
+def _require_dask() -> None:
+    try:
+        import distributed  # noqa: F401 -- only to check that the [dask] extra is installed
+    except ImportError:
+        raise UserError("--runner=DaskRunner needs dask.distributed: pip install 'bmvae-tf[dask]' "
+                        "(apache-beam[dask])") from None
 
 
 def options_to_json(options: PipelineOptions) -> dict[str, Any]:
@@ -252,7 +278,9 @@ class WriteManifest(beam.PTransform):
 
     def expand(self, shards: beam.PCollection) -> beam.PCollection:
         return (shards
-                | "CollectShards" >> beam.combiners.ToList()
+                # Without defaults: no side input (which the DaskRunner computes as a nested job);
+                # every split has at least one shard, so the list is never empty.
+                | "CollectShards" >> beam.combiners.ToList().without_defaults()
                 | "WriteManifestFile" >> beam.Map(
                     finish_manifest, output_dir=self._output_dir, template=self._template,
                     expected_counts=self._expected_counts, num_shards=self._num_shards))
@@ -296,27 +324,49 @@ def finish_manifest(shards: Iterable[tuple[str, str, int]], *, output_dir: str,
 
 @dataclasses.dataclass(frozen=True)
 class BuildResult:
-    """A finished dataset job: the manifest it wrote and its Beam counters (name -> value)."""
+    """A finished dataset job: the manifest it wrote and its Beam counters (name -> value).
+
+    `counters` is None when the runner reports no metrics (Beam's DaskRunner); the manifest's
+    counts do not depend on it.
+    """
 
     manifest: schema.Manifest
-    counters: Mapping[str, int]
+    counters: Mapping[str, int] | None
 
 
 def run_build(pipeline: beam.Pipeline, *, output_dir: str, namespace: str) -> BuildResult:
     """Runs a dataset job to completion and reads back the manifest it wrote.
 
-    Raises RuntimeError if the runner reports anything but DONE; exceptions raised inside the
-    pipeline propagate as the runner raises them.
+    Raises UserError if the runner cannot run this job (`check_runner_support`), RuntimeError
+    if the runner reports anything but DONE; exceptions raised inside the pipeline propagate as
+    the runner raises them. A runner without metrics gives `counters=None` and a log line.
     """
+    check_runner_support(pipeline)
     result = pipeline.run()
-    state = result.wait_until_finish()
+    try:
+        state = result.wait_until_finish()
+    finally:
+        _close_dask_client(result)
     if state != PipelineState.DONE:
         raise RuntimeError(f"{output_dir}: the Beam job ended in state {state}, no manifest written")
     counters = query_counters(result, namespace)
     manifest = schema.read_manifest(output_dir)
-    logger.info("%s: wrote dataset %r: %s; counters %s", output_dir, manifest.name,
-                {k: v.count for k, v in manifest.splits.items()}, counters)
+    counts = {k: v.count for k, v in manifest.splits.items()}
+    if counters is None:
+        logger.warning("%s: the runner %s reports no Beam metrics, so the job's counters (%s/...) are "
+                       "absent; the manifest's counts %s come from the shards written, checked "
+                       "against the plan", output_dir, pipeline.options.view_as(StandardOptions).runner,
+                       namespace, counts)
+    logger.info("%s: wrote dataset %r: %s; counters %s", output_dir, manifest.name, counts, counters)
     return BuildResult(manifest=manifest, counters=counters)
+
+
+def _close_dask_client(result: PipelineResult) -> None:
+    """Closes the Client Beam's DaskRunner opened (it never does): its futures are released, and
+    no connection thread lingers in a process that goes on (tests, the Python API)."""
+    client = getattr(result, "client", None)
+    if client is not None and hasattr(client, "close"):
+        client.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,13 +387,74 @@ class BuildCommand:
     note: Callable[[schema.Manifest], str] | None = None
 
 
-def query_counters(result: PipelineResult, namespace: str) -> dict[str, int]:
-    """The job's counters in `namespace`, summed over steps (committed where the runner has them)."""
+def query_counters(result: PipelineResult, namespace: str) -> dict[str, int] | None:
+    """The job's counters in `namespace`, summed over steps (committed where the runner has them).
+
+    None if the runner cannot report metrics (Beam's DaskRunner raises NotImplementedError).
+    """
+    try:
+        metrics = result.metrics()
+    except NotImplementedError:
+        return None
     totals: dict[str, int] = collections.Counter()
-    for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]:
+    for counter in metrics.query(MetricsFilter().with_namespace(namespace))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
         totals[counter.key.metric.name] += int(value)
     return dict(sorted(totals.items()))
+
+
+def check_runner_support(pipeline: beam.Pipeline) -> None:
+    """Refuses, before anything runs, a job that the chosen runner would run wrongly.
+
+    Only Beam's DaskRunner has limits the jobs can meet (apache_beam/runners/dask in Beam 2.77):
+    - it computes only the graph behind the last transform applied, so a second output branch
+      would silently never run (a job bug: RuntimeError);
+    - a side input becomes `list(bag)` inside the consuming task: a nested Dask job started
+      from a worker thread for every partition, recomputing its whole upstream (UserError);
+    - `beam.io.Read` sources (and so Beam's file sinks, which use side inputs) are not
+      translated (UserError).
+    The jobs' own stages use none of these: records travel as data into WriteShards, which
+    writes the files itself, and WriteManifest collects the shards without a side input.
+    """
+    runner = pipeline.options.view_as(StandardOptions).runner
+    if not is_dask_runner(runner):
+        return
+    graph = _GraphVisitor()
+    pipeline.visit(graph)
+    if graph.unsupported:
+        (label, why), more = graph.unsupported[0], len(graph.unsupported) - 1
+        raise UserError(f"the DaskRunner cannot run stage {label!r}{f' (nor {more} more)' if more else ''}: "
+                        f"{why}; build this dataset with the default in-process runner "
+                        "(--direct_num_workers=N) or on Dataflow")
+    dangling = [label for label in graph.leaves() if label != graph.last]
+    if dangling:
+        raise RuntimeError(f"the DaskRunner runs only the stages behind the last one ({graph.last!r}); "
+                           f"these outputs would never be computed: {dangling}")
+
+
+class _GraphVisitor(beam.pipeline.PipelineVisitor):
+    """Primitive transforms of a pipeline: their outputs, what is consumed, what Dask lacks."""
+
+    def __init__(self):
+        self.produced: dict[Any, str] = {}
+        self.consumed: set[Any] = set()
+        self.unsupported: list[tuple[str, str]] = []
+        self.last: str | None = None
+
+    def visit_transform(self, node) -> None:
+        self.last = node.full_label
+        for pcoll in node.outputs.values():
+            self.produced[pcoll] = node.full_label
+        self.consumed.update(node.inputs)
+        for side in node.side_inputs:
+            self.consumed.add(side.pvalue)
+            self.unsupported.append((node.full_label, "it reads a side input, which the DaskRunner "
+                                     "computes as a separate Dask job inside a worker task"))
+        if isinstance(node.transform, beam.io.Read):
+            self.unsupported.append((node.full_label, "the DaskRunner does not translate beam.io.Read"))
+
+    def leaves(self) -> list[str]:
+        return sorted({label for pcoll, label in self.produced.items() if pcoll not in self.consumed})
 
 
 # ------------------------------------------------------------------ argument checks of the jobs

@@ -143,6 +143,7 @@ def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
              template=template, num_shards=shards))
 
     # Only now that every argument has been checked, so bad input never deletes an old dataset.
+    beam_io.check_runner_support(pipeline)  # the DaskRunner: refused here (side inputs)
     beam_io.prepare_output_dir(output_dir, overwrite=overwrite)
     logger.info("%s: building CUB from %s images %s in %s shards", output_dir, sum(planned_images.values()),
                 planned_images, shards)

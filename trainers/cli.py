@@ -286,7 +286,8 @@ def _cmd_demo(args, beam_args: list[str]) -> int:
 
 
 # Lines that say nothing to a user of a CPU or GPU machine, hidden unless --verbose.
-_NOISE = ("apitools not found", "Missing pipeline option (runner)")
+_NOISE = ("apitools not found", "Missing pipeline option (runner)",
+          "The new default partition size is")  # Beam's DaskRunner, once per Create
 
 
 class _NoiseFilter(logging.Filter):
