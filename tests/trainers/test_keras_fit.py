@@ -15,7 +15,6 @@ import pytest
 import tensorflow as tf
 
 import bmvae_tf
-from bmvae_tf import schema
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import run_dir, train
 from bmvae_tf.trainers.training import inputs

@@ -70,7 +70,7 @@ def test_one_run_commands_given_a_seed_root_say_what_to_pass(tmp_path, capsys):
     os.makedirs(root / "seed-1")
     assert cli.main(["export", "--workdir", str(root), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"holds the runs of seeds 0,1" in err and f"--workdir {root / 'seed-0'}" in err
+    assert "holds the runs of seeds 0,1" in err and f"--workdir {root / 'seed-0'}" in err
     assert cli.main(["train", "--data", str(tmp_path), "--workdir", str(root)]) == 2
     assert "or --seeds 0,1 to train every one" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
