@@ -138,7 +138,10 @@ def _metrics(model: str, latent: float, coherence: tuple[float, float], joint: f
         # Given two modalities ("x|x+y" cannot be, but the key shows it is left out of the mean).
         "coherence": {"y|x": coherence[0], "x|y": coherence[1], "x|x+y": 0.0},
         "random_coherence": 0.1, "random_coherence_gmm": 0.2,
-        "log_likelihood": {"x": -10.0, "y": -20.0, "x+y": joint},
+        "log_likelihood": {"x": -10.0, "y": -20.0, "x+y": joint - 1.0},
+        "joint_log_likelihood": joint, "conditional_log_likelihood": {"y|x": -10.0, "x|y": -1.0},
+        "likelihood_estimators": {"log_likelihood": "IWAE", "joint_log_likelihood": "IWAE",
+                                  "conditional_log_likelihood": "difference of two IWAE estimates"},
         "robustness": None, "mixture_weights": None, "classifier_accuracy": None,
         "num_examples": {"latent_accuracy": {"train": 8, "test": 4}, "coherence": 4}, "skipped": {},
     }
@@ -175,7 +178,7 @@ def test_compare_groups_seeds_by_model_with_mean_sd_and_the_paired_test(two_mode
     assert [(g.label, g.seeds()) for g in groups] == [("bmvae_m", [0, 1, 2]), ("mmvae", [0, 1, 2])]
     # Mean single cross coherence per run: bmvae 0.7, 0.7, 0.7; mmvae 0.6, 0.5, 0.8.
     assert groups[1].values("cross_coherence") == pytest.approx([0.6, 0.5, 0.8])
-    # Joint log-likelihood falls back to log_likelihood of all modalities.
+    # The joint log-likelihood is metrics.json's joint_log_likelihood.
     assert groups[0].values("joint_log_likelihood") == [-100.0, -102.0, -101.0]
 
     markdown_path, _ = compare.compare([bmvae, *[os.path.join(mmvae, f"run{s}") for s in range(3)]],
@@ -190,7 +193,6 @@ def test_compare_groups_seeds_by_model_with_mean_sd_and_the_paired_test(two_mode
     assert (f"| bmvae_m - mmvae | 0,1,2 | +0.110 ± 0.010 * | 0.003 | +0.067 ± 0.153 | {p_coherence:.3f} | "
             f"+4.0 ± 5.6 | {p_joint:.3f} |") in markdown
     assert f"p < {statistics.ALPHA}" in markdown and statistics.TEST in markdown
-    assert "for bmvae_m, mmvae (no joint_log_likelihood in metrics.json)" in markdown
     # Per-subset means over seeds, and the per-run tables as before.
     assert "| bmvae_m | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.910 ± 0.010 |" in markdown
     assert "| bmvae/seed-1 | 0.500 | 0.500 | 0.910 |" in markdown
@@ -199,8 +201,8 @@ def test_compare_groups_seeds_by_model_with_mean_sd_and_the_paired_test(two_mode
 
 def test_the_joint_log_likelihood_is_used_when_metrics_json_has_it():
     metrics = Metrics.from_json(_metrics("m", 0.9, (0.5, 0.5), -100.0))
-    assert compare.headline_numbers(metrics)["joint_log_likelihood"] == -100.0
-    metrics.joint_log_likelihood = -90.5  # the field `bmvae evaluate` writes (issue 14, item 2)
+    assert compare.headline_numbers(metrics)["joint_log_likelihood"] == -100.0  # not log_likelihood's -101
+    metrics.joint_log_likelihood = -90.5
     assert compare.headline_numbers(metrics) == {
         "latent_accuracy": 0.9, "cross_coherence": 0.5, "joint_log_likelihood": -90.5}
 

@@ -178,16 +178,13 @@ def headline_numbers(metrics: Metrics) -> dict[str, float | None]:
 
     - latent_accuracy: the linear probe's test accuracy on the subset of all modalities;
     - cross_coherence: the mean of the cross coherences "t|s" given one other modality;
-    - joint_log_likelihood: metrics.json's `joint_log_likelihood` (log p(x_1..M)) when it has
-      one, else its `log_likelihood` of the subset of all modalities (the IWAE estimate of the
-      same quantity with the joint posterior as proposal).
+    - joint_log_likelihood: metrics.json's `joint_log_likelihood` (the unweighted IWAE estimate
+      of log p(x_1..M) with the joint posterior as proposal).
     """
     full = schema.subset_key(metrics.modalities)
     singles = [v for k, v in (metrics.coherence or {}).items()
                if "+" not in k.split("|", 1)[-1] and _number(v) is not None]
-    joint = _number(getattr(metrics, "joint_log_likelihood", None))
-    if joint is None:
-        joint = _number((metrics.log_likelihood or {}).get(full))
+    joint = _number(metrics.joint_log_likelihood)
     return {"latent_accuracy": _number((metrics.latent_accuracy or {}).get(full)),
             "cross_coherence": float(np.mean(singles)) if singles else None,
             "joint_log_likelihood": joint}
@@ -277,17 +274,12 @@ def _seed_list(group: ModelGroup) -> str:
 
 
 def _headline_note(groups: Sequence[ModelGroup], alpha: float) -> str:
-    fallback = [g.label for g in groups if any(
-        _number(getattr(r.metrics, "joint_log_likelihood", None)) is None for r in g.runs)]
     note = (f"mean ± sample sd (ddof 1) over a model's runs; (n=k): only k of its runs have the number. "
             f"† the column's best mean; * below it by a {statistics.TEST}, p < {alpha} (uncorrected); "
             "no mark: the test does not tell it from the best, or cannot run (fewer than two "
             "seed-matched pairs). latent accuracy: the linear probe on all modalities (test); mean "
             "cross coherence: the mean over every target given one other modality (test); joint "
             "log-likelihood: metrics.json's joint_log_likelihood, in nats")
-    if fallback:
-        note += (f"; for {', '.join(fallback)} (no joint_log_likelihood in metrics.json) the "
-                 "IWAE log_likelihood of all modalities")
     return note
 
 
