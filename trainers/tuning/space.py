@@ -101,6 +101,16 @@ def _number(value, h: float, where: str):
     return value
 
 
+def _float(value):
+    """YAML 1.1 reads 1e-4 (no dot) as a string: a number in a range end."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _parameter(key: str, spec: Any, h: float, where: str) -> Parameter:
     if not isinstance(key, str) or not key or not all(key.split(".")):
         raise UserError(f"{where}: {key!r} is not a dotted config key such as model.bmvae_m.lambda_c")
@@ -131,7 +141,7 @@ def _range(key: str, spec: Mapping, h: float, where: str) -> Parameter:
     log = spec.get("log", False)
     if not isinstance(integer, bool) or not isinstance(log, bool):
         raise UserError(f"{where}: {key}: 'int' and 'log' must be true or false")
-    low, high, step = (_number(spec.get(f), h, where) for f in ("low", "high", "step"))
+    low, high, step = (_float(_number(spec.get(f), h, where)) for f in ("low", "high", "step"))
     for name, value in (("low", low), ("high", high), ("step", step)):
         if value is None and name == "step":
             continue

@@ -12,6 +12,7 @@ Two workers that start a trial at the same moment may both pass that check; the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 
@@ -39,8 +40,14 @@ HEARTBEAT_S = 10
 MAX_RETRIES = 1
 ACTIVE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message=r".*failed_trial_callback.*")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Heartbeats and their retry callback are 'experimental' in Optuna: no warning each time."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 class Surplus(Exception):
@@ -105,11 +112,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     last = None
     for attempt in range(3):  # workers making the tables at the same moment may collide once
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat,
-                grace_period=3 * heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRIES))
+            with _quiet():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat,
+                    grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRIES))
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             last = e
             time.sleep(1.0 + attempt)
@@ -178,7 +186,8 @@ def run_worker(setup: Setup, study: optuna.Study, poll_s: float | None = None) -
     poll_s = heartbeat_seconds() if poll_s is None else poll_s
     objective = Objective(setup, study)
     while True:
-        optuna.storages.fail_stale_trials(study)
+        with _quiet():
+            optuna.storages.fail_stale_trials(study)
         n = counts(study)
         done, active = n["COMPLETE"] + n["PRUNED"], sum(n[s] for s in ACTIVE)
         if done >= setup.trials:
@@ -187,7 +196,8 @@ def run_worker(setup: Setup, study: optuna.Study, poll_s: float | None = None) -
             raise UserError(f"--study {setup.study_name}: {n['FAIL']} trials failed; see "
                             f"{os.path.join(setup.tune_dir, 'trials')} and the log above")
         if n["WAITING"] or active < setup.trials:
-            study.optimize(objective, n_trials=1, catch=(Surplus, TrainingDiverged), gc_after_trial=True)
+            with _quiet():
+                study.optimize(objective, n_trials=1, catch=(Surplus, TrainingDiverged), gc_after_trial=True)
         elif n["RUNNING"]:
             time.sleep(poll_s)  # another worker's trial may still die and need a rerun
         else:
