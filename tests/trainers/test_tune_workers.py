@@ -21,6 +21,7 @@ import optuna
 import pytest
 
 from bmvae_tf.trainers import run_dir
+from bmvae_tf.trainers.tuning import study as study_lib
 from tests import synthetic
 
 TINY = ["--set=model.latent_dim=4", "--set=model.hidden_units=[16]", "--set=model.channels=[8,8,8]",
@@ -53,7 +54,7 @@ def _space(tmp_path) -> str:
 
 
 def _load(storage: str, name: str = "bmvae-tune") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=study_lib.driver_url(storage))
 
 
 @pytest.mark.slow
@@ -160,3 +161,16 @@ def test_two_processes_share_one_study_on_postgresql(dataset, tmp_path, postgres
     assert sorted(hosts) == [t.number for t in finished]
     best = [(tmp_path / f"host{i}" / "best.yaml").read_text().splitlines()[0] for i in range(2)]
     assert best[0] == best[1] and "study 'shared' (postgresql://postgres@127.0.0.1" in best[0]
+
+
+@pytest.mark.slow
+def test_workers_share_the_sqlite_study_of_one_command(dataset, tmp_path):
+    tune_dir = tmp_path / "tune"
+    result = subprocess.run(_command(dataset, tune_dir, _space(tmp_path), "--trials", "3", "--workers", "2"),
+                            env=_env(), capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = [t for t in _load(f"sqlite:///{tune_dir}/study.db").trials if not t.user_attrs.get("surplus")]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len({t.params["model.bmvae_m.lambda_c"] for t in trials}) == 3
+    assert len({t.user_attrs["run_dir"] for t in trials}) == 3
+    assert (tune_dir / "best.yaml").exists() and result.stdout.count("complete (best)") == 1

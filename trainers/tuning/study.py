@@ -96,6 +96,12 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
+def driver_url(url: str) -> str:
+    """`postgresql://` with the psycopg2 driver this package installs (SQLAlchemy 2.1 otherwise
+    picks psycopg 3); a URL naming its driver (`postgresql+psycopg://`) is kept."""
+    return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg2://", url)
+
+
 def heartbeat_seconds() -> int:
     return int(os.environ.get("BMVAE_TUNE_HEARTBEAT_S", HEARTBEAT_S))
 
@@ -114,7 +120,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         try:
             with _quiet():
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat,
+                    driver_url(url), engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat,
                     grace_period=3 * heartbeat,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                         max_retry=MAX_RETRIES))
