@@ -1,9 +1,11 @@
 """`bmvae tune`: the search space, bad input (one line, exit 2), pruning, and a small search on
 SQLite that writes best.yaml and report.html and continues when rerun."""
 
+import dataclasses
 import glob
 import json
 import os
+import re
 
 import optuna
 import pytest
@@ -135,7 +137,7 @@ def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path, capsys, space, extr
     code, errors, _ = _tune(argv, capsys)
     assert code == 2
     assert len(errors) == 1 and errors[0].startswith("bmvae: error:"), errors
-    assert __import__("re").search(message, errors[0]), errors[0]
+    assert re.search(message, errors[0]), errors[0]
     assert "secret" not in errors[0]
     assert not glob.glob(str(tmp_path / "tune" / "trials" / "*"))
 
@@ -192,3 +194,17 @@ def test_search_on_sqlite_writes_best_and_report_and_a_rerun_continues(dataset, 
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert {t.number: (t.value, t.params, t.datetime_complete) for t in study.trials[:2]} == first
     assert json.loads(open(tune_dir / "trials" / "0002" / "history.jsonl").readline())["epoch"] == 1
+
+
+def test_a_study_made_for_another_objective_or_space_is_refused(dataset, tmp_path):
+    space = space_lib.parse_space({"model.bmvae_m.lambda_c": [1.0, 2.0]}, H, "s.yaml")
+    setup = _setup(dataset, tmp_path, space)
+    first = study_lib.open_study(setup)
+    assert first.user_attrs["objective"] == "val_loss"
+    again = study_lib.open_study(setup)  # the same search continues
+    assert again._study_id == first._study_id
+    other = space_lib.parse_space({"model.bmvae_m.lambda_c": [1.0, 3.0]}, H, "s.yaml")
+    with pytest.raises(UserError, match=r"--study s: this study in sqlite:///.* was made with space"):
+        study_lib.open_study(_setup(dataset, tmp_path, other))
+    with pytest.raises(UserError, match="was made with objective 'val_loss'"):
+        study_lib.open_study(dataclasses.replace(setup, objective="val_coherence"))

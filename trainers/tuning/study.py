@@ -112,7 +112,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     import sqlalchemy.exc
 
     connect_args = {"timeout": 120} if url.startswith("sqlite") else {}
-    if url.startswith("postgresql"):
+    if driver_url(url).startswith("postgresql"):
         connect_args = {"connect_timeout": 10}
     heartbeat = heartbeat_seconds()
     last = None
