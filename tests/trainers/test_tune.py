@@ -208,3 +208,15 @@ def test_a_study_made_for_another_objective_or_space_is_refused(dataset, tmp_pat
         study_lib.open_study(_setup(dataset, tmp_path, other))
     with pytest.raises(UserError, match="was made with objective 'val_loss'"):
         study_lib.open_study(dataclasses.replace(setup, objective="val_coherence"))
+
+
+def test_a_trial_directory_of_another_study_is_not_taken_over(dataset, tmp_path, capsys):
+    tune_dir = tmp_path / "tune"
+    (tune_dir / "trials" / "0000").mkdir(parents=True)
+    (tune_dir / "trials" / "0000" / "config.yaml").write_text("model: {name: bmvae_p}\n")
+    argv = ["--data", dataset, "--workdir", str(tune_dir), *TINY, "--study", "another",
+            "--space", _space(tmp_path, "model.bmvae_m.lambda_c: [1.0, 2.0]\n")]
+    code, errors, _ = _tune(argv, capsys)
+    assert code == 2 and not any("Traceback" in line for line in errors)
+    assert errors[-1].startswith("bmvae: error:") and "trials/0000: holds a run that is not trial 0 " \
+        "of study another" in errors[-1]

@@ -137,7 +137,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 def open_study(setup: Setup) -> optuna.Study:
     """Creates the study, or loads it to continue; refuses one made for another search."""
     storage = open_storage(setup.storage_url)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # trials are logged by bmvae.tune
     study = optuna.create_study(storage=storage, study_name=setup.study_name, direction=setup.direction,
                                 sampler=_sampler(setup.space), pruner=_pruner(setup.pruner),
                                 load_if_exists=True)
@@ -222,8 +222,12 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         self._check_budget(trial)
         params = space_lib.suggest(trial, self.setup.space)
-        relative = trial.user_attrs.get("run_dir") or os.path.join("trials", f"{trial.number:04d}")
+        retry = trial.user_attrs.get("run_dir")  # a retry resumes the failed trial's run
+        relative = retry or os.path.join("trials", f"{trial.number:04d}")
         workdir = os.path.join(self.setup.tune_dir, relative)
+        if not retry and os.path.exists(os.path.join(workdir, "config.yaml")):
+            raise UserError(f"{workdir}: holds a run that is not trial {trial.number} of study "
+                            f"{self.setup.study_name}; use a new --workdir for a new study")
         trial.set_user_attr("run_dir", relative)
         trial.set_user_attr("host", socket.gethostname())
         config = self.setup.build(space_lib.overrides(params), workdir)
@@ -256,6 +260,8 @@ def _report(trial: optuna.Trial, record: dict, prune: bool = True) -> None:
         return
     trial.report(float(record["val_loss"]), int(record["epoch"]))
     if prune and trial.should_prune():
+        log.info("trial %d: pruned after epoch %d (val_loss %.6g)", trial.number, record["epoch"],
+                 record["val_loss"])
         raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (val_loss {record['val_loss']:.6g})")
 
 
