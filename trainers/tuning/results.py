@@ -15,6 +15,7 @@ import numpy as np
 import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
@@ -109,6 +110,8 @@ def _history_figure(study: optuna.Study, setup: study_lib.Setup):
     best = (np.minimum if setup.direction == "minimize" else np.maximum).accumulate(values) if values else []
     ax.step(numbers, best, where="post", color="C3", label="best so far")
     ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_ylabel(setup.objective)
     ax.legend(fontsize=8)
     figure.tight_layout()
@@ -130,6 +133,7 @@ def _parameter_figure(study: optuna.Study, setup: study_lib.Setup, parameter: sp
     if parameter.log:
         ax.set_xscale("log")
     ax.set_xlabel(parameter.key)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_ylabel(setup.objective)
     ax.legend(fontsize=8)
     figure.tight_layout()
@@ -149,6 +153,8 @@ def _curves_figure(study: optuna.Study):
             ax.plot(steps, [t.intermediate_values[s] for s in steps], "--" if t.state.name == "PRUNED" else "-",
                     label=f"{t.number} ({t.state.name.lower()})")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_ylabel("val_loss")
     if len(trials(study)) <= 12:
         ax.legend(fontsize=7)
