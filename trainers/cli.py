@@ -158,7 +158,11 @@ def _add_tune_arguments(commands) -> None:
                            "postgresql://USER:PASSWORD@HOST/DB to share the study between hosts")
     tune.add_argument("--study", default=DEFAULT_STUDY, metavar="NAME", help="the study's name in the storage")
     tune.add_argument("--objective", default="val_loss", metavar="NAME",
-                      help=f"validation value to optimise: {', '.join(OBJECTIVES)}")
+                      help=f"validation value to optimise: {', '.join(OBJECTIVES)}, or val/METRIC, a "
+                           f"loss term of the model in history.jsonl (e.g. val/reconstruction), "
+                           f"which unlike val_loss leaves out the weighted penalties being searched")
+    tune.add_argument("--direction", metavar="minimize|maximize",
+                      help="default: minimize val_loss, maximize the others")
     tune.add_argument("--pruner", default="median", metavar="NAME",
                       help=f"Optuna pruner on the per-epoch val_loss: {', '.join(PRUNERS)}")
     tune.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
@@ -172,12 +176,14 @@ def _cmd_tune(args, beam_args: list[str]) -> int:
     options = tune.TuneArgs(
         data=args.data, workdir=args.workdir, space=args.space, config=args.config, overrides=overrides,
         trials=args.trials, workers=args.workers, storage=args.storage, study=args.study,
-        objective=args.objective, pruner=args.pruner, results=not args.worker_only)
+        objective=args.objective, pruner=args.pruner, direction=args.direction,
+        results=not args.worker_only)
     worker = ["tune", "--data", args.data, "--workdir", args.workdir, "--space", args.space,
               "--study", args.study, "--objective", args.objective, "--pruner", args.pruner,
               "--worker-only", *(f"--set={item}" for item in overrides)]
     worker += [f"--{name}={value}" for name, value in (("config", args.config), ("trials", args.trials),
-                                                       ("storage", args.storage)) if value is not None]
+                                                       ("storage", args.storage), ("direction", args.direction))
+               if value is not None]
     return tune.tune(options, worker_argv=worker)
 
 

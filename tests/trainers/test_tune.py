@@ -124,6 +124,7 @@ def _tune(argv, capsys):
     ("model.bmvae_m.lamda_c: [1.0, 2.0]\n", [], "unknown config key 'model.bmvae_m.lamda_c'"),
     ("train.learning_rate: {low: 0.1, high: 0.01}\n", [], "is empty"),
     ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--objective", "val_elbo"], "--objective val_elbo: unknown"),
+    ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--direction", "up"], "--direction up: choose"),
     ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--storage", "postgresql://u:secret@127.0.0.1:1/db"],
      "cannot open the study storage"),
     ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--storage", "sqlite:////no/such/dir/study.db"],
@@ -220,3 +221,17 @@ def test_a_trial_directory_of_another_study_is_not_taken_over(dataset, tmp_path,
     assert code == 2 and not any("Traceback" in line for line in errors)
     assert errors[-1].startswith("bmvae: error:") and "trials/0000: holds a run that is not trial 0 " \
         "of study another" in errors[-1]
+
+
+def test_a_val_term_objective_is_read_from_each_epoch_and_must_exist():
+    record = {"epoch": 2, "val_loss": 10.0, "terms": {"val/bound": -9.5, "train/bound": -9.0}}
+    assert study_lib.objective_value("val/bound", "RUN", [record]) == -9.5
+    assert study_lib.objective_value("val_loss", "RUN", [record]) == 10.0
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    study_lib._report(trial, record, "val/bound")
+    assert study.trials[0].intermediate_values == {2: -9.5}
+    with pytest.raises(UserError, match=r"--objective val/elbo: the model records no such term; it has \['val/bound'\]"):
+        study_lib._report(trial, record, "val/elbo")
+    with pytest.raises(UserError, match="recorded no val/elbo"):
+        study_lib.objective_value("val/elbo", "RUN", [record])

@@ -18,7 +18,24 @@ OBJECTIVES = {
     "val_coherence": ("maximize", "mean cross coherence on the validation split (bmvae evaluate)"),
     "val_latent_accuracy": ("maximize", "mean latent accuracy on the validation split (bmvae evaluate)"),
 }
+# Also: "val/<metric>", a loss term the model records each epoch in history.jsonl ("terms"), e.g.
+# val/bound or val/reconstruction: unlike val_loss, these do not include the weighted penalty
+# terms (lambda_c, eta) that the search changes. Maximised unless --direction says otherwise.
+TERM_PREFIX = "val/"
 DEFAULT_OBJECTIVE = "val_loss"
+
+
+def is_known_objective(name: str) -> bool:
+    return name in OBJECTIVES or (name.startswith(TERM_PREFIX) and len(name) > len(TERM_PREFIX))
+
+
+def default_direction(name: str) -> str:
+    return OBJECTIVES[name][0] if name in OBJECTIVES else "maximize"
+
+
+def per_epoch(name: str) -> bool:
+    """Whether the objective is recorded every epoch (so trials are pruned on it)."""
+    return name == "val_loss" or name.startswith(TERM_PREFIX)
 PRUNERS = ("median", "hyperband", "none")
 DEFAULT_TRIALS = 20  # for a space with ranges; a grid's default is its size
 DEFAULT_STUDY = "bmvae-tune"

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers.reporting import plots, report
-from bmvae_tf.trainers.tuning import OBJECTIVES
+from bmvae_tf.trainers.tuning import OBJECTIVES, per_epoch
 from bmvae_tf.trainers.tuning import space as space_lib
 from bmvae_tf.trainers.tuning import study as study_lib
 
@@ -68,7 +68,9 @@ def trials_table(study: optuna.Study, setup: study_lib.Setup) -> report.Table:
                      *(space_lib._short(t.params[k]) if k in t.params else "" for k in keys),
                      "" if epochs is None else str(epochs), "" if minutes is None else f"{minutes:.1f}",
                      t.user_attrs.get("run_dir", "")])
-    note = (f"{setup.objective}: {OBJECTIVES[setup.objective][1]}; the study {setup.direction}s it. "
+    what = OBJECTIVES[setup.objective][1] if setup.objective in OBJECTIVES else \
+        "the model's validation term of the trial's last epoch (pruned per epoch)"
+    note = (f"{setup.objective}: {what}; the study {setup.direction}s it. "
             f"Pruned trials stopped after the epoch shown; failed ones were killed or diverged.")
     return report.Table(f"Trials of study {setup.study_name}", headers, rows, note)
 
@@ -144,7 +146,7 @@ def _last(trial) -> float:
     return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else math.nan
 
 
-def _curves_figure(study: optuna.Study):
+def _curves_figure(study: optuna.Study, objective: str):
     figure = _figure(6.0, 3.2)
     ax = figure.add_subplot(1, 1, 1)
     for t in trials(study):
@@ -155,7 +157,7 @@ def _curves_figure(study: optuna.Study):
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set_ylabel("val_loss")
+    ax.set_ylabel(objective)
     if len(trials(study)) <= 12:
         ax.legend(fontsize=7)
     figure.tight_layout()
@@ -177,11 +179,11 @@ def write_report(study: optuna.Study, setup: study_lib.Setup) -> str:
             f"{k}={space_lib._short(v)}" for k, v in best.params.items()))])
     images = [report.Image("Optimisation history: each complete trial's value and the best so far",
                            plots.figure_png(_history_figure(study, setup)), "history.png")]
-    if setup.objective == "val_loss":
-        images.append(report.Image("val_loss per epoch of every trial (dashed: pruned)",
-                                   plots.figure_png(_curves_figure(study)), "curves.png"))
+    if per_epoch(setup.objective):
+        images.append(report.Image(f"{setup.objective} per epoch of every trial (dashed: pruned)",
+                                   plots.figure_png(_curves_figure(study, setup.objective)), "curves.png"))
     for p in setup.space.parameters:
-        images.append(report.Image(f"{setup.objective} against {p.key} (pruned: their last val_loss)",
+        images.append(report.Image(f"{setup.objective} against {p.key} (pruned: their last epoch's)",
                                    plots.figure_png(_parameter_figure(study, setup, p)), f"{p.key}.png"))
     sections = [("Study", [facts]), ("Trials", [trials_table(study, setup)]), ("Plots", images)]
     if best is not None:

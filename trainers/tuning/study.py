@@ -29,7 +29,8 @@ import optuna
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import run_dir as run_dir_lib
-from bmvae_tf.trainers.tuning import OBJECTIVES, space as space_lib
+from bmvae_tf.trainers.tuning import OBJECTIVES, TERM_PREFIX, default_direction, is_known_objective, per_epoch
+from bmvae_tf.trainers.tuning import space as space_lib
 
 log = logging.getLogger("bmvae.tune")
 
@@ -68,10 +69,11 @@ class Setup:
     study_name: str
     storage_url: str
     pruner: str = "median"
+    direction_override: str | None = None  # --direction
 
     @property
     def direction(self) -> str:
-        return OBJECTIVES[self.objective][0]
+        return self.direction_override or default_direction(self.objective)
 
     def build(self, params_overrides: list[str], workdir: str | None = None) -> config_lib.Config:
         """The config of a trial: config file < --set < the trial's parameters (< a resumed run's
@@ -234,14 +236,14 @@ class Objective:
         trial.set_user_attr("config", config_lib.dump_yaml(config))
         log.info("trial %d: %s -> %s", trial.number,
                  ", ".join(f"{k}={space_lib._short(v)}" for k, v in params.items()), workdir)
-        prunable = self.setup.objective == "val_loss"
-        if prunable:  # a resumed run: its recorded epochs first
+        objective = self.setup.objective
+        if per_epoch(objective):  # a resumed run: its recorded epochs first
             for record in run_dir_lib.read_history(run_dir_lib.RunPaths(workdir)):
-                _report(trial, record, prune=False)
+                _report(trial, record, objective, prune=False)
         from bmvae_tf.trainers.training.loop import run_training
 
-        history, _ = run_training(config, workdir, write_report=True,
-                                  on_epoch=(lambda record: _report(trial, record)) if prunable else None)
+        history, _ = run_training(config, workdir, write_report=True, on_epoch=(
+            (lambda record: _report(trial, record, objective)) if per_epoch(objective) else None))
         value = objective_value(self.setup.objective, workdir, history)
         log.info("trial %d: %s %.6g", trial.number, self.setup.objective, value)
         return value
@@ -254,23 +256,33 @@ class Objective:
             raise Surplus(f"trial {trial.number}: the study already has {self.setup.trials} trials")
 
 
-def _report(trial: optuna.Trial, record: dict, prune: bool = True) -> None:
-    """Reports an epoch's val_loss to the pruner; raises TrialPruned when it says so."""
-    if record.get("val_loss") is None:
+def epoch_value(record: dict, objective: str) -> float | None:
+    """An epoch's value of a per-epoch objective: val_loss, or the "val/<metric>" term."""
+    value = record.get("val_loss") if objective == "val_loss" else record.get("terms", {}).get(objective)
+    return None if value is None else float(value)
+
+
+def _report(trial: optuna.Trial, record: dict, objective: str, prune: bool = True) -> None:
+    """Reports an epoch's value to the pruner; raises TrialPruned when it says so."""
+    value = epoch_value(record, objective)
+    if value is None:
+        if objective.startswith(TERM_PREFIX) and record.get("val_loss") is not None:
+            known = sorted(k for k in record.get("terms", {}) if k.startswith(TERM_PREFIX))
+            raise UserError(f"--objective {objective}: the model records no such term; it has {known}")
         return
-    trial.report(float(record["val_loss"]), int(record["epoch"]))
+    trial.report(value, int(record["epoch"]))
     if prune and trial.should_prune():
-        log.info("trial %d: pruned after epoch %d (val_loss %.6g)", trial.number, record["epoch"],
-                 record["val_loss"])
-        raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} (val_loss {record['val_loss']:.6g})")
+        log.info("trial %d: pruned after epoch %d (%s %.6g)", trial.number, record["epoch"], objective, value)
+        raise optuna.TrialPruned(f"pruned after epoch {record['epoch']} ({objective} {value:.6g})")
 
 
 def objective_value(objective: str, workdir: str, history: list[dict]) -> float:
     """The objective of a trained run: val_loss of its last epoch, or a validation metric."""
-    if objective == "val_loss":
-        if not history or history[-1].get("val_loss") is None:
-            raise UserError(f"{workdir}: the run recorded no val_loss")
-        return float(history[-1]["val_loss"])
+    if per_epoch(objective):
+        value = epoch_value(history[-1], objective) if history else None
+        if value is None:
+            raise UserError(f"{workdir}: the run recorded no {objective}")
+        return value
     from bmvae_tf.trainers.evaluation import evaluate
 
     metrics = evaluate.evaluate(workdir, split="validation")
@@ -288,12 +300,13 @@ def check_objective(setup: Setup, config: config_lib.Config, manifest) -> None:
     """Refuses an objective the runs would not produce (before any trial starts)."""
     from bmvae_tf.trainers.training import inputs
 
-    if setup.objective not in OBJECTIVES:
-        raise UserError(f"--objective {setup.objective}: unknown; choose one of {', '.join(OBJECTIVES)}")
+    if not is_known_objective(setup.objective):
+        raise UserError(f"--objective {setup.objective}: unknown; choose one of {', '.join(OBJECTIVES)} "
+                        f"or {TERM_PREFIX}<metric>")
     validation = inputs.choose_validation(manifest, config.train)
-    if setup.objective == "val_loss":
+    if per_epoch(setup.objective):
         if validation is None or not validation.selects:
-            raise UserError(f"--objective val_loss: {setup.data_dir} has no validation split; set "
+            raise UserError(f"--objective {setup.objective}: {setup.data_dir} has no validation split; set "
                             f"train.validation_fraction (e.g. --set train.validation_fraction=0.1) to "
                             f"hold out part of the train split (never the test split)")
         return

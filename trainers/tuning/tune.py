@@ -8,7 +8,7 @@ import os
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
-from bmvae_tf.trainers.tuning import DEFAULT_TRIALS, OBJECTIVES, PRUNERS
+from bmvae_tf.trainers.tuning import DEFAULT_TRIALS, OBJECTIVES, PRUNERS, is_known_objective
 from bmvae_tf.trainers.tuning import space as space_lib
 
 log = logging.getLogger("bmvae.tune")
@@ -27,6 +27,7 @@ class TuneArgs:
     study: str = "bmvae-tune"
     objective: str = "val_loss"
     pruner: str = "median"
+    direction: str | None = None  # default: the objective's
     results: bool = True  # False: a worker started by --workers; the parent writes the results
 
 
@@ -35,8 +36,11 @@ def prepare(args: TuneArgs):
     trials, workers, the space against the config, and that the runs produce the objective."""
     from bmvae_tf.trainers.tuning import study as study_lib
 
-    if args.objective not in OBJECTIVES:
-        raise UserError(f"--objective {args.objective}: unknown objective; choose one of {', '.join(OBJECTIVES)}")
+    if not is_known_objective(args.objective):
+        raise UserError(f"--objective {args.objective}: unknown objective; choose one of "
+                        f"{', '.join(OBJECTIVES)} or val/<metric> (a term in the runs' history.jsonl)")
+    if args.direction not in (None, "minimize", "maximize"):
+        raise UserError(f"--direction {args.direction}: choose minimize or maximize")
     if args.pruner not in PRUNERS:
         raise UserError(f"--pruner {args.pruner}: choose one of {', '.join(PRUNERS)}")
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
@@ -52,7 +56,7 @@ def prepare(args: TuneArgs):
         tune_dir=os.path.abspath(args.workdir), data_dir=data_dir, config_file=args.config,
         overrides=list(args.overrides), space=space, objective=args.objective, trials=trials,
         study_name=args.study, storage_url=args.storage or study_lib.default_storage(args.workdir),
-        pruner=args.pruner)
+        pruner=args.pruner, direction_override=args.direction)
     space_lib.check_space(space, setup.build)
     study_lib.check_objective(setup, setup.build([]), manifest)
     return setup
