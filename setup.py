@@ -49,6 +49,9 @@ setup(
         "pyyaml>=6.0",
         # tf.summary needs it; TensorFlow 2.21 no longer installs it.
         "tensorboard>=2.18",
+        # `bmvae tune`: the search (Optuna 5.1 here), PostgreSQL storage for studies shared by hosts.
+        "optuna~=5.1",
+        "psycopg2-binary>=2.9,<3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],

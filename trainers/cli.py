@@ -138,6 +138,62 @@ def _add_run_commands(commands) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def _add_tune_arguments(commands) -> None:
+    from bmvae_tf.trainers.tuning import DEFAULT_STUDY, DEFAULT_TRIALS, OBJECTIVES, PRUNERS
+
+    tune = _parser(
+        commands, "tune", help="search config values on validation data (Optuna); rerunning continues",
+        description="Each trial is a run directory TUNE_DIR/trials/NNNN; the results are "
+                    "TUNE_DIR/best.yaml (the best trial's complete config) and TUNE_DIR/report.html. "
+                    "Many hosts share one study with the same --storage postgresql://... and --study.")
+    tune.add_argument("--data", required=True, help="dataset directory (holds manifest.json)")
+    tune.add_argument("--workdir", required=True, metavar="TUNE_DIR",
+                      help="the search's directory: trials/, study.db, best.yaml, report.html")
+    tune.add_argument("--space", required=True, metavar="SPACE.yaml",
+                      help="search space over dotted config keys (see configs/search/)")
+    tune.add_argument("--config", help="YAML config every trial starts from (see configs/)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key of every trial, e.g. --set train.epochs=10")
+    tune.add_argument("--epochs", type=int, help="sets train.epochs of every trial")
+    tune.add_argument("--trials", type=int, metavar="N",
+                      help=f"complete or pruned trials the study runs (default: the grid's size for "
+                           f"an all-categorical space, else {DEFAULT_TRIALS})")
+    tune.add_argument("--workers", type=int, default=1, metavar="W",
+                      help="trial processes on this host sharing the study")
+    tune.add_argument("--storage", metavar="URL",
+                      help="Optuna RDB storage (default: sqlite:///TUNE_DIR/study.db); "
+                           "postgresql://USER:PASSWORD@HOST/DB to share the study between hosts")
+    tune.add_argument("--study", default=DEFAULT_STUDY, metavar="NAME", help="the study's name in the storage")
+    tune.add_argument("--objective", default="val_loss", metavar="NAME",
+                      help=f"validation value to optimise: {', '.join(OBJECTIVES)}, or val/METRIC, a "
+                           f"loss term of the model in history.jsonl (e.g. val/reconstruction), "
+                           f"which unlike val_loss leaves out the weighted penalties being searched")
+    tune.add_argument("--direction", metavar="minimize|maximize",
+                      help="default: minimize val_loss, maximize the others")
+    tune.add_argument("--pruner", default="median", metavar="NAME",
+                      help=f"Optuna pruner on the per-epoch val_loss: {', '.join(PRUNERS)}")
+    tune.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)
+    tune.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args, beam_args: list[str]) -> int:
+    from bmvae_tf.trainers.tuning import tune
+
+    overrides = list(args.set) + ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
+    options = tune.TuneArgs(
+        data=args.data, workdir=args.workdir, space=args.space, config=args.config, overrides=overrides,
+        trials=args.trials, workers=args.workers, storage=args.storage, study=args.study,
+        objective=args.objective, pruner=args.pruner, direction=args.direction,
+        results=not args.worker_only)
+    worker = ["tune", "--data", args.data, "--workdir", args.workdir, "--space", args.space,
+              "--study", args.study, "--objective", args.objective, "--pruner", args.pruner,
+              "--worker-only", *(f"--set={item}" for item in overrides)]
+    worker += [f"--{name}={value}" for name, value in (("config", args.config), ("trials", args.trials),
+                                                       ("storage", args.storage), ("direction", args.direction))
+               if value is not None]
+    return tune.tune(options, worker_argv=worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; builds without importing TensorFlow or Beam."""
     parser = argparse.ArgumentParser(
@@ -148,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(commands)
     _add_train_command(commands)
     _add_run_commands(commands)
+    _add_tune_arguments(commands)
     return parser
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from bmvae_tf.trainers import choices, cli
 
-HEAVY = ("tensorflow", "apache_beam", "keras", "matplotlib", "tensorflow_probability")
+HEAVY = ("tensorflow", "apache_beam", "keras", "matplotlib", "tensorflow_probability", "optuna", "sqlalchemy")
 
 
 def _leaf_parsers(parser: argparse.ArgumentParser, path=()):

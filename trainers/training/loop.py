@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import time
+from typing import Callable
 
 import tensorflow as tf
 
@@ -34,13 +35,17 @@ log = logging.getLogger("bmvae.train")
 
 def run_training(config: config_lib.Config, workdir: str, *,
                  strategy: tf.distribute.Strategy | None = None,
-                 write_report: bool = False) -> tuple[list[dict], Trainer]:
+                 write_report: bool = False,
+                 on_epoch: Callable[[dict], None] | None = None) -> tuple[list[dict], Trainer]:
     """Trains (or resumes) the run in `workdir`; returns the whole history (one dict per epoch)
     and the trainer (each worker's own copy of the weights).
 
     Op determinism and the dtype policy are set for the run only (`global_state`).
     write_report: the chief also writes RUN/report.html (training curves so far; `evaluate` and
     `analyze` rewrite it with their tables and plots).
+    on_epoch: called with each finished epoch's history record, after it is checkpointed and
+    recorded (`bmvae tune` reports val_loss to its pruner here; an exception it raises stops
+    the run, which stays resumable from that epoch).
     """
     run_dir.check_run_directory(workdir)
     # First: MultiWorkerMirroredStrategy must be made before the runtime starts.
@@ -53,7 +58,7 @@ def run_training(config: config_lib.Config, workdir: str, *,
         if chief:
             run_dir.remove_stale_temporaries(run_dir.RunPaths(workdir))
         with global_state.run_settings(config.train):
-            controller = Controller(config, workdir, strategy)
+            controller = Controller(config, workdir, strategy, on_epoch=on_epoch)
             history = controller.run()
         if write_report and chief:
             from bmvae_tf.trainers.reporting import report  # matplotlib, only when asked for
@@ -83,9 +88,11 @@ class Controller:
     """Runs the epochs of one run: opens the run directory, resumes the trainer from its latest
     checkpoint, and for each epoch trains, validates, checkpoints and records."""
 
-    def __init__(self, config: config_lib.Config, workdir: str, strategy: tf.distribute.Strategy):
+    def __init__(self, config: config_lib.Config, workdir: str, strategy: tf.distribute.Strategy,
+                 on_epoch: Callable[[dict], None] | None = None):
         t = config.train
         self.config, self.workdir, self.strategy = config, workdir, strategy
+        self.on_epoch = on_epoch
         self.paths = run_dir.RunPaths(workdir)
         self.manifest = schema.read_manifest(config.data.dir)
         self.chief = strategy_lib.is_chief(strategy)
@@ -227,6 +234,8 @@ class Controller:
         if record.get("stopped_early"):
             log.info("early stopping: no improvement of the validation loss for %d epochs; best %.4f",
                      t.early_stopping_patience, self.early_stopping.best)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def _save(self, step: int, *, best: bool = False) -> None:
         """Checkpoint `step` (and the best one), unless a weight is no longer finite."""
