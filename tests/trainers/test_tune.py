@@ -18,7 +18,6 @@ from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import run_dir
 from bmvae_tf.trainers.tuning import space as space_lib
 from bmvae_tf.trainers.tuning import study as study_lib
-from bmvae_tf.trainers.tuning import tune as tune_lib
 from tests import synthetic
 
 SEARCH = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "search")

@@ -96,7 +96,7 @@ def write_best(study: optuna.Study, setup: study_lib.Setup) -> str:
         f"# {params},",
         f"# the best {setup.objective} ({setup.direction}) = {best.value:.6g} over {n['COMPLETE']} complete "
         f"and {n['PRUNED']} pruned trials of the space {setup.space.path} (h = {setup.space.h:g}).",
-        f"# Search space: " + "; ".join(f"{k} in {v}" for k, v in setup.space.describe().items()),
+        "# Search space: " + "; ".join(f"{k} in {v}" for k, v in setup.space.describe().items()),
     ]
     path = os.path.join(setup.tune_dir, BEST_YAML)
     atomic.write_text(path, "\n".join(header) + "\n" + best.user_attrs["config"])

@@ -20,7 +20,7 @@ import itertools
 import json
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import yaml
 
