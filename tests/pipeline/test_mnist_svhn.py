@@ -2,6 +2,7 @@
 
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -225,6 +226,16 @@ def test_build_pairs_follow_the_rule_exactly(built_text, raw_labels, split):
             assert set(counts.tolist()) <= {DM}
     # Pixel values are x / 255 of the source bytes.
     assert np.all(np.isclose(data["mnist"] * 255, np.round(data["mnist"] * 255), atol=1e-4))
+
+
+# sha256 of the test shard `built_text` wrote before validation splits existed (commit 65e420f):
+# holding validation images out of train must not change a test byte.
+TEST_SHARD_SHA256_BEFORE_VALIDATION = "cf77f7a813818160ad356f3ec5f259bd39d905cfc877b8443793fb032663a984"
+
+
+def test_the_test_split_is_byte_identical_to_the_two_split_build(built_text):
+    shard = read_bytes(built_text.manifest.directory)[schema.shard_name("test", 0, 1)]
+    assert hashlib.sha256(shard).hexdigest() == TEST_SHARD_SHA256_BEFORE_VALIDATION
 
 
 def test_build_texts_decode_to_the_digit_name(built_text):
