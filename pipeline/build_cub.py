@@ -410,10 +410,11 @@ def load_pretrained_vectors(path: str):
 def fit_sentence_vectors(train_captions: Iterable, *, vocab: Sequence[str], counts: Mapping[str, int],
                          output_dir: str, fasttext: str | None, seed: int,
                          bucket: int = FASTTEXT_BUCKETS) -> str:
-    """One worker: word vectors (FastText trained on the train captions, or pretrained), SIF
-    weights and the train captions' first principal component -> DIR/sentence_vectors.npz.
-    Returns the file name."""
-    ordered = sorted(train_captions, key=lambda item: item[0])
+    """One worker: word vectors (FastText trained on the trainval captions, or pretrained), SIF
+    weights and the trainval captions' first principal component -> DIR/sentence_vectors.npz.
+    Returns the file name. The captions are taken in image-id order (CUB's images.txt order),
+    whichever split (train or validation) an image is in."""
+    ordered = sorted(train_captions, key=lambda item: (item[1][0].image_id, item[0]))
     texts = [tokens for _, (_, captions) in ordered for tokens in captions]
     if fasttext:
         lookup, dim = load_pretrained_vectors(fasttext)
