@@ -68,12 +68,12 @@ def splits_read(validation: Validation) -> tuple[str, ...]:
     return tuple(dict.fromkeys((schema.TRAIN, validation.split)))
 
 
-def steps_per_epoch(manifest: schema.Manifest, validation: Validation, global_batch: int) -> int:
+def steps_per_epoch(manifest: schema.Manifest, validation: Validation | None, global_batch: int) -> int:
     """Full global batches per epoch; a held-out fraction is taken out of the count (its exact
     size depends on record hashes, so this is the expected size; epochs repeat the data and
     take exactly this many steps)."""
     count = manifest.split("train").count
-    if validation.split == schema.TRAIN:
+    if validation is not None and validation.split == schema.TRAIN:
         count = int(count * (1.0 - validation.holdout_fraction))
     return count // global_batch
 
@@ -87,7 +87,7 @@ def validation_dataset(manifest: schema.Manifest, validation: Validation,
 
 
 def epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
-                  config: config_lib.Config, validation: Validation, epoch: int, done: int,
+                  config: config_lib.Config, validation: Validation | None, epoch: int, done: int,
                   steps: int, dynamic_text_padding: bool) -> tf.data.Dataset:
     """Epoch `epoch`'s batches for one input pipeline, from global step `done` of the epoch on.
 
@@ -99,7 +99,7 @@ def epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
     t = config.train
     per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     holdout = (input_pipeline.Holdout(validation.holdout_fraction, held_out=False)
-               if validation.split == schema.TRAIN else None)
+               if validation is not None and validation.split == schema.TRAIN else None)
     options = input_pipeline.ReadOptions(
         shuffle=True, seed=t.seed * 100003 + epoch, shuffle_buffer=t.shuffle_buffer, repeat=True,
         drop_remainder=True, holdout=holdout, skip_batches=done * per_pipeline,
