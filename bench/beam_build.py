@@ -7,7 +7,7 @@ same runner options: its wall time is the runner's fixed cost (worker start-up, 
 transport), which extra workers cannot shorten. --profile adds a cProfile of the one-worker
 in-memory build.
 
-    python bench/beam_build.py                       # dm = 10 (14370 + 3600 records)
+    python bench/beam_build.py                       # dm = 10 (12930 + 1440 + 3600 records)
     python bench/beam_build.py --dm 40 --output bench/results/beam_build_big.json
 """
 

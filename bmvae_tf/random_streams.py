@@ -47,6 +47,7 @@ class DigitsStream(enum.IntEnum):
 
     PAIRING = 1  # which images of a class pair up
     RENDER = 2  # the private factors each pair is rendered with
+    VALIDATION = 3  # which train source images are held out for the validation split
 
 
 class MnistSvhnStream(enum.IntEnum):
@@ -55,12 +56,21 @@ class MnistSvhnStream(enum.IntEnum):
     PAIRING = 1  # the per-class random permutations that pair MNIST with SVHN
     TEXT = 2  # the text modality's padding
     ORDER = 3  # the order of the written examples
+    VALIDATION = 4  # which train source images of each class are held out for validation
 
 
 class ArraysStream(enum.IntEnum):
     """Streams of `bmvae data build arrays`' seed (`pipeline/arrays.py`)."""
 
-    TEST_SPLIT = 7  # keys the permutation that picks the test rows
+    TEST_SPLIT = 7  # keys the permutation that picks the test rows (and, next in its order,
+    # the validation rows when the archive has no `split`)
+    VALIDATION_SPLIT = 8  # keys the validation rows carved from a `split` key's train rows
+
+
+class CubStream(enum.IntEnum):
+    """Streams of `bmvae data build cub`'s seed (`pipeline/cub.py`); FastText takes the seed itself."""
+
+    VALIDATION = 1  # which train (trainval) classes are held out for the validation split
 
 
 class ModelStream(enum.IntEnum):
@@ -74,4 +84,4 @@ class ModelStream(enum.IntEnum):
 
 
 FAMILIES: tuple[type[enum.IntEnum], ...] = (EvalStream, TrainingStream, DigitsStream, MnistSvhnStream,
-                                            ArraysStream, ModelStream)
+                                            ArraysStream, CubStream, ModelStream)

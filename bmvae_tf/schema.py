@@ -27,6 +27,15 @@ MODALITY_KINDS = ("image", "sequence", "vector")
 LIKELIHOODS = ("laplace", "gaussian", "categorical")
 DTYPES = ("float32", "int64", "uint8")
 
+# The splits every `bmvae data build` job writes, in manifest order. Training reads `train` (and
+# `validation` for its val_loss and early stopping), never `test`; `bmvae evaluate --split`
+# scores `test` (default) or `validation`. The builders carve `validation` out of the train data
+# (DEFAULT_VALIDATION_FRACTION of it unless told otherwise), never out of test.
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+SPLITS = (TRAIN, VALIDATION, TEST)
+EVALUATION_SPLITS = (TEST, VALIDATION)
+DEFAULT_VALIDATION_FRACTION = 0.1
+
 
 class SchemaError(UserError):
     """A manifest or record does not follow the data contract. The message names the culprit."""

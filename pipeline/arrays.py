@@ -1,7 +1,8 @@
 """Users' own paired data from one .npz file (SPEC section 2): reading, checking, statistics.
 
-Every array in the archive is a modality, except `label` (int [N]) and `split` ('train'/'test'
-[N]). The first axis is the example; per example 1-D (or a scalar) is a vector, 2-D or 3-D an
+Every array in the archive is a modality, except `label` (int [N]) and `split`
+('train'/'validation'/'test' [N]; without 'validation' rows, a seeded validation_fraction of the
+train rows becomes validation; without `split`, seeded test and validation fractions are drawn). The first axis is the example; per example 1-D (or a scalar) is a vector, 2-D or 3-D an
 image ([H, W] gets a channel axis), and 1-D integers are a sequence only when named by
 `--sequence`.
 
@@ -38,7 +39,7 @@ from bmvae_tf.random_streams import ArraysStream
 
 LABEL_KEY = "label"
 SPLIT_KEY = "split"
-SPLIT_NAMES = ("train", "test")
+SPLIT_NAMES = ("train", "test", "validation")  # split ids: positions here
 ROWS_PER_CHUNK = 4096
 
 
@@ -209,6 +210,9 @@ class Plan:
     num_classes: int | None  # None without a `label` array
     seed: int
     test_fraction: float
+    validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION
+    # Whether the archive's `split` names validation rows itself (else they are carved from train).
+    split_has_validation: bool = False
 
 
 def read_ranges(member: Member, rows: int = ROWS_PER_CHUNK) -> list[tuple[str, int, int]]:
@@ -256,7 +260,7 @@ def check_members(path: str, members: Mapping[str, Member], sequences: Sequence[
                                 f"{[member.count, *member.row_shape]}")
         elif key == SPLIT_KEY:
             if kind not in "US" or member.row_shape:
-                raise UserError(f"{path}: key 'split' must be strings 'train'/'test' of shape [N], got "
+                raise UserError(f"{path}: key 'split' must be strings 'train'/'validation'/'test' of shape [N], got "
                                 f"{member.dtype} {[member.count, *member.row_shape]}")
         elif key in sequences:
             if kind not in "iu" or len(member.row_shape) != 1:
@@ -269,8 +273,8 @@ def check_members(path: str, members: Mapping[str, Member], sequences: Sequence[
             if len(member.row_shape) > 3:
                 raise UserError(f"{path}: key {key!r} has {len(member.row_shape)} axes per example; "
                                 "vectors have 1, images 2 or 3")
-    if first.count < 2:
-        raise UserError(f"{path}: {first.count} example(s); a train and a test split need at least 2")
+    if first.count < 3:
+        raise UserError(f"{path}: {first.count} example(s); train, validation and test splits need at least 3")
     return modality_keys
 
 
@@ -281,8 +285,32 @@ def test_rows(count: int, test_fraction: float, seed: int, rows: np.ndarray) -> 
     return permute_index(rows, count, (seed, ArraysStream.TEST_SPLIT)) < n_test
 
 
+def drawn_split_ids(count: int, test_fraction: float, validation_fraction: float, seed: int,
+                    rows: np.ndarray) -> np.ndarray:
+    """Split ids (0 train, 1 test, 2 validation) of `rows` when the archive has no `split`.
+
+    One keyed permutation orders the rows: the first round(test_fraction * count) are test (the
+    same rows as before validation splits existed), the next round(validation_fraction * rest)
+    validation, the others train.
+    """
+    n_test = int(round(test_fraction * count))
+    n_validation = int(round(validation_fraction * (count - n_test)))
+    position = permute_index(rows, count, (seed, ArraysStream.TEST_SPLIT))
+    return np.where(position < n_test, 1, np.where(position < n_test + n_validation, 2, 0)).astype(np.int64)
+
+
+def carve_validation(ids: np.ndarray, count: int, validation_fraction: float, seed: int,
+                     rows: np.ndarray) -> np.ndarray:
+    """`ids` (from a `split` key without validation rows) with the train rows whose keyed
+    permutation (stream VALIDATION_SPLIT) falls below round(validation_fraction * count) made
+    validation: about that fraction of the train rows."""
+    held = permute_index(rows, count, (seed, ArraysStream.VALIDATION_SPLIT)) < int(round(validation_fraction * count))
+    return np.where((ids == 0) & held, 2, ids).astype(np.int64)
+
+
 def split_names(split_values: np.ndarray, path: str, start: int = 0) -> np.ndarray:
-    """'train'/'test' values -> split ids (0 train, 1 test); UserError naming a bad value's row."""
+    """'train'/'test'/'validation' values -> split ids (0 train, 1 test, 2 validation);
+    UserError naming a bad value's row."""
     values = np.char.strip(np.asarray(split_values).astype(str))
     ids = np.full(values.shape, -1, np.int64)
     for i, name in enumerate(SPLIT_NAMES):
@@ -290,7 +318,7 @@ def split_names(split_values: np.ndarray, path: str, start: int = 0) -> np.ndarr
     if np.any(ids < 0):
         row = int(np.flatnonzero(ids < 0)[0])
         raise UserError(f"{path}: key 'split' holds {str(values[row])!r} at example {start + row}; "
-                        "expected 'train' or 'test'")
+                        "expected 'train', 'validation' or 'test'")
     return ids
 
 
@@ -324,25 +352,28 @@ MAX_VOCAB = 65_536
 
 
 def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool = True,
-                test_fraction: float = 0.2, seed: int = 0, max_vocab: int = MAX_VOCAB) -> Plan:
+                test_fraction: float = 0.2, seed: int = 0, max_vocab: int = MAX_VOCAB,
+                validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> Plan:
     """Reads the whole archive once, streaming, and decides what every array becomes.
 
     Checks (each a UserError naming the file and key): a readable .npz of plain arrays, at least
     2 modalities, equal lengths, numeric dtypes, finite values, images within [0, 1] or [0, 255],
     non-negative token ids within a vocabulary of at most `max_vocab` tokens, integer labels,
-    split values, non-empty train and test splits. Computes the train-split statistics that standardise the vectors.
+    split values, non-empty train, validation and test splits. Computes the train-split
+    statistics that standardise the vectors (the validation rows are not in them).
     """
     members = inspect_npz(path)
     keys = check_members(path, members, sequences)
     count = members[keys[0]].count
     has_split = SPLIT_KEY in members
-    split_ids = _split_ids(path, members, count, test_fraction, seed)
-    split_counts = {name: int(np.sum(split_ids == i)) for i, name in enumerate(SPLIT_NAMES)}
+    split_ids, split_has_validation = _split_ids(path, members, count, test_fraction, validation_fraction, seed)
+    split_counts = {name: int(np.sum(split_ids == SPLIT_NAMES.index(name))) for name in schema.SPLITS}
     for name, n in split_counts.items():
         if n == 0:
-            cause = "key 'split'" if has_split else "--test-fraction"
-            raise UserError(f"{path}: the {name} split is empty ({cause}); both train and test need "
-                            "examples")
+            cause = ("key 'split'" if has_split and name != "validation" or split_has_validation
+                     else "--validation-fraction" if name == "validation" else "--test-fraction")
+            raise UserError(f"{path}: the {name} split is empty ({cause}); train, validation and test "
+                            "all need examples")
     num_classes = None
     if LABEL_KEY in members:
         low, high = _value_range(path, members[LABEL_KEY])
@@ -356,18 +387,26 @@ def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool =
         for key in keys)
     return Plan(path=path, members=members, modalities=modalities, count=count,
                 split_counts=split_counts, has_split=has_split, num_classes=num_classes, seed=seed,
-                test_fraction=test_fraction)
+                test_fraction=test_fraction, validation_fraction=validation_fraction,
+                split_has_validation=split_has_validation)
 
 
 def _split_ids(path: str, members: Mapping[str, Member], count: int, test_fraction: float,
-               seed: int) -> np.ndarray:
-    """[count] int64 split ids (0 train, 1 test): the archive's `split`, else the seeded draw."""
+               validation_fraction: float, seed: int) -> tuple[np.ndarray, bool]:
+    """([count] int64 split ids, whether `split` named validation rows): the archive's `split`
+    (its train rows carved when it names no validation row), else the seeded draw."""
+    if not 0.0 < validation_fraction < 1.0:
+        raise UserError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    rows = np.arange(count)
     if SPLIT_KEY in members:
-        return np.concatenate([split_names(chunk, path, start)
-                               for start, chunk in iter_chunks(path, members[SPLIT_KEY])])
+        ids = np.concatenate([split_names(chunk, path, start)
+                              for start, chunk in iter_chunks(path, members[SPLIT_KEY])])
+        if np.any(ids == 2):
+            return ids, True
+        return carve_validation(ids, count, validation_fraction, seed, rows), False
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    return test_rows(count, test_fraction, seed, np.arange(count)).astype(np.int64)
+    return drawn_split_ids(count, test_fraction, validation_fraction, seed, rows), False
 
 
 def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float, *,
@@ -451,15 +490,19 @@ def to_model_units(spec: schema.ModalitySpec, values: np.ndarray) -> np.ndarray:
 
 
 def row_split(plan: Plan, rows: np.ndarray, split_values: np.ndarray | None) -> np.ndarray:
-    """Split ids (0 train, 1 test) of `rows`: from the archive's `split`, else the seeded draw."""
+    """Split ids (0 train, 1 test, 2 validation) of `rows`, as `plan_arrays` drew them."""
     if plan.has_split:
-        return split_names(split_values, plan.path)
-    return test_rows(plan.count, plan.test_fraction, plan.seed, rows).astype(np.int64)
+        ids = split_names(split_values, plan.path)
+        if plan.split_has_validation:
+            return ids
+        return carve_validation(ids, plan.count, plan.validation_fraction, plan.seed, rows)
+    return drawn_split_ids(plan.count, plan.test_fraction, plan.validation_fraction, plan.seed, rows)
 
 
 def source_record(plan: Plan, sha256: str) -> dict[str, Any]:
     return {"kind": "npz", "file": plan.path, "basename": os.path.basename(plan.path), "sha256": sha256,
             "num_examples": plan.count, "split_from": "key 'split'" if plan.has_split else "seeded draw",
             "seed": plan.seed, "test_fraction": None if plan.has_split else plan.test_fraction,
+            "validation_fraction": None if plan.split_has_validation else plan.validation_fraction,
             "arrays": {k: {"shape": [m.count, *m.row_shape], "dtype": m.dtype, "stored": m.stored}
                        for k, m in plan.members.items()}}

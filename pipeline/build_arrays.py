@@ -34,7 +34,8 @@ NAMESPACE = "arrays"
 def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
                  sequences: tuple[str, ...] = (), standardize: bool = True, test_fraction: float = 0.2,
                  seed: int = 0, num_shards: int | None = None, overwrite: bool = False,
-                 beam_args: list[str] | None = None, max_vocab: int = arrays.MAX_VOCAB) -> schema.Manifest:
+                 beam_args: list[str] | None = None, max_vocab: int = arrays.MAX_VOCAB,
+                 validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> schema.Manifest:
     """Builds a dataset from the arrays of `input_path` (.npz) into `output_dir`.
 
     Args:
@@ -44,6 +45,8 @@ def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
       sequences: the integer [N, L] arrays to treat as token sequences.
       standardize: standardise vector modalities with train-split statistics.
       test_fraction, seed: the held-out fraction when the archive has no `split` array.
+      validation_fraction: the share of the train rows held out for validation, unless `split`
+        names validation rows itself (seeded too).
       num_shards: shards per split; by default about one per 4096 records.
       overwrite: replace a dataset already in `output_dir`.
       beam_args: passed unchanged to PipelineOptions (beam_io.LOCAL_RUNNER by default).
@@ -55,21 +58,24 @@ def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
     return run_arrays_job(output_dir, input_path=input_path, name=name, sequences=sequences,
                           standardize=standardize, test_fraction=test_fraction, seed=seed,
                           num_shards=num_shards, overwrite=overwrite, beam_args=beam_args,
-                          max_vocab=max_vocab).manifest
+                          max_vocab=max_vocab, validation_fraction=validation_fraction).manifest
 
 
 def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
                    sequences: tuple[str, ...] = (), standardize: bool = True,
                    test_fraction: float = 0.2, seed: int = 0, num_shards: int | None = None,
                    overwrite: bool = False, beam_args: list[str] | None = None,
-                   max_vocab: int = arrays.MAX_VOCAB) -> beam_io.BuildResult:
+                   max_vocab: int = arrays.MAX_VOCAB,
+                   validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> beam_io.BuildResult:
     """`build_arrays`, also returning the job's counters (`arrays/<split>_records`, ...)."""
     _check_arguments(output_dir, seed=seed, test_fraction=test_fraction, num_shards=num_shards,
                      beam_args=beam_args)
     beam_io.check_int("max_vocab", max_vocab, 1)
+    beam_io.check_fraction("validation_fraction", validation_fraction)
     pipeline = beam_io.make_pipeline(beam_args)
     plan = arrays.plan_arrays(input_path, sequences=tuple(sequences), standardize=standardize,
-                              test_fraction=float(test_fraction), seed=int(seed), max_vocab=max_vocab)
+                              test_fraction=float(test_fraction), seed=int(seed), max_vocab=max_vocab,
+                              validation_fraction=float(validation_fraction))
     dataset_name = name or os.path.basename(input_path).removesuffix(".npz") or "arrays"
     shards = {split: int(num_shards or beam_io.default_num_shards(n))
               for split, n in plan.split_counts.items()}
@@ -102,7 +108,7 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.Bu
         args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
         standardize=not args.no_standardize, test_fraction=args.test_fraction, seed=args.seed,
         num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args,
-        max_vocab=args.max_vocab)
+        max_vocab=args.max_vocab, validation_fraction=args.validation_fraction)
 
 
 COMMANDS = (beam_io.BuildCommand(**commands.ARRAYS.fields(), run=_run_from_args),)

@@ -1,7 +1,8 @@
 """The Beam job behind `bmvae data build cub`: CUB ResNet-101 image features paired with captions.
 
-The driver reads only `images.txt` and the two class lists and plans which split each image
-belongs to (`pipeline.cub`). The workers do the rest:
+The driver reads only `images.txt` and the two class lists, holds out a seeded share of the train
+(trainval) classes as the validation split, and plans which split each image belongs to
+(`pipeline.cub`). The workers do the rest:
 
     ListImages -+-> ReadCaptions -+-> TrainCaptions -+-> CountWords -> BuildVocabulary (vocab)
                 |                 |                  +-> CollectTrainCaptions -> FitSentenceVectors
@@ -69,7 +70,8 @@ def build_cub(output_dir: str, *, cub_dir: str, captions_dir: str,
               image_size: int = cub.IMAGE_SIZE, batch_size: int = 32,
               max_bad_fraction: float = 0.01, seed: int = 0, num_shards: int | None = None,
               overwrite: bool = False, beam_args: list[str] | None = None,
-              fasttext_bucket: int = FASTTEXT_BUCKETS) -> schema.Manifest:
+              fasttext_bucket: int = FASTTEXT_BUCKETS,
+              validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> schema.Manifest:
     """Builds the CUB dataset into `output_dir` and returns its manifest.
 
     Args:
@@ -85,12 +87,14 @@ def build_cub(output_dir: str, *, cub_dir: str, captions_dir: str,
       image_size: the shorter side fed to ResNet-101 (224; smaller only to make tests fast).
       batch_size: images per ResNet call (all of one resized shape).
       max_bad_fraction: the job fails if more than this fraction of the images is unusable.
-      seed: FastText's seed.
+      seed: FastText's seed; also draws the validation classes.
       num_shards: shards per split; by default about one per 4096 pairs.
       overwrite: replace a dataset already in `output_dir`.
       beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
       fasttext_bucket: FastText's number of subword hash buckets (gensim's default; its
         [buckets, 300] table takes 2.4 GB, so tests pass a small number).
+      validation_fraction: the share of the train classes (with images) held out as the
+        validation split's classes.
 
     Raises:
       UserError: bad arguments or input files (named); raised inside the job for an unreadable
@@ -100,7 +104,7 @@ def build_cub(output_dir: str, *, cub_dir: str, captions_dir: str,
                        test_classes=test_classes, resnet_weights=resnet_weights, fasttext=fasttext,
                        image_size=image_size, batch_size=batch_size, max_bad_fraction=max_bad_fraction,
                        seed=seed, num_shards=num_shards, overwrite=overwrite, beam_args=beam_args,
-                       fasttext_bucket=fasttext_bucket).manifest
+                       fasttext_bucket=fasttext_bucket, validation_fraction=validation_fraction).manifest
 
 
 def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
@@ -109,13 +113,16 @@ def run_cub_job(output_dir: str, *, cub_dir: str, captions_dir: str,
                 image_size: int = cub.IMAGE_SIZE, batch_size: int = 32,
                 max_bad_fraction: float = 0.01, seed: int = 0, num_shards: int | None = None,
                 overwrite: bool = False, beam_args: list[str] | None = None,
-                fasttext_bucket: int = FASTTEXT_BUCKETS) -> beam_io.BuildResult:
+                fasttext_bucket: int = FASTTEXT_BUCKETS,
+                validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> beam_io.BuildResult:
     """`build_cub`, also returning the job's counters (`cub/train_records`, `cub/images_bad`, ...)."""
     _check_arguments(output_dir, cub_dir=cub_dir, captions_dir=captions_dir, image_size=image_size,
                      batch_size=batch_size, max_bad_fraction=max_bad_fraction, seed=seed,
                      num_shards=num_shards, resnet_weights=resnet_weights, fasttext=fasttext,
                      fasttext_bucket=fasttext_bucket)
-    plan, listing = plan_splits(cub_dir, train_classes, test_classes)
+    beam_io.check_fraction("--validation-fraction", validation_fraction)
+    plan, listing = plan_splits(cub_dir, train_classes, test_classes, validation_fraction=float(validation_fraction),
+                                seed=int(seed))
     planned_images = listing["num_images"]
     shards = {split: int(num_shards or beam_io.default_num_shards(n * cub.CAPTIONS_PER_IMAGE))
               for split, n in planned_images.items()}
@@ -158,7 +165,9 @@ def _caption_stages(listed: beam.PCollection, captions_dir: str, output_dir: str
     sentence_file: one file name), the last two for side inputs.
     """
     captions = listed | "ReadCaptions" >> beam.Map(read_captions, captions_dir=captions_dir)
-    train_captions = captions | "TrainCaptions" >> beam.Filter(lambda item: item[0][0] == "train")
+    # The trainval captions (train and validation), as before validation splits existed: the test
+    # records' token ids then do not depend on the validation share.
+    train_captions = captions | "TrainCaptions" >> beam.Filter(lambda item: item[0][0] != "test")
     counts = train_captions | "CountWords" >> beam.CombineGlobally(CountWordsFn())
     vocab = counts | "BuildVocabulary" >> beam.Map(cub.build_vocabulary)
     sentence_file = (train_captions
@@ -204,7 +213,8 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.Bu
         train_classes=args.train_classes, test_classes=args.test_classes,
         resnet_weights=args.resnet_weights, fasttext=args.fasttext, image_size=args.image_size,
         batch_size=args.batch_size, max_bad_fraction=args.max_bad_fraction, seed=args.seed,
-        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+        num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args,
+        validation_fraction=args.validation_fraction)
 
 
 COMMANDS = (beam_io.BuildCommand(
@@ -235,28 +245,33 @@ def _check_arguments(output_dir: str, *, cub_dir: str, captions_dir: str, image_
         raise UserError(f"--fasttext {fasttext}: no such file")
 
 
-def plan_splits(cub_dir: str, train_classes: str | None, test_classes: str | None
+def plan_splits(cub_dir: str, train_classes: str | None, test_classes: str | None, *,
+                validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION, seed: int = 0
                 ) -> tuple[dict[str, list[cub.ImageEntry]], dict]:
-    """Reads images.txt and the class lists: {split: image entries} and what the manifest's
-    `source` records of them (checksums, images per split, classes with images per split)."""
+    """Reads images.txt and the class lists, holds out the validation classes of the train list:
+    {split: image entries} and what the manifest's `source` records of them (checksums, the
+    validation classes, images per split, classes with images per split)."""
     images_txt = os.path.join(cub_dir, "images.txt")
     images_text = _read_text(images_txt, "CUB images list")
     class_files = {"train": train_classes or cub.DEFAULT_CLASS_FILES["train"],
                    "test": test_classes or cub.DEFAULT_CLASS_FILES["test"]}
     class_texts = {split: _read_text(path, f"{split} class list") for split, path in class_files.items()}
     images = cub.parse_images_list(images_text, images_txt)
-    split_classes = {split: cub.parse_class_list(text, class_files[split])
-                     for split, text in class_texts.items()}
-    plan = cub.plan_images(images, split_classes, class_files)
+    listed = {split: cub.parse_class_list(text, class_files[split]) for split, text in class_texts.items()}
+    held = cub.validation_classes(listed["train"], images, validation_fraction, seed)
+    split_classes = {"train": [c for c in listed["train"] if c not in held], "validation": held,
+                     "test": listed["test"]}
+    plan = cub.plan_images(images, split_classes, {**class_files, "validation": class_files["train"]})
     unused_classes = cub.classes_without_images(images, split_classes)
     for split, names in unused_classes.items():
         if names:
             logger.warning("%d %s class(es) of %s have no image in %s, e.g. %s", len(names), split,
-                           class_files[split], images_txt, names[0])
+                           class_files["test" if split == "test" else "train"], images_txt, names[0])
     listing = {
         "images_txt_sha256": _sha256(images_text),
         "class_files": {split: {"path": path, "sha256": _sha256(class_texts[split])}
                         for split, path in class_files.items()},
+        "validation_fraction": float(validation_fraction), "validation_classes": held,
         "num_images": {split: len(entries) for split, entries in plan.items()},
         "num_classes": {split: len(names) - len(unused_classes[split])
                         for split, names in split_classes.items()}}
@@ -396,10 +411,11 @@ def load_pretrained_vectors(path: str):
 def fit_sentence_vectors(train_captions: Iterable, *, vocab: Sequence[str], counts: Mapping[str, int],
                          output_dir: str, fasttext: str | None, seed: int,
                          bucket: int = FASTTEXT_BUCKETS) -> str:
-    """One worker: word vectors (FastText trained on the train captions, or pretrained), SIF
-    weights and the train captions' first principal component -> DIR/sentence_vectors.npz.
-    Returns the file name."""
-    ordered = sorted(train_captions, key=lambda item: item[0])
+    """One worker: word vectors (FastText trained on the trainval captions, or pretrained), SIF
+    weights and the trainval captions' first principal component -> DIR/sentence_vectors.npz.
+    Returns the file name. The captions are taken in image-id order (CUB's images.txt order),
+    whichever split (train or validation) an image is in."""
+    ordered = sorted(train_captions, key=lambda item: (item[1][0].image_id, item[0]))
     texts = [tokens for _, (_, captions) in ordered for tokens in captions]
     if fasttext:
         lookup, dim = load_pretrained_vectors(fasttext)

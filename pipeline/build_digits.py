@@ -1,12 +1,15 @@
 """The Beam job behind `bmvae data build digits`: paired digit / street / text examples.
 
-The driver splits the 1797 sklearn digits into train and test and pairs them (`pipeline.digits`,
+The driver splits the 1797 sklearn digits into train, validation and test and pairs them (`pipeline.digits`,
 a few milliseconds); the workers render and encode every pair; `pipeline.beam_io` writes the
 deterministic shards and, last, the manifest:
 
-    ReadTrain -> RenderTrain --+
-                               +-> AllSplits -> WriteShards -> WriteManifest
-    ReadTest  -> RenderTest  --+
+    ReadTrain      -> RenderTrain      --+
+    ReadValidation -> RenderValidation --+-> AllSplits -> WriteShards -> WriteManifest
+    ReadTest       -> RenderTest       --+
+
+The validation split is carved out of the train images (`digits.split_sources`); the test split
+is drawn first and stays what it was before validation splits existed, record for record.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ SOURCE_NAME = "sklearn.datasets.load_digits"
 
 
 def build_digits(output_dir: str, *, seed: int = 0, dm: int = 10, test_fraction: float = 0.2,
+                 validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
                  num_shards: int | None = None, overwrite: bool = False,
                  beam_args: list[str] | None = None) -> schema.Manifest:
     """Builds the Digits dataset into `output_dir` and returns its manifest.
@@ -38,9 +42,11 @@ def build_digits(output_dir: str, *, seed: int = 0, dm: int = 10, test_fraction:
     Args:
       output_dir: local path or URL; must hold no dataset unless `overwrite`.
       seed: keys every random draw; the same seed gives byte-identical shards.
-      dm: how often each source image appears on each side of the pairs (train: 1437 * dm pairs
-        with the default test_fraction, test: 360 * dm).
+      dm: how often each source image appears on each side of the pairs (train: 1293 * dm pairs
+        with the default fractions, validation: 144 * dm, test: 360 * dm).
       test_fraction: fraction of the source images held out for the test split.
+      validation_fraction: fraction of the remaining (train) source images held out for the
+        validation split.
       num_shards: shards per split; by default about one per 4096 records.
       overwrite: replace a dataset already in `output_dir`.
       beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
@@ -49,20 +55,23 @@ def build_digits(output_dir: str, *, seed: int = 0, dm: int = 10, test_fraction:
       UserError: on a bad argument or an occupied output directory.
     """
     return run_digits_job(output_dir, seed=seed, dm=dm, test_fraction=test_fraction,
-                          num_shards=num_shards, overwrite=overwrite, beam_args=beam_args).manifest
+                          validation_fraction=validation_fraction, num_shards=num_shards,
+                          overwrite=overwrite, beam_args=beam_args).manifest
 
 
 def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fraction: float = 0.2,
+                   validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
                    num_shards: int | None = None, overwrite: bool = False,
                    beam_args: list[str] | None = None) -> beam_io.BuildResult:
     """`build_digits`, also returning the job's counters (`digits/<split>_records`, ...)."""
     _check_arguments(output_dir, seed=seed, dm=dm, test_fraction=test_fraction,
-                     num_shards=num_shards, beam_args=beam_args)
+                     validation_fraction=validation_fraction, num_shards=num_shards, beam_args=beam_args)
     seed, dm, test_fraction = int(seed), int(dm), float(test_fraction)
+    validation_fraction = float(validation_fraction)
     images, labels = load_source()
-    sources = digits.split_sources(len(images), test_fraction, seed)
+    sources = digits.split_sources(len(images), test_fraction, seed, validation_fraction)
     pairs = {split: digits.make_pairs(labels, sources[split], dm=dm, seed=seed, split=split)
-             for split in digits.SPLITS}
+             for split in schema.SPLITS}
     expected_counts = {split: len(p) for split, p in pairs.items()}
     shards = {split: int(num_shards or beam_io.default_num_shards(n))
               for split, n in expected_counts.items()}
@@ -73,11 +82,12 @@ def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fractio
                 "num_images": int(len(images)), "sha256": image_sha256,
                 "labels_sha256": array_sha256(labels),
                 "num_source_images": {split: int(len(s)) for split, s in sources.items()},
-                "seed": seed, "dm": dm, "test_fraction": test_fraction},
+                "seed": seed, "dm": dm, "test_fraction": test_fraction,
+                "validation_fraction": validation_fraction},
         pipeline_options=beam_io.options_to_json(pipeline.options))
 
     rendered = []
-    for split in digits.SPLITS:
+    for split in schema.SPLITS:
         title = split.capitalize()
         rendered.append(pipeline
                         | f"Read{title}" >> beam.Create(pairs[split])
@@ -95,17 +105,20 @@ def run_digits_job(output_dir: str, *, seed: int = 0, dm: int = 10, test_fractio
 
 def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.BuildResult:
     return run_digits_job(args.output, seed=args.seed, dm=args.dm, test_fraction=args.test_fraction,
-                          num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+                          validation_fraction=args.validation_fraction, num_shards=args.num_shards,
+                          overwrite=args.overwrite, beam_args=beam_args)
 
 
 COMMANDS = (beam_io.BuildCommand(**commands.DIGITS.fields(), run=_run_from_args),)
 
 
 def _check_arguments(output_dir: str, *, seed: int, dm: int, test_fraction: float,
-                     num_shards: int | None, beam_args: list[str] | None) -> None:
+                     validation_fraction: float, num_shards: int | None,
+                     beam_args: list[str] | None) -> None:
     beam_io.check_job_arguments(output_dir, seed=seed, num_shards=num_shards, beam_args=beam_args)
     beam_io.check_int("dm", dm, 1)
     beam_io.check_fraction("test_fraction", test_fraction)
+    beam_io.check_fraction("validation_fraction", validation_fraction)
 
 
 def load_source() -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,12 @@ to the pairs by source index, so no step holds a dataset's images or its pair li
     ReadMnistTrain (mnist idx, image) ----------+-> JoinMnistTrain -> (svhn idx, pair + mnist) --+
     ReadSvhnTrain (svhn idx, image) -------------------------------------------------------------+
         -> JoinSvhnTrain -> EncodeTrain --+
-    ... the same for Test ................+-> AllSplits -> WriteShards -> WriteManifest
+    ... the same for Validation and Test .+-> AllSplits -> WriteShards -> WriteManifest
+
+The validation split pairs a held-out fraction of each class's train images
+(`mnist_svhn.validation_indices`); ReadMnistTrain and ReadSvhnTrain read the train source files
+once and send each image to the split that pairs it (tagged outputs). The test split is planned,
+drawn and written exactly as before validation splits existed.
 
 Records are gzip TFRecords of uint8 images (the manifest's dtype says so; the reader gives
 [0, 1] floats, exactly x / 255 as torchvision's ToTensor), the label, the source indices as
@@ -41,8 +46,10 @@ NAMESPACE = "mnist_svhn"
 def build_mnist_svhn(output_dir: str, *, with_text: bool = False, source: str = "raw",
                      source_dir: str | None = None, tfds_data_dir: str | None = None,
                      download: bool = False, seed: int = 0, dm: int | None = None,
-                     max_d: int = mnist_svhn.DEFAULT_MAX_D, num_shards: int | None = None,
-                     overwrite: bool = False, beam_args: list[str] | None = None) -> schema.Manifest:
+                     max_d: int = mnist_svhn.DEFAULT_MAX_D,
+                     validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
+                     num_shards: int | None = None, overwrite: bool = False,
+                     beam_args: list[str] | None = None) -> schema.Manifest:
     """Builds MNIST-SVHN (or MNIST-SVHN-Text with `with_text`) into `output_dir`.
 
     Args:
@@ -53,6 +60,8 @@ def build_mnist_svhn(output_dir: str, *, with_text: bool = False, source: str = 
       seed: keys every random draw; the same seed gives byte-identical shards.
       dm: random permutations per class (Shi et al.); default 30, or 20 with text.
       max_d: at most this many source images per class and dataset.
+      validation_fraction: of each class's train images of each dataset, the share held out
+        (and paired among themselves) for the validation split.
       num_shards: shards per split; by default about one per 4096 records.
       overwrite: replace a dataset already in `output_dir`.
       beam_args: passed unchanged to PipelineOptions (DirectRunner by default).
@@ -62,33 +71,39 @@ def build_mnist_svhn(output_dir: str, *, with_text: bool = False, source: str = 
     """
     return run_mnist_svhn_job(output_dir, with_text=with_text, source=source, source_dir=source_dir,
                               tfds_data_dir=tfds_data_dir, download=download, seed=seed, dm=dm,
-                              max_d=max_d, num_shards=num_shards, overwrite=overwrite,
-                              beam_args=beam_args).manifest
+                              max_d=max_d, validation_fraction=validation_fraction,
+                              num_shards=num_shards, overwrite=overwrite, beam_args=beam_args).manifest
 
 
 def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str = "raw",
                        source_dir: str | None = None, tfds_data_dir: str | None = None,
                        download: bool = False, seed: int = 0, dm: int | None = None,
-                       max_d: int = mnist_svhn.DEFAULT_MAX_D, num_shards: int | None = None,
-                       overwrite: bool = False, beam_args: list[str] | None = None
-                       ) -> beam_io.BuildResult:
+                       max_d: int = mnist_svhn.DEFAULT_MAX_D,
+                       validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
+                       num_shards: int | None = None, overwrite: bool = False,
+                       beam_args: list[str] | None = None) -> beam_io.BuildResult:
     """`build_mnist_svhn`, also returning the job's counters (`mnist_svhn/<split>_records`, ...)."""
     name = NAMES[1] if with_text else NAMES[0]
     dm = mnist_svhn.DEFAULT_DM[name] if dm is None else dm
-    _check_arguments(output_dir, seed=seed, dm=dm, max_d=max_d, num_shards=num_shards,
-                     beam_args=beam_args)
+    _check_arguments(output_dir, seed=seed, dm=dm, max_d=max_d, validation_fraction=validation_fraction,
+                     num_shards=num_shards, beam_args=beam_args)
     pipeline = beam_io.make_pipeline(beam_args)  # bad Beam arguments fail before the slow checks
     reader = sources.make_source(source, source_dir=source_dir, tfds_data_dir=tfds_data_dir,
                                  download=download)
     logger.info("checking the %s source files", source)
     source_record = reader.validate()
-    plan = plan_pairs(reader, dm=dm, max_d=max_d, where=source_record.get("directory") or source)
+    plan = plan_pairs(reader, dm=dm, max_d=max_d, where=source_record.get("directory") or source,
+                      validation_fraction=float(validation_fraction), seed=seed)
     shards = {split: int(num_shards or beam_io.default_num_shards(n)) for split, n in plan.counts.items()}
-    source_record.update({"seed": seed, "dm": dm, "max_d": max_d, "class_counts": plan.class_counts})
+    source_record.update({"seed": seed, "dm": dm, "max_d": max_d,
+                          "validation_fraction": float(validation_fraction),
+                          "class_counts": plan.class_counts})
     template = manifest_template(name, source=source_record,
                                  pipeline_options=beam_io.options_to_json(pipeline.options))
-    encoded = [_split_stages(pipeline, split, plan, reader, template, dm=dm, seed=seed, with_text=with_text)
-               for split in mnist_svhn.SPLITS]
+    images = _read_stages(pipeline, plan, reader)
+    encoded = [_split_stages(pipeline, split, plan, images[split], template, dm=dm, seed=seed,
+                             with_text=with_text)
+               for split in schema.SPLITS]
     _ = (encoded
          | "AllSplits" >> beam.Flatten()
          | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=NAMESPACE)
@@ -103,50 +118,75 @@ def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str 
 
 @dataclasses.dataclass(frozen=True)
 class PairPlan:
-    """The driver's plan of both splits, from the labels alone.
+    """The driver's plan of every split, from the labels alone.
 
-    class_plans: {split: [ClassPlan]}; cutoffs: {split: {dataset: {class: largest paired source
-    index}}}; class_counts: {split: [n_c per class]}; counts: {split: pairs = dm * sum(n_c)}.
+    class_plans: {split: [ClassPlan]}; paired: {split: {dataset: sorted source indices the
+    split pairs}}; class_counts: {split: [n_c per class]}; counts: {split: pairs = dm * sum(n_c)}.
     """
 
     class_plans: dict[str, list[mnist_svhn.ClassPlan]]
-    cutoffs: dict[str, dict[str, dict[int, int]]]
+    paired: dict[str, dict[str, np.ndarray]]
     class_counts: dict[str, list[int]]
     counts: dict[str, int]
 
 
-def plan_pairs(reader, *, dm: int, max_d: int, where: str) -> PairPlan:
-    """Reads every split's labels and plans its pairs; UserError if a split would pair nothing."""
-    class_plans, cutoffs, class_counts = {}, {}, {}
-    for split in mnist_svhn.SPLITS:
-        labels = {dataset: reader.labels(dataset, split) for dataset in sources.DATASETS}
-        mnist_svhn.check_labels({f"{d} {split} labels": v for d, v in labels.items()})
-        class_plans[split] = mnist_svhn.class_plans(labels["mnist"], labels["svhn"], split=split, dm=dm,
-                                                    max_d=max_d)
-        class_counts[split] = mnist_svhn.class_counts(labels["mnist"], labels["svhn"], max_d)
+def plan_pairs(reader, *, dm: int, max_d: int, where: str,
+               validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION, seed: int = 0) -> PairPlan:
+    """Reads every source split's labels, holds out the validation images of the train ones and
+    plans every split's pairs; UserError if a split would pair nothing."""
+    labels = {}
+    for source_split in sources.SPLITS:
+        labels[source_split] = {dataset: reader.labels(dataset, source_split) for dataset in sources.DATASETS}
+        mnist_svhn.check_labels({f"{d} {source_split} labels": v for d, v in labels[source_split].items()})
+    held = {dataset: mnist_svhn.validation_indices(labels["train"][dataset], validation_fraction,
+                                                   seed=seed, dataset=dataset)
+            for dataset in sources.DATASETS}
+    pools = {"train": {d: np.setdiff1d(np.arange(len(labels["train"][d])), held[d]) for d in held},
+             "validation": held, "test": None}
+    class_plans, paired, class_counts = {}, {}, {}
+    for split in schema.SPLITS:
+        split_labels = labels[mnist_svhn.SOURCE_SPLIT[split]]
+        class_plans[split] = mnist_svhn.class_plans(split_labels["mnist"], split_labels["svhn"], split=split,
+                                                    dm=dm, max_d=max_d, pools=pools[split])
+        class_counts[split] = mnist_svhn.class_counts(split_labels["mnist"], split_labels["svhn"], max_d,
+                                                      pools[split])
         # Source images past a class's first n are never paired; the readers drop them early.
-        cutoffs[split] = {dataset: _cutoffs(class_plans[split], dataset) for dataset in sources.DATASETS}
-    counts = {split: dm * sum(class_counts[split]) for split in mnist_svhn.SPLITS}
+        paired[split] = {dataset: np.sort(np.concatenate(
+            [getattr(p, dataset) for p in class_plans[split]] or [np.zeros([0], np.int64)]))
+            for dataset in sources.DATASETS}
+    counts = {split: dm * sum(class_counts[split]) for split in schema.SPLITS}
     for split, count in counts.items():
         if count == 0:
             raise UserError(f"the {split} split pairs nothing: no class has images in both "
                             f"MNIST and SVHN ({where})")
-    return PairPlan(class_plans, cutoffs, class_counts, counts)
+    return PairPlan(class_plans, paired, class_counts, counts)
 
 
-def _split_stages(pipeline: beam.Pipeline, split: str, plan: PairPlan, reader, template: schema.Manifest,
-                  *, dm: int, seed: int, with_text: bool) -> beam.PCollection:
+def _read_stages(pipeline: beam.Pipeline, plan: PairPlan, reader) -> dict[str, dict[str, beam.PCollection]]:
+    """{split: {dataset: (source index, (label, image bytes))}}: each source split read once,
+    its images tagged with the split that pairs them."""
+    images: dict[str, dict[str, beam.PCollection]] = {split: {} for split in schema.SPLITS}
+    for source_split in sources.SPLITS:
+        splits = [s for s in schema.SPLITS if mnist_svhn.SOURCE_SPLIT[s] == source_split]
+        title = source_split.capitalize()
+        for dataset in sources.DATASETS:
+            read = (pipeline
+                    | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, source_split)])
+                    | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
+                        ReadImagesFn(reader, {s: plan.paired[s][dataset] for s in splits})
+                    ).with_outputs(*splits))
+            for split in splits:
+                images[split][dataset] = read[split]
+    return images
+
+
+def _split_stages(pipeline: beam.Pipeline, split: str, plan: PairPlan, images: dict[str, beam.PCollection],
+                  template: schema.Manifest, *, dm: int, seed: int, with_text: bool) -> beam.PCollection:
     """One split's pairs, drawn, joined to their two images and encoded (module docstring)."""
     title = split.capitalize()
     pairs = (pipeline
              | f"Plan{title}" >> beam.Create(plan.class_plans[split])
              | f"Pairs{title}" >> beam.ParDo(ExpandPlanFn(dm, seed, with_text)))
-    images = {
-        dataset: (pipeline
-                  | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, split)])
-                  | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
-                      ReadImagesFn(reader, plan.cutoffs[split][dataset])))
-        for dataset in sources.DATASETS}
     with_mnist = ({"pairs": pairs, "image": images["mnist"]}
                   | f"JoinMnist{title}" >> beam.CoGroupByKey()
                   | f"AttachMnist{title}" >> beam.ParDo(AttachMnistFn()))
@@ -159,7 +199,8 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str], *, with_text:
     return run_mnist_svhn_job(
         args.output, with_text=with_text, source=args.source, source_dir=args.source_dir,
         tfds_data_dir=args.tfds_data_dir, download=args.download, seed=args.seed, dm=args.dm,
-        max_d=args.max_d, num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args)
+        max_d=args.max_d, validation_fraction=args.validation_fraction, num_shards=args.num_shards,
+        overwrite=args.overwrite, beam_args=beam_args)
 
 
 COMMANDS = tuple(
@@ -167,16 +208,12 @@ COMMANDS = tuple(
     for declared, with_text in ((commands.MNIST_SVHN, False), (commands.MNIST_SVHN_TEXT, True)))
 
 
-def _check_arguments(output_dir: str, *, seed: int, dm: int, max_d: int, num_shards: int | None,
-                     beam_args: list[str] | None) -> None:
+def _check_arguments(output_dir: str, *, seed: int, dm: int, max_d: int, validation_fraction: float,
+                     num_shards: int | None, beam_args: list[str] | None) -> None:
     beam_io.check_job_arguments(output_dir, seed=seed, num_shards=num_shards, beam_args=beam_args)
     beam_io.check_int("dm", dm, 1)
     beam_io.check_int("max_d", max_d, 1)
-
-
-def _cutoffs(plans: list[mnist_svhn.ClassPlan], dataset: str) -> dict[int, int]:
-    """{class: largest paired source index}: an image of class c is paired iff index <= cutoff."""
-    return {p.label: int(getattr(p, dataset)[-1]) for p in plans}
+    beam_io.check_fraction("validation_fraction", validation_fraction)
 
 
 def manifest_template(name: str, *, source: dict, pipeline_options: dict) -> schema.Manifest:
@@ -232,27 +269,35 @@ class ExpandPlanFn(beam.DoFn):
 
 
 class ReadImagesFn(beam.DoFn):
-    """(dataset, split) -> (source index, (label, image bytes)) for every image that is paired.
+    """(dataset, source split) -> (source index, (label, image bytes)) for every image that is
+    paired, as a tagged output named by the split that pairs it.
 
-    Streams the source one chunk at a time; images past their class's first n are counted
-    (`<dataset>_<split>_unpaired`) and dropped here rather than shuffled for nothing.
+    Streams the source one chunk at a time; images no split pairs (past their class's first n)
+    are counted (`<dataset>_<source split>_unpaired`) and dropped here rather than shuffled for
+    nothing.
+
+    paired: {split: sorted source indices of this dataset and source split that it pairs}.
     """
 
-    def __init__(self, reader, cutoffs: dict[int, int]):
-        self._reader, self._cutoffs = reader, dict(cutoffs)
+    def __init__(self, reader, paired: dict[str, np.ndarray]):
+        self._reader = reader
+        self._paired = {split: np.asarray(indices, np.int64) for split, indices in paired.items()}
 
-    def process(self, element: tuple[str, str]) -> Iterator[tuple[int, tuple[int, bytes]]]:
-        dataset, split = element
-        read = Metrics.counter(NAMESPACE, f"{dataset}_{split}_images_read")
-        unpaired = Metrics.counter(NAMESPACE, f"{dataset}_{split}_unpaired")
-        for start, images, labels in self._reader.iter_images(dataset, split):
+    def process(self, element: tuple[str, str]) -> Iterator[beam.pvalue.TaggedOutput]:
+        dataset, source_split = element
+        read = Metrics.counter(NAMESPACE, f"{dataset}_{source_split}_images_read")
+        unpaired = Metrics.counter(NAMESPACE, f"{dataset}_{source_split}_unpaired")
+        for start, images, labels in self._reader.iter_images(dataset, source_split):
             read.inc(len(images))
-            for offset, (image, label) in enumerate(zip(images, labels.tolist())):
-                index = start + offset
-                if index <= self._cutoffs.get(label, -1):
-                    yield index, (label, image.tobytes())
-                else:
-                    unpaired.inc()
+            indices = start + np.arange(len(images))
+            owner = np.full(len(images), -1)
+            splits = list(self._paired)
+            for i, split in enumerate(splits):
+                owner[np.isin(indices, self._paired[split])] = i
+            unpaired.inc(int(np.sum(owner < 0)))
+            for offset in np.flatnonzero(owner >= 0).tolist():
+                yield beam.pvalue.TaggedOutput(
+                    splits[owner[offset]], (start + offset, (int(labels[offset]), images[offset].tobytes())))
 
 
 def _single_image(images: Iterable, index: int, dataset: str) -> tuple[int, bytes]:

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from typing import Callable
 
+from bmvae_tf import schema
 from bmvae_tf.pipeline import arrays, mnist_svhn
 
 
@@ -32,11 +33,18 @@ class DatasetCommand:
                 "description": self.description}
 
 
+def _validation_argument(parser: argparse.ArgumentParser, of: str) -> None:
+    parser.add_argument("--validation-fraction", type=float, default=schema.DEFAULT_VALIDATION_FRACTION,
+                        metavar="F", help=f"fraction of {of} held out for the validation split "
+                                          "(carved out of train, never out of test)")
+
+
 def _digits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="draws the pairings and the rendering")
     parser.add_argument("--dm", type=int, default=10, help="random pairings per source image (Shi et al.)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="fraction of the source images whose pairs are test examples")
+    _validation_argument(parser, "the train source images")
 
 
 def _mnist_svhn_arguments(parser: argparse.ArgumentParser, dm: int) -> None:
@@ -51,6 +59,7 @@ def _mnist_svhn_arguments(parser: argparse.ArgumentParser, dm: int) -> None:
     parser.add_argument("--dm", type=int, default=dm, help="random pairings per class")
     parser.add_argument("--max-d", type=int, default=mnist_svhn.DEFAULT_MAX_D,
                         help="at most this many images per class")
+    _validation_argument(parser, "each class's MNIST and SVHN train images")
 
 
 def _arrays_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +71,8 @@ def _arrays_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep vector modalities as they are (default: standardise with train stats)")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="fraction of test rows, without a `split` array")
-    parser.add_argument("--seed", type=int, default=0, help="draws the test rows without a `split` array")
+    _validation_argument(parser, "the train rows, unless `split` has 'validation' rows,")
+    parser.add_argument("--seed", type=int, default=0, help="draws the test and validation rows")
     parser.add_argument("--max-vocab", type=int, default=arrays.MAX_VOCAB, metavar="N",
                         help="largest vocabulary of a --sequence array (largest token id + 1) accepted")
 
@@ -84,7 +94,8 @@ def _cub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per ResNet call")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail if more than this fraction of the images is unusable")
-    parser.add_argument("--seed", type=int, default=0, help="FastText's seed")
+    _validation_argument(parser, "the train (trainval) classes")
+    parser.add_argument("--seed", type=int, default=0, help="FastText's seed and the validation classes")
 
 
 def _mnist_svhn(name: str, what: str) -> DatasetCommand:
@@ -101,7 +112,7 @@ ARRAYS = DatasetCommand(
     "arrays", "build_arrays", "your own paired data: one array per modality in a .npz file",
     _arrays_arguments,
     description="Every array of the .npz is a modality (first axis = examples; 1-D per example: "
-                "vector, 2-D or 3-D: image), except `label` (int) and `split` ('train'/'test').")
+                "vector, 2-D or 3-D: image), except `label` (int) and `split` ('train'/'validation'/'test').")
 CUB = DatasetCommand(
     "cub", "build_cub", "CUB-200-2011 photos (ResNet-101 features) paired with Reed et al.'s captions",
     _cub_arguments,

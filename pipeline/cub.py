@@ -9,7 +9,10 @@ Inputs, as published:
 The split is by class, as in Shi et al.: train and test classes never share an image. The
 default is the published zero-shot split of Reed et al., 150 train (`trainvalclasses.txt`) and 50
 test (`testclasses.txt`) classes, which Shi et al.'s `text_trainvalclasses.txt` /
-`text_testclasses.txt` follow; the lists ship in `pipeline/cub_splits/`.
+`text_testclasses.txt` follow; the lists ship in `pipeline/cub_splits/`. The validation split
+takes a seeded share of the train (trainval) classes (`validation_classes`), never a test class.
+The vocabulary and the word vectors still come from the trainval captions (train and
+validation), as before, so the test records do not change with the validation share.
 
 Recipes (SPEC section 6):
 - Captions: NLTK's sentence splitting then its word tokenizer, no lower-casing. NLTK's
@@ -17,7 +20,7 @@ Recipes (SPEC section 6):
   Punkt algorithm with default (untrained) parameters for the sentence split, followed by the
   same `NLTKWordTokenizer` that `word_tokenize` applies to each sentence. The untrained splitter
   knows no English abbreviations, so it may split after one the trained model keeps.
-- Vocabulary from the train captions only: words seen more than 3 times; `<exc>` = 0 (rare and
+- Vocabulary from the trainval captions only (train and validation, never test): words seen more than 3 times; `<exc>` = 0 (rare and
   unknown words), `<pad>` = 1, `<eos>` = 2; then words by descending count, ties by the word
   (Shi et al. order by first occurrence, which a parallel count cannot reproduce).
 - Each caption: the first 31 tokens, `<eos>`, then `<pad>` up to 32.
@@ -40,8 +43,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from bmvae_tf.errors import UserError
+from bmvae_tf.random_streams import CubStream
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 CAPTIONS_PER_IMAGE = 10
 CAPTION_LENGTH = 32  # 31 tokens + <eos>, padded
 MIN_WORD_COUNT = 3  # a word enters the vocabulary when seen more than this many times
@@ -122,36 +126,55 @@ def parse_class_list(text: str, source: str) -> list[str]:
     return names
 
 
+def validation_classes(train_classes: Sequence[str], images: Sequence[tuple[int, str]],
+                       fraction: float, seed: int) -> list[str]:
+    """The train (trainval) classes held out for the validation split: round(fraction * n) of the
+    n train classes that have images, at least one, drawn from stream (seed, CubStream.VALIDATION).
+    Sorted; UserError when fewer than 2 train classes have images."""
+    present = {path.split("/", 1)[0] for _, path in images}
+    candidates = sorted(c for c in train_classes if c in present)
+    if len(candidates) < 2:
+        raise UserError(f"{len(candidates)} train class(es) with images; a validation split needs at "
+                        "least 2 (one stays in train)")
+    k = min(max(1, int(round(fraction * len(candidates)))), len(candidates) - 1)
+    order = np.random.default_rng([seed, CubStream.VALIDATION]).permutation(len(candidates))
+    return sorted(candidates[i] for i in order[:k])
+
+
 def plan_images(images: Sequence[tuple[int, str]], split_classes: Mapping[str, Sequence[str]],
                 sources: Mapping[str, str]) -> dict[str, list[ImageEntry]]:
     """Assigns every listed image to the split of its class.
 
     Args:
       images: [(image_id, relative path)] from images.txt.
-      split_classes: {"train": [class folder], "test": [...]}, disjoint.
+      split_classes: {"train": [class folder], "validation": [...], "test": [...]}, disjoint
+        ("validation" may be left out).
       sources: {split: file name} to name in errors.
 
     Raises:
-      UserError: a class in both splits, a class of images.txt in neither, or an empty split.
+      UserError: a class in two splits, a class of images.txt in none, or an empty split.
         Listed classes without images are allowed (a partial copy of CUB), see
         `classes_without_images`.
     """
-    train, test = set(split_classes["train"]), set(split_classes["test"])
-    both = sorted(train & test)
-    if both:
-        raise UserError(f"class {both[0]!r} is in both {sources['train']} and {sources['test']}")
+    splits = [split for split in SPLITS if split in split_classes]
+    owner: dict[str, str] = {}
+    for split in splits:
+        for name in split_classes[split]:
+            if name in owner:
+                raise UserError(f"class {name!r} is in both {sources[owner[name]]} and {sources[split]}")
+            owner[name] = split
     classes = sorted({path.split("/", 1)[0] for _, path in images})
-    missing = [c for c in classes if c not in train and c not in test]
+    missing = [c for c in classes if c not in owner]
     if missing:
         raise UserError(f"class {missing[0]!r} of images.txt is in neither {sources['train']} nor "
                         f"{sources['test']} ({len(missing)} such classes)")
     class_index = {name: i for i, name in enumerate(classes)}
-    plan: dict[str, list[ImageEntry]] = {split: [] for split in SPLITS}
+    plan: dict[str, list[ImageEntry]] = {split: [] for split in splits}
     for image_id, path in images:
         name = path.split("/", 1)[0]
-        split = "train" if name in train else "test"
+        split = owner[name]
         plan[split].append(ImageEntry(split, len(plan[split]), image_id, path, class_index[name]))
-    for split in SPLITS:
+    for split in splits:
         if not plan[split]:
             raise UserError(f"the {split} split has no images")
     return plan

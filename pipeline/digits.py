@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import DigitsStream
+from bmvae_tf.schema import DEFAULT_VALIDATION_FRACTION
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -45,7 +46,9 @@ MAX_SHIFT = 2  # street shifts (dy, dx) are uniform integers in [-MAX_SHIFT, MAX
 MIN_CONTRAST = 0.5
 NOISE_STD = 0.05
 
-SPLITS = ("train", "test")  # a split's id (its position here) keys its random streams
+# A split's id (its position here) keys its random streams; validation came last, so train and
+# test keep the ids (and the test split the records) they had before it existed.
+SPLITS = ("train", "test", "validation")
 
 # Per-example metadata written next to the modalities (key -> shape), in manifest order.
 METADATA_SHAPES: Mapping[str, tuple[int, ...]] = {
@@ -83,19 +86,34 @@ def split_id(split: str) -> int:
     return SPLITS.index(split)
 
 
-def split_sources(num_images: int, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Splits the source images before pairing, so no source image is in both splits.
+def split_sources(num_images: int, test_fraction: float, seed: int,
+                  validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> dict[str, np.ndarray]:
+    """Splits the source images before pairing, so no source image is in two splits.
 
-    Returns {"train": [n_train], "test": [num_images - n_train]} sorted int64 source indices,
-    n_train = floor((1 - test_fraction) * num_images) (1437 / 360 for 1797 images and 0.2).
+    The test images are drawn first, exactly as before validation splits existed (so the test
+    split is unchanged by the carve); the validation images are then drawn out of the train
+    images alone, from their own stream.
+
+    Returns {"train", "validation", "test"}: sorted int64 source indices. With n_rest =
+    floor((1 - test_fraction) * num_images) images outside test, round(validation_fraction *
+    n_rest) of them are validation (1293 / 144 / 360 for 1797 images, 0.2 and 0.1).
     """
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    n_train = int(np.floor((1.0 - test_fraction) * num_images))
-    if n_train < 1 or n_train >= num_images:
+    if not 0.0 < validation_fraction < 1.0:
+        raise UserError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    n_rest = int(np.floor((1.0 - test_fraction) * num_images))
+    if n_rest < 1 or n_rest >= num_images:
         raise UserError(f"test_fraction {test_fraction!r} leaves an empty split of {num_images} images")
     order = np.random.default_rng(seed).permutation(num_images)
-    return {"train": np.sort(order[:n_train]), "test": np.sort(order[n_train:])}
+    rest = np.sort(order[:n_rest])
+    n_validation = int(round(validation_fraction * n_rest))
+    if n_validation < 1 or n_validation >= n_rest:
+        raise UserError(f"validation_fraction {validation_fraction!r} leaves an empty split of the "
+                        f"{n_rest} train images")
+    held = np.random.default_rng([seed, DigitsStream.VALIDATION]).permutation(rest)[:n_validation]
+    return {"train": np.setdiff1d(rest, held), "validation": np.sort(held),
+            "test": np.sort(order[n_rest:])}
 
 
 def make_pairs(labels: np.ndarray, source_indices: np.ndarray, *, dm: int, seed: int,
@@ -113,7 +131,7 @@ def make_pairs(labels: np.ndarray, source_indices: np.ndarray, *, dm: int, seed:
       source_indices: [n] the source images of this split.
       dm: how many times each source image appears on each side.
       seed: the dataset seed.
-      split: "train" or "test".
+      split: "train", "validation" or "test".
 
     Returns:
       dm * n pairs, `Pair.index` running 0..dm*n-1 in list order.
@@ -129,7 +147,8 @@ def make_pairs(labels: np.ndarray, source_indices: np.ndarray, *, dm: int, seed:
         if len(idx_c) < 2:
             raise UserError(
                 f"class {c} ({CLASS_NAMES[c]!r}) has {len(idx_c)} source image(s) in the {split} "
-                "split; pairing needs at least 2 different images (change test_fraction)")
+                "split; pairing needs at least 2 different images (change test_fraction or "
+                "validation_fraction)")
         digit_side = np.concatenate([rng.permutation(idx_c) for _ in range(dm)])
         street_side = np.concatenate([rng.permutation(idx_c) for _ in range(dm)])
         digit_parts.append(digit_side)

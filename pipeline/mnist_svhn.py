@@ -1,8 +1,13 @@
 """MNIST-SVHN (Shi et al.) and MNIST-SVHN-Text (Sutter et al.): pure pairing and text logic.
 
-Pairing (Shi et al.'s `rand_match_on_idx`, train and test alike): for each class c, take the
+Validation: before pairing, `validation_indices` holds out a seeded validation_fraction of each
+class's train images of each dataset; the train split pairs the other train images, the
+validation split pairs the held-out ones, and the test split pairs the test images exactly as
+before validation splits existed.
+
+Pairing (Shi et al.'s `rand_match_on_idx`, every split alike): for each class c, take the
 first n_c = min(#MNIST of class c, #SVHN of class c, max_d) indices of each dataset in index
-order; the MNIST side of the class is dm concatenated random permutations of its n_c indices
+order among the split's images; the MNIST side of the class is dm concatenated random permutations of its n_c indices
 and the SVHN side dm independent ones, giving dm * n_c pairs of the same class.
 
 Pairs are numbered class by class ("class-major position") and then renumbered by a keyed
@@ -29,7 +34,11 @@ from bmvae_tf.random_streams import MnistSvhnStream
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NUM_CLASSES = len(CLASS_NAMES)
-SPLITS = ("train", "test")
+# A split's id (its position here) keys its random streams; validation came last, so train and
+# test keep their ids (and the test split its records) from before validation splits existed.
+SPLITS = ("train", "test", "validation")
+# The source split each split's images come from: validation is carved out of the train images.
+SOURCE_SPLIT = {"train": "train", "validation": "train", "test": "test"}
 MNIST_SHAPE = (28, 28, 1)
 SVHN_SHAPE = (32, 32, 3)
 
@@ -39,6 +48,7 @@ VOCAB = tuple(ALPHABET)
 TEXT_LENGTH = 8
 SPACE_TOKEN = ALPHABET.index(" ")
 
+DATASET_IDS = {"mnist": 1, "svhn": 2}  # key the validation draw of each source dataset
 DEFAULT_MAX_D = 10000
 DEFAULT_DM = {"mnist-svhn": 30, "mnist-svhn-text": 20}
 
@@ -70,35 +80,64 @@ class ClassPlan:
         return len(self.mnist)
 
 
-def first_indices(labels: np.ndarray, label: int, n: int) -> np.ndarray:
-    """The first n indices (ascending) whose label is `label`: [n] int64."""
-    return np.flatnonzero(np.asarray(labels) == label)[:n].astype(np.int64)
+def first_indices(labels: np.ndarray, label: int, n: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """The first n indices (ascending) whose label is `label`, among `pool` (sorted source
+    indices; None: all): [n] int64."""
+    labels = np.asarray(labels)
+    candidates = np.arange(len(labels)) if pool is None else np.asarray(pool, np.int64)
+    return candidates[labels[candidates] == label][:n].astype(np.int64)
 
 
-def class_counts(mnist_labels: np.ndarray, svhn_labels: np.ndarray, max_d: int) -> list[int]:
-    """n_c = min(#MNIST of class c, #SVHN of class c, max_d) for c = 0..9."""
-    return [int(min(np.sum(mnist_labels == c), np.sum(svhn_labels == c), max_d))
-            for c in range(NUM_CLASSES)]
+def class_counts(mnist_labels: np.ndarray, svhn_labels: np.ndarray, max_d: int,
+                 pools: Mapping[str, np.ndarray | None] | None = None) -> list[int]:
+    """n_c = min(#MNIST of class c, #SVHN of class c, max_d) for c = 0..9, counting only the
+    images in `pools` ({"mnist": indices or None, "svhn": ...}; None: every image)."""
+    pools = pools or {}
+    mnist = _pooled(mnist_labels, pools.get("mnist"))
+    svhn = _pooled(svhn_labels, pools.get("svhn"))
+    return [int(min(np.sum(mnist == c), np.sum(svhn == c), max_d)) for c in range(NUM_CLASSES)]
+
+
+def _pooled(labels: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
+    labels = np.asarray(labels)
+    return labels if pool is None else labels[np.asarray(pool, np.int64)]
 
 
 def class_plans(mnist_labels: np.ndarray, svhn_labels: np.ndarray, *, split: str, dm: int,
-                max_d: int) -> list[ClassPlan]:
+                max_d: int, pools: Mapping[str, np.ndarray | None] | None = None) -> list[ClassPlan]:
     """One ClassPlan per class with n_c >= 1, in class order; P = dm * sum_c n_c.
 
     Args:
-      mnist_labels: [N_mnist] int labels of the MNIST split, in index order.
-      svhn_labels: [N_svhn] int labels of the SVHN split (0..9, 10 already mapped to 0).
+      mnist_labels: [N_mnist] int labels of the MNIST source split, in index order.
+      svhn_labels: [N_svhn] int labels of the SVHN source split (0..9, 10 already mapped to 0).
+      pools: {"mnist": sorted indices, "svhn": ...}, the images this split may pair (the
+        validation images, or the train images without them); None pairs every image.
     """
-    counts = class_counts(mnist_labels, svhn_labels, max_d)
+    pools = pools or {}
+    counts = class_counts(mnist_labels, svhn_labels, max_d, pools)
     total = dm * sum(counts)
     plans, offset = [], 0
     for c, n in enumerate(counts):
         if n == 0:
             continue
-        plans.append(ClassPlan(split, c, first_indices(mnist_labels, c, n),
-                               first_indices(svhn_labels, c, n), offset, total))
+        plans.append(ClassPlan(split, c, first_indices(mnist_labels, c, n, pools.get("mnist")),
+                               first_indices(svhn_labels, c, n, pools.get("svhn")), offset, total))
         offset += dm * n
     return plans
+
+
+def validation_indices(labels: np.ndarray, fraction: float, *, seed: int, dataset: str) -> np.ndarray:
+    """The train images of one dataset held out for validation: of the n_c images of class c,
+    round(fraction * n_c) (at least one when n_c >= 2, and never all of them), drawn from stream
+    (seed, VALIDATION, dataset, c). Sorted int64 indices."""
+    labels = np.asarray(labels)
+    held = []
+    for c in range(NUM_CLASSES):
+        idx_c = np.flatnonzero(labels == c)
+        k = min(max(int(round(fraction * len(idx_c))), 1), len(idx_c) - 1) if len(idx_c) >= 2 else 0
+        rng = np.random.default_rng([seed, MnistSvhnStream.VALIDATION, DATASET_IDS[dataset], c])
+        held.append(rng.permutation(idx_c)[:k])
+    return np.sort(np.concatenate(held)).astype(np.int64)
 
 
 def expand_plan(plan: ClassPlan, *, dm: int, seed: int, with_text: bool

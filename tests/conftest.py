@@ -18,7 +18,8 @@ def source() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> beam_io.BuildResult:
-    """Digits with dm=1 (1437 train / 360 test pairs), built once with the default runner."""
+    """Digits with dm=1 (1293 train / 144 validation / 360 test pairs), built once with the
+    default runner."""
     return build_digits.run_digits_job(str(tmp_path_factory.mktemp("digits")), seed=0, dm=1)
 
 

@@ -83,13 +83,16 @@ def _example(spec, proto, rng):
     return (proto + rng.normal(0, 0.3, proto.shape)).astype(np.float32)
 
 
-def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
+def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128, num_validation: int = 64,
                   num_modalities: int = 3, num_classes: int = 10, seed: int = 0,
                   shards: int = 2, name: str = "synthetic",
                   nan_train_example: int | None = None) -> schema.Manifest:
     """Writes DIR/manifest.json and gzip TFRecord shards; returns the manifest.
 
     nan_train_example: that train example's first image is all NaN (a corrupt record).
+    num_validation: examples of the validation split; 0 writes none (a dataset built before
+        validation splits existed). Drawn after train and test, so it leaves their records as
+        they were.
     """
     rng = np.random.default_rng(seed)
     specs = digits_like_modalities(num_modalities)
@@ -100,7 +103,9 @@ def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
                            splits={"train": schema.SplitInfo(("x",), 0)})
     os.makedirs(directory, exist_ok=True)
     splits = {}
-    for split, count in (("train", num_train), ("test", num_test)):
+    for split, count in (("train", num_train), ("test", num_test), ("validation", num_validation)):
+        if count == 0 and split == "validation":
+            continue
         files = [schema.shard_name(split, i, shards) for i in range(shards)]
         writers = [tf.io.TFRecordWriter(os.path.join(directory, f), options=schema.COMPRESSION)
                    for f in files]
@@ -121,6 +126,7 @@ def write_dataset(directory: str, *, num_train: int = 256, num_test: int = 128,
             w.close()
         splits[split] = schema.SplitInfo(tuple(files), count, shard_counts=tuple(
             len(range(i, count, shards)) for i in range(shards)))
+    splits = {split: splits[split] for split in schema.SPLITS if split in splits}
     manifest = schema.Manifest(name=name, modalities=tuple(specs), label=label,
                                metadata_keys={"noise_seed": (1,)}, splits=splits,
                                source={"generator": "tests.synthetic", "seed": seed},

@@ -111,6 +111,12 @@ def _add_seeds_arguments(train: argparse.ArgumentParser) -> None:
                             "after another; rerunning continues the unfinished ones. e.g. 0,1,2 or 0-4")
 
 
+def _add_evaluate_split_argument(evaluate: argparse.ArgumentParser) -> None:
+    evaluate.add_argument("--split", choices=("test", "validation"), default="test",
+                          help="the split scored (metrics.json records it): test, or validation to "
+                               "compare settings without touching test")
+
+
 def _add_run_commands(commands) -> None:
     """evaluate, analyze, compare, export and demo."""
     evaluate = _parser(commands, "evaluate", help="write RUN/metrics.json and RUN/plots/")
@@ -119,6 +125,7 @@ def _add_run_commands(commands) -> None:
     evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                           help="override an eval setting for this evaluation, e.g. "
                                "--set eval.log_likelihood_samples=1000")
+    _add_evaluate_split_argument(evaluate)
     evaluate.set_defaults(func=_each_seed(_cmd_evaluate))
     _add_analyze_command(commands)
 
@@ -285,7 +292,7 @@ def _cmd_evaluate(args, beam_args: list[str]) -> int:
     from bmvae_tf.trainers import run_dir
     from bmvae_tf.trainers.evaluation import evaluate
 
-    evaluate.evaluate(args.workdir, args.data, overrides=args.set)
+    evaluate.evaluate(args.workdir, args.data, overrides=args.set, split=args.split)
     print(f"wrote {run_dir.RunPaths(args.workdir).metrics} and {args.workdir}/report.html")
     return 0
 

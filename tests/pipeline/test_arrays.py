@@ -74,7 +74,24 @@ def test_manifest_describes_kinds_shapes_and_transforms(built, source):
     assert {m.name: m.likelihood_weight for m in manifest.modalities} == pytest.approx(
         {k: 192 / v for k, v in sizes.items()})
     assert manifest.source["sha256"] and manifest.source["split_from"] == "seeded draw"
-    assert {k: v.count for k, v in manifest.splits.items()} == {"train": N - 12, "test": 12}
+    assert {k: v.count for k, v in manifest.splits.items()} == {"train": N - 12 - 5, "validation": 5, "test": 12}
+    assert manifest.source["validation_fraction"] == schema.DEFAULT_VALIDATION_FRACTION
+
+
+def test_validation_is_drawn_from_train_and_the_test_rows_do_not_depend_on_it(built, source, tmp_path):
+    """The test rows are the two-split rule's (`test_rows`), whatever --validation-fraction."""
+    path, _ = source
+    two_split_test = np.flatnonzero(arrays.test_rows(N, 0.2, 3, np.arange(N)))
+    rows = {split: row_of(split_data(built.manifest, split)) for split in schema.SPLITS}
+    assert sorted(rows["test"].tolist()) == two_split_test.tolist()
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(N))
+    wider = build_arrays.build_arrays(str(tmp_path / "wide"), input_path=path, sequences=("tokens",), seed=3,
+                                      validation_fraction=0.5, beam_args=IN_PROCESS)
+    assert {k: v.count for k, v in wider.splits.items()} == {"train": 24, "validation": 24, "test": 12}
+    assert sorted(row_of(split_data(wider, "test")).tolist()) == two_split_test.tolist()
+    # The same rows and the same statistics-free modalities: the test records of unstandardised
+    # arrays are byte for byte those of the default build.
+    assert np.array_equal(read_split(wider, "test")["photo"], read_split(built.manifest, "test")["photo"])
 
 
 def test_vectors_are_standardised_with_train_statistics_only(built, source):
@@ -82,7 +99,8 @@ def test_vectors_are_standardised_with_train_statistics_only(built, source):
     manifest = built.manifest
     train, test = split_data(manifest, "train"), split_data(manifest, "test")
     train_rows, test_rows = row_of(train), row_of(test)
-    assert sorted([*train_rows, *test_rows]) == list(range(N))
+    validation_rows = row_of(split_data(manifest, "validation"))
+    assert sorted([*train_rows, *validation_rows, *test_rows]) == list(range(N))
     for name in ("row", "feat"):
         stats = manifest.modality(name).standardization
         assert stats["method"] == "standardize" and stats["count"] == len(train_rows)
@@ -110,12 +128,28 @@ def test_split_key_and_no_standardize(tmp_path):
     np.savez(path, **values)
     manifest = build_arrays.build_arrays(str(tmp_path / "out"), input_path=path, standardize=False,
                                          beam_args=IN_PROCESS)
-    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 45, "test": 15}
+    counts = {k: v.count for k, v in manifest.splits.items()}
+    assert counts["test"] == 15 and counts["train"] + counts["validation"] == 45 and counts["validation"] > 0
     assert manifest.modality("row").standardization is None
     test = read_split(manifest, "test")
     assert sorted(np.round(test["row"][:, 0] - 1000).astype(int).tolist()) == list(range(0, N, 4))
+    validation = read_split(manifest, "validation")
+    assert not set(np.round(validation["row"][:, 0] - 1000).astype(int).tolist()) & set(range(0, N, 4))
     np.testing.assert_allclose(np.sort(test["feat"][:, 0]), np.sort(values["feat"][::4, 0]), rtol=1e-6)
     assert manifest.modality("photo").standardization["method"] == "rescale"  # images still rescale
+
+
+def test_a_split_key_with_validation_rows_is_honoured(tmp_path):
+    values = example_arrays()
+    values["split"] = np.array(["train", "validation", "test"] * (N // 3))
+    path = str(tmp_path / "v.npz")
+    np.savez(path, **values)
+    manifest = build_arrays.build_arrays(str(tmp_path / "out"), input_path=path, standardize=False,
+                                         validation_fraction=0.5, beam_args=IN_PROCESS)
+    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 20, "validation": 20, "test": 20}
+    rows = np.round(read_split(manifest, "validation")["row"][:, 0] - 1000).astype(int)
+    assert sorted(rows.tolist()) == list(range(1, N, 3))
+    assert manifest.source["validation_fraction"] is None
 
 
 def test_same_input_gives_byte_identical_shards_whatever_the_npz_compression(built, source, tmp_path):
@@ -271,6 +305,7 @@ def test_bad_sequences_files_and_arguments(tmp_path):
     (tmp_path / "plain.npz").write_bytes(b"not a zip archive")
     refused(tmp_path, "plain.npz: not a .npz archive", path=str(tmp_path / "plain.npz"))
     refused(tmp_path, "test_fraction", values, test_fraction=1.0)
+    refused(tmp_path, "validation_fraction", values, validation_fraction=0.0)
     np.savez(str(tmp_path / "names.npz"), **{"a+b": values["row"], "feat": values["feat"]})
     refused(tmp_path, "names must be non-empty and free of '\\+'", path=str(tmp_path / "names.npz"))
 

@@ -33,6 +33,25 @@ def test_plan_images_splits_by_class_in_images_txt_order():
     assert [(e.index, e.image_id, e.class_index) for e in plan["test"]] == [(0, 2, 1)]
 
 
+def test_validation_classes_are_a_seeded_share_of_the_train_classes_with_images():
+    train = [f"{i:03d}.C" for i in range(1, 31)]
+    images = [(i, f"{c}/a.jpg") for i, c in enumerate(train[:20])]  # 10 listed classes lack images
+    held = cub.validation_classes(train, images, 0.1, seed=0)
+    assert len(held) == 2 and set(held) <= set(train[:20]) and held == sorted(held)
+    assert held == cub.validation_classes(train, images, 0.1, seed=0)
+    assert held != cub.validation_classes(train, images, 0.1, seed=1)
+    assert len(cub.validation_classes(train[:2], images, 0.1, seed=0)) == 1  # one class stays in train
+    with pytest.raises(UserError, match="1 train class"):
+        cub.validation_classes(train[:1], images, 0.1, seed=0)
+    test = [(100, "031.T/t.jpg")]
+    plan = cub.plan_images(images + test, {"train": [c for c in train if c not in held], "validation": held,
+                                           "test": ["031.T"]},
+                           {"train": "tr.txt", "validation": "tr.txt", "test": "te.txt"})
+    assert {e.class_name for e in plan["validation"]} == set(held)
+    assert [e.index for e in plan["validation"]] == [0, 1] and len(plan["train"]) == 18
+    assert [e.image_id for e in plan["test"]] == [100]
+
+
 @pytest.mark.parametrize("classes, culprit", [
     ({"train": ["A", "B"], "test": ["B"]}, "'B' is in both tr.txt and te.txt"),
     ({"train": ["A"], "test": ["X"]}, "'B' of images.txt is in neither"),
@@ -178,15 +197,19 @@ def test_build_writes_ten_pairs_per_usable_image_in_class_disjoint_splits(cub_bu
     assert manifest.modality("image").shape == (2048,) and manifest.modality("image").kind == "vector"
     assert manifest.modality("caption").shape == (32,)
     assert manifest.modality("caption").likelihood == "categorical"
-    # 6 train images; 6 test images of which one is corrupt.
-    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 60, "test": 50}
-    assert manifest.source["num_bad_images"] == {"train": 0, "test": 1}
+    # 6 trainval images (one class of 3 held out for validation); 6 test images, one corrupt.
+    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 30, "validation": 30, "test": 50}
+    assert manifest.source["num_bad_images"] == {"train": 0, "validation": 0, "test": 1}
+    held = manifest.source["validation_classes"]
+    assert len(held) == 1 and held[0] in cub_tree.TRAIN_CLASSES
+    assert held == cub.validation_classes(cub_tree.TRAIN_CLASSES, [(0, f"{c}/x.jpg") for c in cub_tree.CLASSES],
+                                          schema.DEFAULT_VALIDATION_FRACTION, 0)
     assert manifest.extras["cca"] == {"image": "image", "caption": "caption",
                                       "sentence_vectors": "sentence_vectors.npz", "components": 40}
     ids_by_path = {line.split()[1]: int(line.split()[0])
                    for line in open(os.path.join(tree.cub_dir, "images.txt")).read().splitlines()}
     seen = {}
-    for split in ("train", "test"):
+    for split in schema.SPLITS:
         records = _records(manifest, split)
         assert records["image"].shape == (manifest.splits[split].count, 2048)
         assert np.all(np.isfinite(records["image"]))
@@ -198,11 +221,22 @@ def test_build_writes_ten_pairs_per_usable_image_in_class_disjoint_splits(cub_bu
             captions = sorted(records["caption_index"][image_ids == image_id, 0].astype(int))
             assert captions == list(range(10))
         seen[split] = set(image_ids)
-        expected = {ids_by_path[p] for p in tree.image_paths[split] if p not in tree.bad_paths}
+        paths = _split_paths(tree, manifest, split)
+        expected = {ids_by_path[p] for p in paths if p not in tree.bad_paths}
         assert seen[split] == expected
-        classes = {p.split("/")[0] for p in tree.image_paths[split]}
-        assert classes == set(cub_tree.TRAIN_CLASSES if split == "train" else cub_tree.TEST_CLASSES)
-    assert not seen["train"] & seen["test"]
+        classes = {p.split("/")[0] for p in paths}
+        assert classes == {"train": set(cub_tree.TRAIN_CLASSES) - set(held), "validation": set(held),
+                           "test": set(cub_tree.TEST_CLASSES)}[split]
+    for a, b in (("train", "test"), ("train", "validation"), ("validation", "test")):
+        assert not seen[a] & seen[b]
+
+
+def _split_paths(tree, manifest, split: str) -> list[str]:
+    """The tree's image paths in `split`: validation holds the manifest's validation classes."""
+    if split == "test":
+        return list(tree.image_paths["test"])
+    held = set(manifest.source["validation_classes"])
+    return [p for p in tree.image_paths["train"] if (p.split("/")[0] in held) == (split == "validation")]
 
 
 @pytest.mark.slow
@@ -223,7 +257,7 @@ def test_captions_are_encoded_truncated_and_padded(cub_built):
     ids_by_path = {line.split()[1]: int(line.split()[0])
                    for line in open(os.path.join(tree.cub_dir, "images.txt")).read().splitlines()}
     checked_long = 0
-    for split in ("train", "test"):
+    for split in schema.SPLITS:
         records = _records(manifest, split)
         for row in range(len(records["caption"])):
             image_id = int(records["image_id"][row, 0])
@@ -257,8 +291,9 @@ def test_features_are_resnet101_with_the_given_weights_on_keras_preprocessed_ima
     import keras
 
     tree, weights, result = cub_built
-    records = _records(result.manifest, "train")
     path = tree.image_paths["train"][2]  # the grayscale JPEG
+    in_validation = path.split("/")[0] in result.manifest.source["validation_classes"]
+    records = _records(result.manifest, "validation" if in_validation else "train")
     assert tree.converted[path] == "L"
     image_id = int(open(os.path.join(tree.cub_dir, "images.txt")).read().split(path)[0].split()[-1])
     stored = records["image"][records["image_id"][:, 0] == image_id][0]

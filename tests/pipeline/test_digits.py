@@ -48,11 +48,27 @@ def read_bytes(directory: str) -> dict[str, bytes]:
 def test_split_sources_is_disjoint_with_the_documented_sizes(source):
     images, _ = source
     split = digits.split_sources(len(images), 0.2, seed=0)
-    assert (len(split["train"]), len(split["test"])) == (1437, 360)
+    assert (len(split["train"]), len(split["validation"]), len(split["test"])) == (1293, 144, 360)
     assert not set(split["train"]) & set(split["test"])
-    assert sorted([*split["train"], *split["test"]]) == list(range(len(images)))
+    assert not set(split["validation"]) & (set(split["train"]) | set(split["test"]))
+    assert sorted([*split["train"], *split["validation"], *split["test"]]) == list(range(len(images)))
     other = digits.split_sources(len(images), 0.2, seed=1)
     assert not np.array_equal(split["test"], other["test"])
+
+
+def test_validation_is_carved_out_of_train_and_leaves_test_as_it_was(source):
+    """The test images are those of the two-split rule (the first permutation's tail), whatever
+    the validation fraction; validation takes only images the two-split rule gave to train."""
+    images, _ = source
+    order = np.random.default_rng(0).permutation(len(images))
+    old_train, old_test = np.sort(order[:1437]), np.sort(order[1437:])
+    for fraction in (0.1, 0.3):
+        split = digits.split_sources(len(images), 0.2, seed=0, validation_fraction=fraction)
+        assert np.array_equal(split["test"], old_test)
+        assert np.array_equal(np.union1d(split["train"], split["validation"]), old_train)
+        assert len(split["validation"]) == round(fraction * 1437)
+    with pytest.raises(UserError, match="validation_fraction"):
+        digits.split_sources(len(images), 0.2, seed=0, validation_fraction=0.0)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, 0.9999])
@@ -83,7 +99,7 @@ def test_make_pairs_follows_the_mmvae_recipe(source):
             assert set(np.unique(a[side], return_counts=True)[1]) == {10}
         # Shuffled across classes, so a prefix (or a shard) holds every class.
         assert len(set(a["label"][:200])) == digits.NUM_CLASSES
-    assert totals == {"train": 14370, "test": 3600}
+    assert totals == {"train": 12930, "test": 3600, "validation": 1440}
 
 
 def test_make_pairs_is_deterministic(source):
@@ -265,13 +281,30 @@ def test_build_writes_a_valid_manifest_and_reports_counters(built, source):
     with open(schema.manifest_path(manifest.directory)) as f:
         assert json.load(f)["factors"] == dict(manifest.factors)
     assert {k: (v.files, v.count) for k, v in manifest.splits.items()} == {
-        "train": (("train-00000-of-00001.tfrecord.gz",), 1437),
+        "train": (("train-00000-of-00001.tfrecord.gz",), 1293),
+        "validation": (("validation-00000-of-00001.tfrecord.gz",), 144),
         "test": (("test-00000-of-00001.tfrecord.gz",), 360)}
-    assert {k: v.shard_counts for k, v in manifest.splits.items()} == {"train": (1437,), "test": (360,)}
+    assert list(manifest.splits) == list(schema.SPLITS)
+    assert {k: v.shard_counts for k, v in manifest.splits.items()} == {
+        "train": (1293,), "validation": (144,), "test": (360,)}
     assert manifest.source["sha256"] == array_sha256(source[0])
     assert (manifest.source["num_images"], manifest.source["seed"], manifest.source["dm"]) == (1797, 0, 1)
     assert manifest.pipeline_options["runner"] == beam_io.LOCAL_RUNNER  # never Prism (issue 20)
-    assert built.counters == {"train_records": 1437, "test_records": 360, "shards_written": 2}
+    assert built.counters == {"train_records": 1293, "validation_records": 144, "test_records": 360,
+                              "shards_written": 3}
+    assert manifest.source["validation_fraction"] == schema.DEFAULT_VALIDATION_FRACTION
+
+
+# sha256 of test-00000-of-00001.tfrecord.gz of `build_digits(dm=1)` as written before validation
+# splits existed (commit 65e420f): carving validation out of train must not change a test byte.
+TEST_SHARD_SHA256_BEFORE_VALIDATION = "17aeb367212405f0e7b9a195e9676d67a8907061bb54000d8b9b41a8f1be7d40"
+
+
+def test_the_test_split_is_byte_identical_to_the_two_split_build(built):
+    import hashlib
+
+    shard = read_bytes(built.manifest.directory)["test-00000-of-00001.tfrecord.gz"]
+    assert hashlib.sha256(shard).hexdigest() == TEST_SHARD_SHA256_BEFORE_VALIDATION
 
 
 def manifest_json(**changes) -> dict:
@@ -301,7 +334,7 @@ def test_manifest_without_factors_declares_none():
 
 def test_build_records_read_back_with_the_schema(built, source):
     images, labels = source
-    data = {split: read_split(built.manifest, split) for split in ("train", "test")}
+    data = {split: read_split(built.manifest, split) for split in schema.SPLITS}
     sources = {}
     for split, d in data.items():
         n = built.manifest.splits[split].count
@@ -319,8 +352,9 @@ def test_build_records_read_back_with_the_schema(built, source):
         assert all(digits.decode_text(t) == digits.class_text(label, int(pad))
                    for t, label, pad in zip(d["text"], d["label"], d["text_pad"][:, 0]))
         sources[split] = set(digit_src) | set(street_src)
-    assert not sources["train"] & sources["test"]
-    assert (len(sources["train"]), len(sources["test"])) == (1437, 360)
+    for a, b in (("train", "test"), ("train", "validation"), ("validation", "test")):
+        assert not sources[a] & sources[b]
+    assert {split: len(s) for split, s in sources.items()} == {"train": 1293, "validation": 144, "test": 360}
 
 
 def test_rebuild_with_overwrite_is_byte_identical(built, tmp_path):
@@ -381,6 +415,8 @@ def test_build_refuses_an_occupied_output_dir(built):
     ({"test_fraction": 1.0}, "test_fraction"), ({"test_fraction": "0.2"}, "test_fraction"),
     ({"num_shards": 0}, "num_shards"), ({"seed": -1}, "seed"), ({"beam_args": [3]}, "Beam"),
     ({"test_fraction": 0.002}, "class .* test split"),
+    ({"validation_fraction": 0.0}, "validation_fraction"), ({"validation_fraction": 1.0}, "validation_fraction"),
+    ({"validation_fraction": 0.005}, "class .* validation split"),
     ({"beam_args": ["--direct_num_workers=abc"]}, "direct_num_workers: invalid int value"),
     ({"beam_args": ["--runner=NoSuchRunner"]}, "NoSuchRunner"),
 ])

@@ -2,6 +2,7 @@
 
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -174,11 +175,36 @@ def test_build_writes_the_paper_manifest(built_text):
         *sources.MNIST_FILES["train"], *sources.MNIST_FILES["test"], *sources.SVHN_FILES.values()}
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+def split_pools(raw_labels, split: str) -> dict[str, np.ndarray]:
+    """{dataset: the source indices `split` may pair}: validation holds out part of train."""
+    source = mnist_svhn.SOURCE_SPLIT[split]
+    pools = {}
+    for dataset in sources.DATASETS:
+        labels = raw_labels[f"{dataset}/{source}"]
+        held = mnist_svhn.validation_indices(labels, schema.DEFAULT_VALIDATION_FRACTION, seed=0,
+                                             dataset=dataset)
+        pools[dataset] = {"test": np.arange(len(labels)), "validation": held,
+                          "train": np.setdiff1d(np.arange(len(labels)), held)}[split]
+    return pools
+
+
+def test_validation_images_are_a_seeded_share_of_each_class_of_train():
+    labels = fixtures.shuffled_labels((30, 5, 2, 1, 0, 10, 10, 10, 10, 10), 0)
+    held = mnist_svhn.validation_indices(labels, 0.1, seed=0, dataset="mnist")
+    assert [int(np.sum(labels[held] == c)) for c in range(10)] == [3, 1, 1, 0, 0, 1, 1, 1, 1, 1]
+    assert np.array_equal(held, mnist_svhn.validation_indices(labels, 0.1, seed=0, dataset="mnist"))
+    assert not np.array_equal(held, mnist_svhn.validation_indices(labels, 0.1, seed=0, dataset="svhn"))
+    assert not np.array_equal(held, mnist_svhn.validation_indices(labels, 0.1, seed=1, dataset="mnist"))
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_build_pairs_follow_the_rule_exactly(built_text, raw_labels, split):
     data = read_split(built_text.manifest, split)
-    mnist_labels, svhn_labels = raw_labels[f"mnist/{split}"], raw_labels[f"svhn/{split}"]
-    n = mnist_svhn.class_counts(mnist_labels, svhn_labels, 10000)
+    source = mnist_svhn.SOURCE_SPLIT[split]
+    mnist_labels, svhn_labels = raw_labels[f"mnist/{source}"], raw_labels[f"svhn/{source}"]
+    pools = split_pools(raw_labels, split)
+    n = mnist_svhn.class_counts(mnist_labels, svhn_labels, 10000, pools)
+    assert built_text.manifest.source["class_counts"][split] == n
     assert built_text.manifest.splits[split].count == len(data["label"]) == DM * sum(n)
     assert built_text.counters[f"{split}_records"] == DM * sum(n)
     mnist_index, mnist_label = fixtures.image_identity(data["mnist"])
@@ -193,12 +219,23 @@ def test_build_pairs_follow_the_rule_exactly(built_text, raw_labels, split):
         in_class = data["label"] == c
         assert in_class.sum() == DM * n[c]
         # First-n rule: exactly the first n_c indices of the class, each dm times.
-        for index, labels in ((mnist_index, mnist_labels), (svhn_index, svhn_labels)):
+        for index, labels, pool in ((mnist_index, mnist_labels, pools["mnist"]),
+                                    (svhn_index, svhn_labels, pools["svhn"])):
             values, counts = np.unique(index[in_class], return_counts=True)
-            assert values.tolist() == np.flatnonzero(labels == c)[:n[c]].tolist()
+            assert values.tolist() == pool[labels[pool] == c][:n[c]].tolist()
             assert set(counts.tolist()) <= {DM}
     # Pixel values are x / 255 of the source bytes.
     assert np.all(np.isclose(data["mnist"] * 255, np.round(data["mnist"] * 255), atol=1e-4))
+
+
+# sha256 of the test shard `built_text` wrote before validation splits existed (commit 65e420f):
+# holding validation images out of train must not change a test byte.
+TEST_SHARD_SHA256_BEFORE_VALIDATION = "cf77f7a813818160ad356f3ec5f259bd39d905cfc877b8443793fb032663a984"
+
+
+def test_the_test_split_is_byte_identical_to_the_two_split_build(built_text):
+    shard = read_bytes(built_text.manifest.directory)[schema.shard_name("test", 0, 1)]
+    assert hashlib.sha256(shard).hexdigest() == TEST_SHARD_SHA256_BEFORE_VALIDATION
 
 
 def test_build_texts_decode_to_the_digit_name(built_text):
@@ -233,8 +270,8 @@ def test_mnist_svhn_without_text_from_tfds(tmp_path):
     manifest = result.manifest
     assert manifest.name == "mnist-svhn" and manifest.modality_names == ["mnist", "svhn"]
     assert "text_padding" not in manifest.extras and dict(manifest.factors) == {}
-    n = mnist_svhn.class_counts(labels["mnist"], labels["svhn"], 10000)
-    assert manifest.splits["train"].count == 2 * sum(n)
+    assert manifest.splits["train"].count == 2 * sum(manifest.source["class_counts"]["train"])
+    assert list(manifest.splits) == list(schema.SPLITS)
     assert len(manifest.splits["train"].files) == 3
     data = read_split(manifest, "train")
     assert np.array_equal(labels["mnist"][data["mnist_index"][:, 0].astype(int)], data["label"])
@@ -440,9 +477,9 @@ def test_cli_reports_a_bad_source_in_one_line(raw_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-# dm just large enough for one batch of the configs' size (21 paired images per class side):
-# 128 for MNIST-SVHN, 256 for MNIST-SVHN-Text.
-PAPER_DM = {"mnist-svhn": 7, "mnist-svhn-text": 13}
+# dm just large enough for one batch of the configs' size (13 paired train images per class side,
+# once validation has held out its share): 128 for MNIST-SVHN, 256 for MNIST-SVHN-Text.
+PAPER_DM = {"mnist-svhn": 10, "mnist-svhn-text": 20}
 PAPER_CONFIGS = [(dataset, os.path.relpath(path, CONFIGS))
                  for dataset, folder in (("mnist-svhn", "mnist_svhn"), ("mnist-svhn-text", "mnist_svhn_text"))
                  for path in sorted(glob.glob(os.path.join(CONFIGS, folder, "*.yaml")))]

@@ -167,7 +167,7 @@ def test_train_and_evaluate_report_the_four_cca_coherences(cub_built, tmp_path, 
     assert set(scores) == {"ground_truth", "image->caption", "caption->image", "joint"}
     assert all(np.isfinite(v) and -1.0 <= v <= 1.0 for v in scores.values())
     counts = metrics["num_examples"]["cca_coherence"]
-    assert counts["train_pairs"] == 60 and counts["train_images"] == 6
+    assert counts["train_pairs"] == 30 and counts["train_images"] == 3  # one class is validation
     assert counts["test_pairs"] == 50 and counts["prior_samples"] == 50
     # The ground truth does not involve the model: recompute it from the data alone.
     manifest = result.manifest

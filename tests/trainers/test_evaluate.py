@@ -242,6 +242,7 @@ def test_evaluate_writes_metrics_and_plots_and_reuses_classifiers(run):
     names = ["digit", "street", "text"]
     assert metrics["modalities"] == names and metrics["dataset"] == "synthetic"
     assert metrics["epochs"] == 2 and metrics["seconds_per_epoch"] == pytest.approx(0.75)
+    assert metrics["split"] == "test"  # the default of `bmvae evaluate --split`
     assert list(metrics["latent_accuracy"]) == [
         "digit", "street", "text", "digit+street", "digit+text", "street+text", "digit+street+text"]
     assert set(metrics["coherence"]) == {

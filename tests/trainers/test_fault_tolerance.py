@@ -38,6 +38,14 @@ def dataset(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def old_dataset(tmp_path_factory):
+    """The same examples without a validation split (a dataset built before they existed)."""
+    directory = str(tmp_path_factory.mktemp("old"))
+    synthetic.write_dataset(directory, num_train=192, num_test=32, num_validation=0)
+    return directory
+
+
 def _config(data_dir, model=None, **train_overrides):
     return config_lib.from_dict({
         "data": {"dir": data_dir}, "model": {**SMALL_MODEL, **(model or {})},
@@ -149,10 +157,11 @@ def test_injected_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path
     assert not (workdir / "history.jsonl").read_text().strip()
 
 
-def test_early_stopping_stops_keeps_the_best_epoch_and_does_not_train_again(dataset, tmp_path):
+def test_early_stopping_stops_keeps_the_best_epoch_and_does_not_train_again(old_dataset, tmp_path):
     workdir = str(tmp_path / "run")
     # No epoch after the first can improve by more than min_delta: patience 2 stops after epoch 3.
-    config = _config(dataset, epochs=6, early_stopping_patience=2, early_stopping_min_delta=1e12,
+    # Without a validation split, train.validation_fraction holds a quarter of train out.
+    config = _config(old_dataset, epochs=6, early_stopping_patience=2, early_stopping_min_delta=1e12,
                      validation_fraction=0.25)
     history = train.train(config, workdir)
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -168,9 +177,13 @@ def test_early_stopping_stops_keeps_the_best_epoch_and_does_not_train_again(data
     assert train.train(config, workdir) == history
 
 
-def test_early_stopping_refuses_to_select_on_the_test_split(dataset, tmp_path):
-    with pytest.raises(config_lib.UserError, match="validation_fraction"):
-        train.train(_config(dataset, early_stopping_patience=2), str(tmp_path / "run"))
+def test_training_never_falls_back_to_the_test_split(old_dataset, tmp_path):
+    """A dataset without a validation split: training refuses (naming the rebuild command and
+    train.validation_fraction) rather than compute val_loss, or select, on test."""
+    for patience in (0, 2):
+        with pytest.raises(config_lib.UserError, match=r"no validation split.*bmvae data build arrays.*"
+                                                       r"validation_fraction"):
+            train.train(_config(old_dataset, early_stopping_patience=patience), str(tmp_path / "run"))
 
 
 def test_held_out_validation_records_are_disjoint_from_training_and_cover_the_split(dataset):

@@ -27,6 +27,7 @@ def _metrics(model: str, latent: float, relative_curve: list[float], baseline: l
     subsets = ["x", "y", "x+y"]
     return {
         "model": model, "dataset": "toy", "modalities": names, "epochs": 2, "seconds_per_epoch": 1.5,
+        "split": "test",
         "latent_accuracy": {s: latent for s in subsets},
         "coherence": {"y|x": 0.5, "x|y": 0.25},
         "random_coherence": 0.1, "random_coherence_gmm": 0.2,

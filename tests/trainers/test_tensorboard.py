@@ -25,7 +25,7 @@ TERMS = ("bound", "kl_mixture", "reconstruction")  # BMVAE_M's LossTerms.metrics
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Two epochs of 4 steps of a tiny BMVAE_M, logged every 2 steps; validation on `test`."""
+    """Two epochs of 4 steps of a tiny BMVAE_M, logged every 2 steps; validation on `validation`."""
     root = tmp_path_factory.mktemp("tensorboard")
     data_dir, workdir = str(root / "data"), str(root / "run")
     manifest = synthetic.write_dataset(data_dir, num_train=128, num_test=64)

@@ -2,7 +2,11 @@
 
 A stage (`evaluate.STAGES`) is a function of one `EvalContext` that fills its fields of
 `context.metrics`. What several stages need is computed on first use and kept: the coherence
-classifiers and the encodings of the train and test splits. Stages keep their own caches in
+classifiers and the encodings of the train and the scored split.
+
+The scored split is `test` unless `bmvae evaluate --split validation` asks for `validation`
+(`EvalContext.split`). Stages name it "test" (`batches("test")`, `test_latents`); the context
+reads the scored split in its place, so no stage can score one split and report another. Stages keep their own caches in
 `shared` (e.g. the fitted latent probes, which robustness scores again on noisy inputs).
 """
 
@@ -46,6 +50,7 @@ class EvalContext:
     history: list[dict]
     metrics: Metrics
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+    split: str = schema.TEST  # the scored split: test, or validation (`bmvae evaluate --split`)
 
     @property
     def names(self) -> list[str]:
@@ -57,10 +62,15 @@ class EvalContext:
 
     def batches(self, split: str, batch_size: int | None = None, limit: int | None = None,
                 options: input_pipeline.ReadOptions = input_pipeline.ReadOptions()) -> tf.data.Dataset:
-        """One pass over `split` in batches of eval.batch_size, cut to eval.max_examples."""
+        """One pass over `split` in batches of eval.batch_size, cut to eval.max_examples.
+        "test" means the scored split (`self.split`)."""
         return input_pipeline.make_dataset(
-            self.manifest, split, self.eval.batch_size if batch_size is None else batch_size, options,
+            self.manifest, self.resolve(split), self.eval.batch_size if batch_size is None else batch_size, options,
             take=self.eval.max_examples if limit is None else limit)
+
+    def resolve(self, split: str) -> str:
+        """The split read for `split`: the scored split for "test", else `split` itself."""
+        return self.split if split == schema.TEST else split
 
     @functools.cached_property
     def train_count(self) -> int:
@@ -83,7 +93,7 @@ class EvalContext:
 
     @functools.cached_property
     def test_latents(self) -> SplitLatents:
-        """The test split's means and cross-generated predictions (one posterior sample each)."""
+        """The scored split's means and cross-generated predictions (one posterior sample each)."""
         return self._encode("test", classifiers=self.classifiers, seed=self.seed)
 
     @functools.cached_property
@@ -94,6 +104,6 @@ class EvalContext:
     def _encode(self, split: str, **kwargs) -> SplitLatents:
         started = time.perf_counter()
         latents = encode_split(self.model, self.batches(split), **kwargs)
-        logger.info("encoded %d %s examples for %d subsets: %.1f s", latents.num_examples, split,
+        logger.info("encoded %d %s examples for %d subsets: %.1f s", latents.num_examples, self.resolve(split),
                     len(self.subsets), time.perf_counter() - started)
         return latents

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
 from bmvae_tf.trainers import config as config_lib
@@ -28,7 +29,7 @@ from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.context import EvalContext
 from bmvae_tf.trainers.evaluation.metrics import Metrics
 from bmvae_tf.trainers.reporting import plots, report
-from bmvae_tf.trainers.training import summaries
+from bmvae_tf.trainers.training import inputs, summaries
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ STAGES: list[Stage] = [
 ]
 
 
-def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str] = ()) -> dict:
+def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str] = (),
+             split: str = schema.TEST) -> dict:
     """Computes the metrics of a trained run, writes RUN/metrics.json, RUN/plots/*.png and
     RUN/report.html.
 
@@ -66,6 +68,7 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
       workdir: the run directory RUN (config.yaml, checkpoints/, history.jsonl).
       data_dir: the dataset; defaults to the one the run was trained on (config data.dir).
       overrides: `eval.key=value` settings for this evaluation only (RUN/config.yaml is kept).
+      split: the split scored, "test" (default) or "validation"; metrics.json records it.
 
     Returns:
       The metrics dict as written (SPEC section 3). Without labels in the manifest the
@@ -75,7 +78,7 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
       UserError: a missing run, checkpoint, dataset or split.
     """
     started = time.perf_counter()
-    context = _context(workdir, data_dir, overrides)
+    context = _context(workdir, data_dir, overrides, split)
     unlabelled = context.manifest.label is None
     if unlabelled:
         reason = f"dataset {context.manifest.name!r} declares no label"
@@ -94,21 +97,27 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
     return context.metrics.to_json()
 
 
-def _context(workdir: str, data_dir: str | None, overrides: Sequence[str]) -> EvalContext:
+def _context(workdir: str, data_dir: str | None, overrides: Sequence[str], split: str) -> EvalContext:
     """The run's model (latest or best checkpoint), data and history, and an empty record."""
+    if split not in schema.EVALUATION_SPLITS:
+        raise UserError(f"--split {split!r}: evaluate scores one of {list(schema.EVALUATION_SPLITS)}")
     paths = run_dir.RunPaths(workdir)
     config, manifest, model = run_dir.load_trained_model(workdir, data_dir)
+    if split not in manifest.splits:
+        raise UserError(f"--split {split}: {schema.manifest_path(manifest.directory)} has no {split} split "
+                        f"(built before validation splits existed); rebuild it with "
+                        f"`{inputs.rebuild_command(manifest)}`")
     config = with_eval_overrides(config, overrides)
     history = run_dir.read_history(paths)
     weights = model.mixture_weights()
     seconds = [float(h["seconds"]) for h in history if h.get("seconds") is not None]
     metrics = Metrics(
         model=config.model.name, dataset=manifest.name, modalities=manifest.modality_names,
-        epochs=int(history[-1]["epoch"]) if history else 0,
+        epochs=int(history[-1]["epoch"]) if history else 0, split=split,
         seconds_per_epoch=float(np.mean(seconds)) if seconds else None,
         mixture_weights=None if weights is None else np.asarray(weights).tolist())
     return EvalContext(model=model, manifest=manifest, eval=config.eval, seed=config.train.seed,
-                       paths=paths, history=history, metrics=metrics)
+                       paths=paths, history=history, metrics=metrics, split=split)
 
 
 def with_eval_overrides(config: config_lib.Config, overrides: Sequence[str]) -> config_lib.Config:

@@ -21,6 +21,8 @@ from bmvae_tf.errors import UserError
 
 # Written only when the dataset declares it: SPEC 3 lists cca_coherence for CUB alone.
 _OPTIONAL = frozenset({"cca_coherence"})
+# Keys older metrics.json files lack, read as their default ("split": they scored test).
+_DEFAULTED = frozenset({"split"})
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class Metrics:
     modalities: list[str]
     epochs: int
     seconds_per_epoch: float | None
+    split: str = "test"  # the split scored: test, or validation (`bmvae evaluate --split`)
     latent_accuracy: dict[str, float] | None = None  # {subset: test accuracy of the linear probe}
     coherence: dict[str, float] | None = None  # {"t|S": cross coherence}
     random_coherence: float | None = None  # prior latents
@@ -71,7 +74,7 @@ class Metrics:
         if not isinstance(data, Mapping):
             raise UserError(f"{where}: expected a JSON object of metrics, got {type(data).__name__}")
         names = [field.name for field in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n not in _OPTIONAL]
+        missing = [n for n in names if n not in data and n not in _OPTIONAL | _DEFAULTED]
         unknown = [k for k in data if k not in names]
         if missing or unknown:
             problems = ([f"missing {', '.join(map(repr, missing))}"] if missing else []) + \

@@ -16,9 +16,14 @@ from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline
 
 
+# `bmvae data build` commands that rebuild a dataset of this name with a validation split.
+_BUILT_IN = ("digits", "mnist-svhn", "mnist-svhn-text", "cub")
+
+
 @dataclasses.dataclass(frozen=True)
 class Validation:
-    """Where validation examples come from: a split, or a held-out fraction of `train`."""
+    """Where validation examples come from: the `validation` split, or a held-out fraction of
+    `train` (train.validation_fraction on a dataset without one). Never `test`."""
 
     split: str
     holdout_fraction: float = 0.0
@@ -32,22 +37,35 @@ class Validation:
     @property
     def selects(self) -> bool:
         """Whether the validation loss may select the model (early stopping, the best
-        checkpoint): never on the test split, which is there for monitoring only."""
-        return self.split != "test"
+        checkpoint): always, since validation never reads the test split."""
+        return self.split != schema.TEST
 
 
-def choose_validation(manifest: schema.Manifest, train_config: config_lib.TrainConfig) -> Validation | None:
-    """`validation` when the dataset has it; else a held-out fraction of train when configured;
-    else `test` for monitoring only. Early stopping never selects on the test split."""
-    if "validation" in manifest.splits:
-        return Validation("validation")
+def choose_validation(manifest: schema.Manifest, train_config: config_lib.TrainConfig) -> Validation:
+    """The `validation` split when the dataset has it; else a held-out fraction of train when
+    train.validation_fraction is set; else a UserError naming the command that rebuilds the
+    dataset with a validation split. Training never reads the test split."""
+    if schema.VALIDATION in manifest.splits:
+        return Validation(schema.VALIDATION)
     if train_config.validation_fraction > 0:
-        return Validation("train", train_config.validation_fraction)
-    if train_config.early_stopping_patience:
-        raise UserError(
-            f"train.early_stopping_patience: {manifest.directory} has no validation split; set "
-            f"train.validation_fraction (e.g. 0.1) to hold out part of the train split")
-    return Validation("test") if "test" in manifest.splits else None
+        return Validation(schema.TRAIN, train_config.validation_fraction)
+    raise UserError(f"{schema.manifest_path(manifest.directory)}: dataset {manifest.name!r} has no "
+                    f"validation split (built before they existed); rebuild it with "
+                    f"`{rebuild_command(manifest)}`, or set train.validation_fraction to hold out "
+                    f"part of train")
+
+
+def rebuild_command(manifest: schema.Manifest) -> str:
+    """The `bmvae data build` command line that rebuilds the dataset in place, validation split
+    included (options other than the output left at their defaults)."""
+    if manifest.name in _BUILT_IN:
+        return f"bmvae data build {manifest.name} --output {manifest.directory} --overwrite"
+    return f"bmvae data build arrays --input FILE.npz --output {manifest.directory} --overwrite"
+
+
+def splits_read(validation: Validation) -> tuple[str, ...]:
+    """The splits training reads (and checks after a read error): train and its validation."""
+    return tuple(dict.fromkeys((schema.TRAIN, validation.split)))
 
 
 def steps_per_epoch(manifest: schema.Manifest, validation: Validation | None, global_batch: int) -> int:
@@ -55,7 +73,7 @@ def steps_per_epoch(manifest: schema.Manifest, validation: Validation | None, gl
     size depends on record hashes, so this is the expected size; epochs repeat the data and
     take exactly this many steps)."""
     count = manifest.split("train").count
-    if validation is not None and validation.split == "train":
+    if validation is not None and validation.split == schema.TRAIN:
         count = int(count * (1.0 - validation.holdout_fraction))
     return count // global_batch
 
@@ -81,11 +99,11 @@ def epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
     t = config.train
     per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     holdout = (input_pipeline.Holdout(validation.holdout_fraction, held_out=False)
-               if validation is not None and validation.split == "train" else None)
+               if validation is not None and validation.split == schema.TRAIN else None)
     options = input_pipeline.ReadOptions(
         shuffle=True, seed=t.seed * 100003 + epoch, shuffle_buffer=t.shuffle_buffer, repeat=True,
         drop_remainder=True, holdout=holdout, skip_batches=done * per_pipeline,
         dynamic_text_padding=dynamic_text_padding)
-    dataset = input_pipeline.make_dataset(manifest, "train", ctx.get_per_replica_batch_size(t.batch_size),
+    dataset = input_pipeline.make_dataset(manifest, schema.TRAIN, ctx.get_per_replica_batch_size(t.batch_size),
                                           options, input_context=ctx)
     return dataset.take((steps - done) * per_pipeline)

@@ -142,7 +142,8 @@ class Controller:
 
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
-        with input_pipeline.reading(self.manifest):  # a damaged shard: one error naming it
+        # A damaged shard: one error naming it (only train and validation are read, and checked).
+        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)):
             for epoch in range(self.finished + 1, self.config.train.epochs + 1):
                 if self.early_stopping.stopped:
                     break
