@@ -248,3 +248,12 @@ def test_train_seeds_trains_one_resumable_run_per_seed(tmp_path, capsys):
     assert histories[1] == first
     assert histories[0][0]["loss"] != histories[1][0]["loss"]
     assert sorted(os.listdir(root)) == ["seed-0", "seed-1"]
+
+
+def test_runs_scored_on_different_splits_are_refused(tmp_path):
+    first = _write(tmp_path / "a", _metrics("mmvae", 0.9, (0.5, 0.5), -1.0), seed=0)
+    second = _write(tmp_path / "b", {**_metrics("bmvae_m", 0.8, (0.5, 0.5), -1.0), "split": "validation"},
+                    seed=0)
+    with pytest.raises(UserError, match="different splits"):
+        compare.load_runs([first, second])
+    assert len(compare.load_runs([first])) == 1

@@ -79,7 +79,17 @@ def load_runs(paths: Sequence[str]) -> list[RunSummary]:
                           for n in sorted(tf.io.gfile.listdir(run_paths.plots)) if n.endswith(".png")}
         runs.append(RunSummary(label, path, metrics, run_dir.read_history(run_paths), plot_files,
                                seeds_lib.run_seed(path)))
+    _check_one_split(runs)
     return runs
+
+
+def _check_one_split(runs: Sequence[RunSummary]) -> None:
+    """Numbers scored on validation and on test are not comparable: refuse the mix."""
+    splits = {r.metrics.split for r in runs}
+    if len(splits) > 1:
+        named = "; ".join(f"{r.path}: {r.metrics.split}" for r in runs)
+        raise UserError(f"the runs were scored on different splits ({named}); evaluate them all on "
+                        f"one (`bmvae evaluate --split test|validation`)")
 
 
 def expand_runs(paths: Sequence[str]) -> list[str]:
