@@ -412,7 +412,9 @@ def check_runner_support(pipeline: beam.Pipeline) -> None:
     - a side input becomes `list(bag)` inside the consuming task: a nested Dask job started
       from a worker thread for every partition, recomputing its whole upstream (UserError);
     - `beam.io.Read` sources (and so Beam's file sinks, which use side inputs) are not
-      translated (UserError).
+      translated (UserError);
+    - a ParDo's tagged outputs all land in one bag, which every consumer of any tag reads
+      (UserError).
     The jobs' own stages use none of these: records travel as data into WriteShards, which
     writes the files itself, and WriteManifest collects the shards without a side input.
     """
@@ -450,6 +452,9 @@ class _GraphVisitor(beam.pipeline.PipelineVisitor):
             self.consumed.add(side.pvalue)
             self.unsupported.append((node.full_label, "it reads a side input, which the DaskRunner "
                                      "computes as a separate Dask job inside a worker task"))
+        if isinstance(node.transform, beam.ParDo) and len(node.outputs) > 1:
+            self.unsupported.append((node.full_label, "it has tagged outputs, which the DaskRunner puts "
+                                     "into one bag and gives whole to each consumer"))
         if isinstance(node.transform, beam.io.Read):
             self.unsupported.append((node.full_label, "the DaskRunner does not translate beam.io.Read"))
 

@@ -13,8 +13,8 @@ to the pairs by source index, so no step holds a dataset's images or its pair li
 
 The validation split pairs a held-out fraction of each class's train images
 (`mnist_svhn.validation_indices`); ReadMnistTrain and ReadSvhnTrain read the train source files
-once and send each image to the split that pairs it (tagged outputs). The test split is planned,
-drawn and written exactly as before validation splits existed.
+once and key each image by the split that pairs it (SelectMnistTrain, SelectMnistValidation,
+...). The test split is planned, drawn and written exactly as before validation splits existed.
 
 Records are gzip TFRecords of uint8 images (the manifest's dtype says so; the reader gives
 [0, 1] floats, exactly x / 255 as torchvision's ToTensor), the label, the source indices as
@@ -173,11 +173,18 @@ def _read_stages(pipeline: beam.Pipeline, plan: PairPlan, reader) -> dict[str, d
             read = (pipeline
                     | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, source_split)])
                     | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
-                        ReadImagesFn(reader, {s: plan.paired[s][dataset] for s in splits})
-                    ).with_outputs(*splits))
+                        ReadImagesFn(reader, {s: plan.paired[s][dataset] for s in splits})))
+            # Keyed by split rather than tagged outputs: Beam's DaskRunner (2.77) puts every tag
+            # of a multi-output ParDo into one bag and hands all of it to each consumer.
             for split in splits:
-                images[split][dataset] = read[split]
+                images[split][dataset] = (
+                    read | f"Select{dataset.capitalize()}{split.capitalize()}" >> beam.FlatMap(_of_split, split))
     return images
+
+
+def _of_split(element: tuple[str, Any], split: str) -> Iterator[Any]:
+    if element[0] == split:
+        yield element[1]
 
 
 def _split_stages(pipeline: beam.Pipeline, split: str, plan: PairPlan, images: dict[str, beam.PCollection],
@@ -269,8 +276,8 @@ class ExpandPlanFn(beam.DoFn):
 
 
 class ReadImagesFn(beam.DoFn):
-    """(dataset, source split) -> (source index, (label, image bytes)) for every image that is
-    paired, as a tagged output named by the split that pairs it.
+    """(dataset, source split) -> (split, (source index, (label, image bytes))) for every image
+    that is paired, keyed by the split that pairs it.
 
     Streams the source one chunk at a time; images no split pairs (past their class's first n)
     are counted (`<dataset>_<source split>_unpaired`) and dropped here rather than shuffled for
@@ -283,7 +290,7 @@ class ReadImagesFn(beam.DoFn):
         self._reader = reader
         self._paired = {split: np.asarray(indices, np.int64) for split, indices in paired.items()}
 
-    def process(self, element: tuple[str, str]) -> Iterator[beam.pvalue.TaggedOutput]:
+    def process(self, element: tuple[str, str]) -> Iterator[tuple[str, tuple[int, tuple[int, bytes]]]]:
         dataset, source_split = element
         read = Metrics.counter(NAMESPACE, f"{dataset}_{source_split}_images_read")
         unpaired = Metrics.counter(NAMESPACE, f"{dataset}_{source_split}_unpaired")
@@ -296,8 +303,7 @@ class ReadImagesFn(beam.DoFn):
                 owner[np.isin(indices, self._paired[split])] = i
             unpaired.inc(int(np.sum(owner < 0)))
             for offset in np.flatnonzero(owner >= 0).tolist():
-                yield beam.pvalue.TaggedOutput(
-                    splits[owner[offset]], (start + offset, (int(labels[offset]), images[offset].tobytes())))
+                yield splits[owner[offset]], (start + offset, (int(labels[offset]), images[offset].tobytes()))
 
 
 def _single_image(images: Iterable, index: int, dataset: str) -> tuple[int, bytes]:

@@ -146,9 +146,10 @@ def test_digits_from_the_cli_on_dask_is_byte_identical(dask_cluster, built, tmp_
     assert_same_dataset(out, built.manifest.directory)
     manifest = schema.read_manifest(out)
     assert manifest.pipeline_options["runner"] == beam_io.DASK_RUNNER
-    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 1437, "test": 360}
+    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 1293, "validation": 144, "test": 360}
     # The DaskRunner reports no metrics: said in a log line, not dropped silently.
-    assert re.search(r"WARNING .*reports no Beam metrics.*counts \{'train': 1437, 'test': 360\}", err)
+    assert re.search(r"WARNING .*reports no Beam metrics.*counts "
+                     r"\{'train': 1293, 'validation': 144, 'test': 360\}", err), err
     assert "partition size" not in err  # Beam's DaskRunner notice, hidden without --verbose
     after = tasks_run_per_worker(dask_cluster)
     assert len(after) == 2 and all(after[w] > before[w] for w in after), (before, after)  # both worked
@@ -292,6 +293,18 @@ def test_a_second_output_branch_is_refused_on_dask():
     _ = values | "Forgotten" >> beam.Map(str)
     _ = values | "Last" >> beam.Map(repr)
     with pytest.raises(RuntimeError, match="'Last'.*never be computed.*Forgotten"):
+        beam_io.check_runner_support(pipeline)
+
+
+def test_tagged_outputs_are_refused_on_dask():
+    class Parity(beam.DoFn):
+        def process(self, x):
+            yield beam.pvalue.TaggedOutput("odd" if x % 2 else "even", x)
+
+    pipeline = dask_pipeline()
+    parts = pipeline | "Values" >> beam.Create([1, 2]) | "Split" >> beam.ParDo(Parity()).with_outputs("odd", "even")
+    _ = (parts.odd, parts.even) | "Both" >> beam.Flatten()
+    with pytest.raises(UserError, match="cannot run stage 'Split/ParDo\\(Parity\\)': it has tagged outputs"):
         beam_io.check_runner_support(pipeline)
 
 

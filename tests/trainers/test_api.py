@@ -67,8 +67,9 @@ def test_load_dataset_is_the_trainers_pipeline_with_a_known_length(dataset):
     shuffled = bmvae_tf.load_dataset(dataset, "train", 40, shuffle=True, seed=1)
     first, second = (next(iter(shuffled))["noise_seed"].numpy().ravel() for _ in range(2))
     assert sorted(first) == sorted(second) and not np.array_equal(first, second)  # a new order each pass
-    with pytest.raises(UserError, match="no split 'validation'; the dataset has \\['test', 'train'\\]"):
-        bmvae_tf.load_dataset(dataset, "validation", 16)
+    assert int(bmvae_tf.load_dataset(dataset, "validation", 16).cardinality()) == 4  # 64 examples
+    with pytest.raises(UserError, match="no split 'calibration'; the dataset has \\['test', 'train', 'validation'\\]"):
+        bmvae_tf.load_dataset(dataset, "calibration", 16)
 
 
 def test_load_run_returns_the_checkpoints_model_and_config(dataset, tmp_path):

@@ -128,10 +128,17 @@ def _tune(argv, capsys):
      "cannot open the study storage"),
     ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--storage", "sqlite:////no/such/dir/study.db"],
      "cannot open the study storage"),
-    ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--set", "train.validation_fraction=0"],
-     "--objective val_loss: .* has no validation split"),
+    ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--set", "train.validation_fraction=0", "--objective", "val_loss"],
+     "--objective val_loss: .* has no validation split .*set train.validation_fraction"),
+    ("model.bmvae_m.lambda_c: [1.0, 2.0]\n", ["--objective", "val_coherence"],
+     "--objective val_coherence: .* needs a labelled validation split"),
 ])
 def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path, capsys, space, extra, message):
+    # A dataset built before validation splits: val_loss may hold out part of train, an
+    # evaluation objective may not.
+    if "--objective" in extra and extra[-1] != "val_elbo":
+        dataset = str(tmp_path / "no_validation")
+        synthetic.write_dataset(dataset, num_train=64, num_test=16, num_validation=0)
     argv = ["--data", dataset, "--workdir", str(tmp_path / "tune"), "--space", _space(tmp_path, space),
             *TINY, *extra]
     code, errors, _ = _tune(argv, capsys)

@@ -303,20 +303,12 @@ def check_objective(setup: Setup, config: config_lib.Config, manifest) -> None:
     if not is_known_objective(setup.objective):
         raise UserError(f"--objective {setup.objective}: unknown; choose one of {', '.join(OBJECTIVES)} "
                         f"or {TERM_PREFIX}<metric>")
-    validation = inputs.choose_validation(manifest, config.train)
+    try:  # the per-epoch objectives read a validation split or a held-out part of train
+        inputs.choose_validation(manifest, config.train)
+    except UserError as error:
+        raise UserError(f"--objective {setup.objective}: {error}") from None
     if per_epoch(setup.objective):
-        if validation is None or not validation.selects:
-            raise UserError(f"--objective {setup.objective}: {setup.data_dir} has no validation split; set "
-                            f"train.validation_fraction (e.g. --set train.validation_fraction=0.1) to "
-                            f"hold out part of the train split (never the test split)")
         return
-    import inspect
-
-    from bmvae_tf.trainers.evaluation import evaluate
-
-    if "split" not in inspect.signature(evaluate.evaluate).parameters:
-        raise UserError(f"--objective {setup.objective}: needs evaluation on the validation split, "
-                        f"which this version of bmvae evaluate does not offer; use val_loss")
     if "validation" not in manifest.splits or manifest.label is None:
         raise UserError(f"--objective {setup.objective}: {setup.data_dir} needs a labelled validation split")
 
