@@ -170,9 +170,11 @@ def _skip(stream, nbytes: int, block: int = 1 << 24) -> None:
         nbytes -= len(data)
 
 
-def iter_chunks(path: str, member: Member, rows: int = ROWS_PER_CHUNK
+def iter_chunks(path: str, member: Member, rows: int | None = None
                 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, rows [k, *row_shape]) over a whole member, streaming (one pass even when deflated)."""
+    """(start, rows [k, *row_shape]) over a whole member, streaming (one pass even when deflated);
+    chunks of ROWS_PER_CHUNK rows unless `rows` says otherwise."""
+    rows = rows or ROWS_PER_CHUNK
     if member.fortran_order and member.row_shape:
         whole = read_rows(path, member, 0, member.count)
         for start in range(0, member.count, rows):
@@ -215,9 +217,11 @@ class Plan:
     split_has_validation: bool = False
 
 
-def read_ranges(member: Member, rows: int = ROWS_PER_CHUNK) -> list[tuple[str, int, int]]:
-    """The (key, start, stop) reads of one member for the workers: chunks of `rows` when it can be
-    read by seeking, else one read of the whole member (streamed by `iter_chunks`)."""
+def read_ranges(member: Member, rows: int | None = None) -> list[tuple[str, int, int]]:
+    """The (key, start, stop) reads of one member for the workers: chunks of `rows`
+    (ROWS_PER_CHUNK by default) when it can be read by seeking, else one read of the whole
+    member (streamed by `iter_chunks`)."""
+    rows = rows or ROWS_PER_CHUNK
     if member.stored and not (member.fortran_order and member.row_shape):
         return [(member.key, start, min(start + rows, member.count))
                 for start in range(0, member.count, rows)]
@@ -329,10 +333,10 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, np.zeros(size), np.zeros(size)
 
     def add(self, rows: np.ndarray) -> None:
-        rows = rows.reshape(len(rows), -1).astype(np.float64)
         n = len(rows)
-        if n == 0:
+        if n == 0:  # a chunk with no train rows (reshape(0, -1) cannot infer the width)
             return
+        rows = rows.reshape(n, -1).astype(np.float64)
         mean = rows.mean(axis=0)
         m2 = ((rows - mean) ** 2).sum(axis=0)
         total = self.count + n

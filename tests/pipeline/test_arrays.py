@@ -320,3 +320,18 @@ def test_output_dir_holding_another_dataset_is_refused_unless_overwrite(source, 
     assert os.listdir(out) == ["manifest.json"]
     build_arrays.build_arrays(str(out), input_path=path, overwrite=True, beam_args=IN_PROCESS)
     assert schema.read_manifest(str(out)).name == "mine"
+
+
+def test_train_rows_first_then_the_rest_standardise_over_train_alone(tmp_path, monkeypatch):
+    """A `split` array sorted by split: the read chunks past the train rows hold no train row."""
+    from bmvae_tf.pipeline import arrays
+
+    monkeypatch.setattr(arrays, "ROWS_PER_CHUNK", 16)
+    values = example_arrays()
+    values["split"] = np.array(["train"] * 30 + ["validation"] * 10 + ["test"] * 20)
+    path = str(tmp_path / "sorted.npz")
+    np.savez(path, **values)
+    manifest = build_arrays.build_arrays(str(tmp_path / "out"), input_path=path, beam_args=IN_PROCESS)
+    assert {k: v.count for k, v in manifest.splits.items()} == {"train": 30, "validation": 10, "test": 20}
+    stats = manifest.modality("feat").standardization
+    np.testing.assert_allclose(stats["offset"], values["feat"][:30].astype(np.float64).mean(axis=0), rtol=1e-12)
