@@ -241,3 +241,20 @@ def test_a_val_term_objective_is_read_from_each_epoch_and_must_exist():
         study_lib._report(trial, record, "val/elbo")
     with pytest.raises(UserError, match="recorded no val/elbo"):
         study_lib.objective_value("val/elbo", "RUN", [record])
+
+
+def test_the_trials_table_shows_epochs_for_objectives_not_reported_per_epoch(dataset, tmp_path):
+    from bmvae_tf.trainers.tuning import results
+
+    space = space_lib.parse_space({"model.bmvae_m.lambda_c": [1.0, 2.0]}, H, "s.yaml")
+    setup = _setup(dataset, tmp_path, space)
+    study = optuna.create_study(direction="maximize")
+    per_epoch = study.ask({"model.bmvae_m.lambda_c": optuna.distributions.CategoricalDistribution([1.0, 2.0])})
+    per_epoch.report(5.0, 3)
+    study.tell(per_epoch, 5.0)
+    after_training = study.ask({"model.bmvae_m.lambda_c": optuna.distributions.CategoricalDistribution([1.0, 2.0])})
+    after_training.set_user_attr("epochs", 15)  # what Objective records for val_coherence
+    study.tell(after_training, 0.6)
+    table = results.trials_table(study, setup)
+    column = table.headers.index("epochs")
+    assert [row[column] for row in table.rows] == ["3", "15"]

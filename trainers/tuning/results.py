@@ -63,7 +63,7 @@ def trials_table(study: optuna.Study, setup: study_lib.Setup) -> report.Table:
             state += f", retry of {retried}"
         minutes = ((t.datetime_complete - t.datetime_start).total_seconds() / 60
                    if t.datetime_complete and t.datetime_start else None)
-        epochs = max(t.intermediate_values) if t.intermediate_values else None
+        epochs = max(t.intermediate_values) if t.intermediate_values else t.user_attrs.get("epochs")
         rows.append([str(t.number), state, _value(t.value),
                      *(space_lib._short(t.params[k]) if k in t.params else "" for k in keys),
                      "" if epochs is None else str(epochs), "" if minutes is None else f"{minutes:.1f}",

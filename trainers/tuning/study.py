@@ -244,6 +244,8 @@ class Objective:
 
         history, _ = run_training(config, workdir, write_report=True, on_epoch=(
             (lambda record: _report(trial, record, objective)) if per_epoch(objective) else None))
+        if history:  # the trials table's epochs, also for objectives not reported per epoch
+            trial.set_user_attr("epochs", int(history[-1]["epoch"]))
         value = objective_value(self.setup.objective, workdir, history)
         log.info("trial %d: %s %.6g", trial.number, self.setup.objective, value)
         return value
