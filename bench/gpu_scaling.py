@@ -13,7 +13,10 @@ and XLA setting: examples/s, and the scaling efficiency
 
 On a GPU machine it uses the GPUs (bench/gpu_scaling.sh runs it). Here it checks itself on
 logical CPU devices (--cpu-devices N splits the CPU before TensorFlow starts): those share the
-same cores, so the figures say only that the script and the distributed step work.
+same cores, so n devices cannot be faster than one, and a weak-scaling efficiency near 1/n is
+what a correct run shows. There it also prints cpu_clock_efficiency, examples per CPU-second of
+the process on n devices over that on one: 1.0 when distributing the step costs no extra CPU
+work (replica dispatch, all-reduce), whatever else runs on the machine.
 
     python bench/gpu_scaling.py --cpu-devices 2 --K 1 --per-replica-batch 32
 """
@@ -23,6 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
+
+import numpy as np
 
 import common  # noqa: F401  (puts the repository on the path)
 from common import build_step, dataset_manifest, machine, model_config, print_table, random_batch, write_json
@@ -80,8 +86,8 @@ def device_counts(args, available: int) -> list[int]:
 def weights_bytes(trainer) -> tuple[int, int]:
     """(trainable weights, their bytes): what MirroredStrategy all-reduces every step."""
     variables = trainer.model.trainable_variables
-    count = sum(int(v.shape.num_elements()) for v in variables)
-    return count, sum(int(v.shape.num_elements()) * v.dtype.size for v in variables)
+    count = sum(int(np.prod(v.shape)) for v in variables)
+    return count, sum(int(np.prod(v.shape)) * np.dtype(str(v.dtype)).itemsize for v in variables)
 
 
 def build_config(args, manifest, device_names, n: int, xla: bool) -> dict:
@@ -122,17 +128,22 @@ def efficiencies(rates: dict, counts: list[int], xla_settings: list[str], strong
     return rows
 
 
-def time_rounds(built: dict, args) -> dict:
-    """(n, xla) -> [global examples/s per round], every configuration timed in turn each round."""
+def time_rounds(built: dict, args) -> tuple[dict, dict]:
+    """(n, xla) -> [global examples/s per round], every configuration timed in turn each round;
+    and the same per CPU-second of this process (what matters on logical CPU devices sharing a
+    machine with others: it counts only the time our threads ran)."""
     from common import timed_steps
     rates = {key: [] for key in built}
+    cpu_rates = {key: [] for key in built}
     for r in range(args.rounds):
         for key, c in built.items():
+            cpu = time.process_time()
             seconds = timed_steps(c["step"], c["batch"], args.steps)
             rates[key].append(c["global_batch"] * args.steps / seconds)
+            cpu_rates[key].append(c["global_batch"] * args.steps / (time.process_time() - cpu))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{n} dev xla {x}: {v[-1]:.0f} ex/s" for (n, x), v in rates.items()), flush=True)
-    return rates
+    return rates, cpu_rates
 
 
 def main(argv=None) -> dict:
@@ -147,16 +158,20 @@ def main(argv=None) -> dict:
     params, nbytes = weights_bytes(next(iter(built.values()))["trainer"])
     print(f"{args.model} on {args.dataset}, K={args.K}: {params:,} trainable weights, {nbytes / 2**20:.2f} MiB "
           f"all-reduced per step; devices {device_names[:max(counts)]}", flush=True)
-    rates = time_rounds(built, args)
+    rates, cpu_rates = time_rounds(built, args)
     rows = efficiencies(rates, counts, xla_settings, args.strong)
+    if args.cpu_devices:   # the devices share the cores: only the CPU work per example compares
+        for row, cpu_row in zip(rows, efficiencies(cpu_rates, counts, xla_settings, args.strong)):
+            row["cpu_clock_efficiency"] = cpu_row["efficiency"] * row["devices"]
     for row in rows:   # ring all-reduce: each device sends and receives 2 (n - 1) / n of the bytes
         row["allreduce_bytes_per_device"] = int(2 * (row["devices"] - 1) / row["devices"] * nbytes)
         row["per_replica_batch"] = built[(row["devices"], row["xla"])]["global_batch"] // row["devices"]
     print()
     print_table(rows, ["xla", "devices", "per_replica_batch", "examples_per_second", "speedup", "efficiency",
-                       "xla_over_plain", "allreduce_bytes_per_device"])
+                       "xla_over_plain", "allreduce_bytes_per_device", "cpu_clock_efficiency"])
     results.update(trainable_weights=params, weights_bytes=nbytes, rows=rows,
                    examples_per_second={f"{n} devices, xla {x}": v for (n, x), v in rates.items()},
+                   examples_per_cpu_second={f"{n} devices, xla {x}": v for (n, x), v in cpu_rates.items()},
                    load_average_at_end=list(os.getloadavg()))
     if args.output:
         write_json(args.output, results)

@@ -188,21 +188,70 @@ def peak_kernels(args) -> dict:
 
 
 def network_pass(network, width: int, rows: int, needs_input_grad: bool):
-    """A tf.function: `network`'s forward and backward pass on `rows` random inputs of width."""
+    """A tf.function: `network`'s forward and backward pass on `rows` random inputs of width,
+    back-propagating a random cotangent (as the step's likelihood would; a constant one would let
+    oneDNN cache it as a weight)."""
     import tensorflow as tf
     shape = [rows, *width] if isinstance(width, tuple) else [rows, width]
     x = tf.random.uniform(shape)
+    cotangents = [tf.random.normal(o.shape) for o in tf.nest.flatten(network(x))]
 
     @tf.function
     def run():
         with tf.GradientTape() as tape:
             tape.watch(x)
             outs = tf.nest.flatten(network(x))
-            loss = tf.add_n([tf.reduce_sum(o) for o in outs])
+            loss = tf.add_n([tf.reduce_sum(o * c) for o, c in zip(outs, cotangents)])
         sources = list(network.trainable_variables) + ([x] if needs_input_grad else [])
         return tape.gradient(loss, sources)
 
     return run
+
+
+def network_sublayers(network, spec) -> list[tuple[str, object, list[int]]]:
+    """(name, layer, input shape of one row) of each weight layer of a built MLP or CNN network
+    of bmvae_tf/networks.py, in the order of `network_layers`, found by running one row through."""
+    import tensorflow as tf
+    encoder = network.name.startswith("encoder")
+    if hasattr(network, "convs"):
+        body = list(network.convs)
+    elif hasattr(network, "stem"):
+        body = [network.stem, *network.ups, network.out]
+    else:
+        body = list(network.hidden) + ([] if encoder else [network.out])
+    h = tf.zeros([1, *spec.shape]) if encoder else tf.zeros([1, network_latent(network)])
+    if encoder and not hasattr(network, "convs"):
+        h = tf.reshape(h, [1, -1])
+    elif not encoder and hasattr(network, "stem"):
+        h = h[:, None, None, :]
+    found = []
+    for layer in body:
+        found.append((layer.name, layer, h.shape.as_list()[1:]))
+        h = layer(h)
+    if encoder:
+        found += [(head.name, head, h.shape.as_list()[1:]) for head in (network.loc_head, network.scale_head)]
+    return found
+
+
+def network_latent(network) -> int:
+    first = network.stem if hasattr(network, "stem") else network.hidden[0]
+    return int(first.kernel.shape[-1] if hasattr(network, "stem") else first.kernel.shape[0])
+
+
+def layer_contestants(model, manifest, model_cfg, args, decoder_rows: list[int]) -> dict:
+    """Each weight layer of every network, forward and backward alone (random cotangent), at the
+    step's row counts: the encoders' at the batch, the decoders' at `decoder_rows`."""
+    out = {}
+    for spec, encoder, decoder in zip(manifest.modalities, model.encoders, model.decoders):
+        for part, network, rows in (("encoder", encoder, [args.batch]), ("decoder", decoder, decoder_rows)):
+            macs = network_layers(spec, model_cfg, part)
+            for i, ((name, layer, shape), mac) in enumerate(zip(network_sublayers(network, spec), macs)):
+                input_grad = part == "decoder" or i > 0
+                for n in rows:
+                    out[f"{part}_{spec.name}/{i}:{name} x{n}"] = {
+                        "fn": network_pass(layer, tuple(shape), n, input_grad), "kind": "layer",
+                        "flops": training_flops([mac], input_grad) * n, "calls": args.steps}
+    return out
 
 
 def update_only(trainer):
@@ -269,6 +318,9 @@ def part_contestants(manifest, args, counts) -> dict:
             out[f"decoder_{spec.name} x{n}"] = {
                 "fn": network_pass(decoder, config.model.latent_dim, n, True), "kind": "network",
                 "flops": training_flops(layers, True) * n, "calls": args.steps}
+    if args.layers:
+        out.update(layer_contestants(model, manifest, config.model, args,
+                                     sorted({args.batch, max(r for r in rows if r <= args.batch * 30)})))
     return out
 
 
@@ -395,6 +447,9 @@ def parse_args(argv=None):
     parser.add_argument("--conv-shape", type=int, nargs=3, default=[32, 32, 128], metavar=("N", "SIDE", "C"),
                         help="the peak convolution: N x SIDE x SIDE x C images, 3x3 kernel, C filters")
     parser.add_argument("--peak-calls", type=int, default=5)
+    parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time each weight layer alone (encoders at the batch, decoders at the "
+                             "batch and at the largest row count up to 30 x the batch)")
     return parser.parse_args(argv)
 
 

@@ -46,5 +46,6 @@ def test_runs_on_two_logical_cpu_devices(tmp_path):
     rows = {r["devices"]: r for r in result["rows"]}
     assert set(rows) == {1, 2} and rows[1]["efficiency"] == 1.0
     assert 0.0 < rows[2]["efficiency"] <= 2.0          # weak scaling: 2 x the examples per step
+    assert rows[1]["cpu_clock_efficiency"] == 1.0 and 0.0 < rows[2]["cpu_clock_efficiency"] <= 4.0
     assert rows[2]["per_replica_batch"] == 4 and result["weights_bytes"] == 4 * result["trainable_weights"]
     assert "efficiency" in done.stdout

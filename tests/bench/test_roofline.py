@@ -48,3 +48,24 @@ def test_mmvae_decodes_m_times_more_latents_than_bmvae_m():
     bm = roofline.analytic_step_flops(manifest, cfg, "bmvae_m", 30, 128)["per_network"]
     mm = roofline.analytic_step_flops(manifest, cfg, "mmvae", 30, 128)["per_network"]
     assert mm["decoder_svhn"] == 2 * bm["decoder_svhn"] and mm["encoder_svhn"] == bm["encoder_svhn"]
+
+
+def test_layers_timed_alone_add_up_to_their_network():
+    manifest = dataset_manifest("mnist-svhn")
+    config = model_config("mnist-svhn", "bmvae_m", 1, batch_size=4)
+    _, trainer = build_step(config, manifest)
+    args = roofline.parse_args(["--batch", "4", "--steps", "1"])
+    parts = roofline.layer_contestants(trainer.model, manifest, config.model, args, [4, 8])
+    for spec in manifest.modalities:
+        for part, rows in (("encoder", 4), ("decoder", 8)):
+            layers = roofline.network_layers(spec, config.model, part)
+            mine = [c for name, c in parts.items() if name.startswith(f"{part}_{spec.name}/")
+                    and name.endswith(f" x{rows}")]
+            assert len(mine) == len(layers)
+            assert sum(c["flops"] for c in mine) == rows * roofline.training_flops(layers, part == "decoder")
+    assert float(tf_sum(next(iter(parts.values()))["fn"]())) != 0.0
+
+
+def tf_sum(grads):
+    import tensorflow as tf
+    return tf.add_n([tf.reduce_sum(tf.abs(g)) for g in grads])
