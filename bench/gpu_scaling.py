@@ -135,6 +135,10 @@ def time_rounds(built: dict, args) -> tuple[dict, dict]:
     from common import timed_steps
     rates = {key: [] for key in built}
     cpu_rates = {key: [] for key in built}
+    # One untimed round first: the first steps after other configurations were built run slow
+    # (the allocator and oneDNN's primitive caches warm up again), as in common.interleaved.
+    for c in built.values():
+        timed_steps(c["step"], c["batch"], 1)
     for r in range(args.rounds):
         for key, c in built.items():
             cpu = time.process_time()

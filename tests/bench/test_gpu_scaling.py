@@ -38,7 +38,7 @@ def test_runs_on_two_logical_cpu_devices(tmp_path):
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "gpu_scaling.py"), "--cpu-devices", "2",
          "--dataset", "digits", "--model", "bmvae_m", "--K", "1", "--per-replica-batch", "4",
-         "--xla", "off", "--warmup", "0", "--steps", "1", "--rounds", "1", "--output", str(out)],
+         "--xla", "off", "--warmup", "1", "--steps", "2", "--rounds", "3", "--output", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
