@@ -9,11 +9,13 @@ beside them (it overcounts the kernel-4 `valid` layers, see `graph_flops`).
 
 Everything is timed in interleaved rounds of one run (the peak kernels, every step, and the
 parts that explain K = 1: an empty tf.function, the optimizer update alone, and each network's
-forward and backward pass at the step's own batch sizes), so a shared machine's drift hits them
+and each weight layer's forward and backward pass alone at the step's own row counts), so a shared machine's drift hits them
 alike; every fraction is the median over rounds of (step FLOP/s) / (that round's peak).
 
-    python bench/roofline.py                                  # about 5 minutes on 2 cores
-    python bench/roofline.py --rounds 7 --output bench/results/roofline.json
+    python bench/roofline.py --rounds 5     # 17 minutes on 2 cores shared with ~10 other processes
+    python bench/roofline.py --rounds 2 --no-layers --K 1 --output /tmp/roofline.json   # a quick look
+
+On a shared machine read the CPU clock (see `timed`): wall rates follow the other users' load.
 """
 
 from __future__ import annotations
