@@ -110,7 +110,7 @@ def build_config(args, manifest, device_names, n: int, xla: bool) -> dict:
             "first_loss": first}
 
 
-def efficiencies(rates: dict, counts: list[int], xla_settings: list[str], strong: bool) -> list[dict]:
+def efficiencies(rates: dict, counts: list[int], xla_settings: list[str]) -> list[dict]:
     """Rows per (XLA, n): median examples/s and the median over rounds of the per-round efficiency
     (n devices against 1 device timed in the same round), with its range; XLA/plain likewise."""
     rows = []
@@ -163,9 +163,9 @@ def main(argv=None) -> dict:
     print(f"{args.model} on {args.dataset}, K={args.K}: {params:,} trainable weights, {nbytes / 2**20:.2f} MiB "
           f"all-reduced per step; devices {device_names[:max(counts)]}", flush=True)
     rates, cpu_rates = time_rounds(built, args)
-    rows = efficiencies(rates, counts, xla_settings, args.strong)
+    rows = efficiencies(rates, counts, xla_settings)
     if args.cpu_devices:   # the devices share the cores: only the CPU work per example compares
-        for row, cpu_row in zip(rows, efficiencies(cpu_rates, counts, xla_settings, args.strong)):
+        for row, cpu_row in zip(rows, efficiencies(cpu_rates, counts, xla_settings)):
             row["cpu_clock_efficiency"] = cpu_row["efficiency"] * row["devices"]
     for row in rows:   # ring all-reduce: each device sends and receives 2 (n - 1) / n of the bytes
         row["allreduce_bytes_per_device"] = int(2 * (row["devices"] - 1) / row["devices"] * nbytes)

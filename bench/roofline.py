@@ -352,10 +352,6 @@ def run_rounds(contestants: dict, rounds: int) -> tuple[dict, list[dict]]:
     return seconds, loads
 
 
-def _median_range(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
 def summarise(contestants: dict, seconds: dict, manifest, batch: int) -> dict:
     """Per-round rates and fractions of that round's peak, their medians and ranges, and where
     each step's time goes (its networks' passes, the optimizer update, the rest)."""

@@ -16,7 +16,7 @@ def test_efficiencies_are_relative_to_one_device_in_the_same_round():
     import gpu_scaling
     rates = {(1, "off"): [100.0, 50.0], (2, "off"): [150.0, 100.0],
              (1, "on"): [200.0, 200.0], (2, "on"): [200.0, 400.0]}
-    rows = {(r["devices"], r["xla"]): r for r in gpu_scaling.efficiencies(rates, [1, 2], ["off", "on"], False)}
+    rows = {(r["devices"], r["xla"]): r for r in gpu_scaling.efficiencies(rates, [1, 2], ["off", "on"])}
     assert rows[(1, "off")]["efficiency"] == 1.0
     assert rows[(2, "off")]["efficiency_range"] == [0.75, 1.0]
     assert rows[(2, "off")]["efficiency"] == pytest.approx(0.875)
