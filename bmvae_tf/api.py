@@ -127,8 +127,9 @@ def build_model(name: str, modalities, *, encoders: Mapping[str, keras.layers.La
 def load_dataset(data_dir: str, split: str = "train", batch_size: int = 128, *, shuffle: bool = False,
                  seed: int = 0, drop_remainder: bool = False, take: int = 0) -> tf.data.Dataset:
     """The trainer's own tf.data pipeline over one split of a built dataset: batches
-    {modality: [B, *shape], "label": [B], metadata...}, which `fit`, `evaluate` and `predict`
-    take as they are.
+    {modality: [B, *shape], "label": [B], metadata..., "present": bool [B, M]} (the modalities
+    observed in each row: all True unless the dataset has missing rows, whose absent values are
+    zeros), which `fit`, `evaluate` and `predict` take as they are.
 
     shuffle: a new order each pass (each epoch of `fit`), keyed by `seed`. take: only the first
     `take` records (0: all). The dataset knows its length, so Keras shows epoch progress.

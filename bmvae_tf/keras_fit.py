@@ -69,6 +69,13 @@ class KerasFit:
         self(zeros)
         self.generate(tf.zeros([1, self.latent_dim]))
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy, Keras averages the first batch over the replicas to trace an unbuilt
+        # model, which batch["present"] (bool) cannot take; `compile` built every variable.
+        if all(layer.built for layer in self._flatten_layers()):
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     # ---------------------------------------------------------------- steps
     def _keyed(self, data, seed: tf.Tensor) -> tuple[Mapping[str, tf.Tensor], Noise, tf.Tensor, int]:
         """(inputs, this replica's keyed noise, the global batch size, replicas)."""

@@ -19,6 +19,15 @@ from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
 
 FORMAT_VERSION = 1
+# Written by datasets with missing rows (`Manifest.present_counts`): their records carry the
+# `present` feature, which a reader of version 1 would not parse (it would train on the zeros
+# that stand in for absent values), so such readers refuse the manifest instead. Complete
+# datasets keep writing version 1, byte for byte as before.
+MISSING_ROWS_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION, MISSING_ROWS_FORMAT_VERSION)
+# The feature (int64 [M], 1 = observed, in manifest modality order) of records of a dataset with
+# missing rows, and the batch key (bool [B, M]) the reader yields for every dataset.
+PRESENT_KEY = "present"
 MANIFEST_FILENAME = "manifest.json"
 SHARD_SUFFIX = ".tfrecord.gz"
 COMPRESSION = "GZIP"
@@ -176,6 +185,44 @@ class SplitInfo:
                               f"{self.count}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PresentCounts:
+    """A split's rows by what they observe, for a dataset with missing rows.
+
+    modalities: {modality: rows in which it is present}, every modality in manifest order.
+    fully_observed: rows in which every modality is present.
+    """
+
+    modalities: Mapping[str, int]
+    fully_observed: int
+
+    def to_json(self) -> dict:
+        return {"modalities": dict(self.modalities), "fully_observed": self.fully_observed}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> "PresentCounts":
+        if not isinstance(obj, Mapping) or set(obj) != {"modalities", "fully_observed"}:
+            raise SchemaError(f"{where} must be an object with 'modalities' and 'fully_observed'")
+        counts = obj["modalities"]
+        if not isinstance(counts, Mapping) or not all(_is_int(n) for n in counts.values()):
+            raise SchemaError(f"{where}.modalities must be an object of modality -> row count")
+        if not _is_int(obj["fully_observed"]):
+            raise SchemaError(f"{where}.fully_observed must be an integer, got {obj['fully_observed']!r}")
+        return cls(modalities={str(k): int(v) for k, v in counts.items()},
+                   fully_observed=int(obj["fully_observed"]))
+
+    def validate(self, where: str, names: Sequence[str], count: int) -> None:
+        if list(self.modalities) != list(names):
+            raise SchemaError(f"{where}.modalities must count every modality in manifest order "
+                              f"{list(names)}, got {list(self.modalities)}")
+        for name, n in self.modalities.items():
+            if not 0 <= n <= count:
+                raise SchemaError(f"{where}.modalities.{name}: {n} rows, the split has {count}")
+        if not 0 <= self.fully_observed <= min(self.modalities.values()):
+            raise SchemaError(f"{where}.fully_observed: {self.fully_observed} rows, more than a "
+                              f"modality's present rows {dict(self.modalities)}")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -210,6 +257,10 @@ class Manifest:
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     pipeline_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # {split: PresentCounts} of a dataset with missing rows (`bmvae data build arrays` with
+    # `present_NAME` arrays or --nan-as-missing); empty: every row has every modality (datasets
+    # built before missing rows existed read so). Its records then carry the PRESENT_KEY feature.
+    present_counts: Mapping[str, PresentCounts] = dataclasses.field(default_factory=dict)
     directory: str = ""
 
     @property
@@ -227,6 +278,16 @@ class Manifest:
             raise SchemaError(f"dataset {self.name!r} has no split {name!r} (has {sorted(self.splits)})")
         return self.splits[name]
 
+    @property
+    def has_missing_rows(self) -> bool:
+        """Whether rows may lack modalities: the records carry the PRESENT_KEY feature."""
+        return bool(self.present_counts)
+
+    def fully_observed_count(self, split: str) -> int:
+        """Rows of `split` in which every modality is present (all of them without missing rows)."""
+        counts = self.present_counts.get(split)
+        return self.split(split).count if counts is None else counts.fully_observed
+
     def split_paths(self, name: str) -> list[str]:
         """Paths of a split's shards: its plain file names inside the manifest's directory."""
         info = self.split(name)
@@ -241,7 +302,9 @@ class Manifest:
             raise SchemaError(f"modality names repeat: {names}")
         for m in self.modalities:
             m.validate()
-        reserved = set(names)
+        if PRESENT_KEY in names:
+            raise SchemaError(f"modality name {PRESENT_KEY!r} is reserved for the mask of present modalities")
+        reserved = set(names) | {PRESENT_KEY}
         if self.label is not None:
             if self.label.key in reserved:
                 raise SchemaError(f"label key {self.label.key!r} clashes with a modality name")
@@ -258,9 +321,16 @@ class Manifest:
             raise SchemaError("a dataset needs at least one split")
         for name, info in self.splits.items():
             info.validate(name)
+        if self.present_counts:
+            if sorted(self.present_counts) != sorted(self.splits):
+                raise SchemaError(f"present_counts must count every split {sorted(self.splits)}, "
+                                  f"got {sorted(self.present_counts)}")
+            for split, counts in self.present_counts.items():
+                counts.validate(f"present_counts.{split}", names, self.splits[split].count)
 
     def to_json(self) -> dict:
-        out: dict[str, Any] = {"name": self.name, "format_version": FORMAT_VERSION,
+        version = MISSING_ROWS_FORMAT_VERSION if self.present_counts else FORMAT_VERSION
+        out: dict[str, Any] = {"name": self.name, "format_version": version,
                                "modalities": [m.to_json() for m in self.modalities]}
         if self.label is not None:
             out["label"] = {"key": self.label.key, "num_classes": self.label.num_classes,
@@ -269,6 +339,8 @@ class Manifest:
         out["metadata_shapes"] = {k: list(v) for k, v in self.metadata_keys.items()}
         out["factors"] = dict(self.factors)
         out["splits"] = {k: _split_json(v) for k, v in self.splits.items()}
+        if self.present_counts:
+            out["present_counts"] = {k: v.to_json() for k, v in self.present_counts.items()}
         out["source"] = dict(self.source)
         out["pipeline_options"] = dict(self.pipeline_options)
         out.update(self.extras)
@@ -279,8 +351,9 @@ class Manifest:
         if not isinstance(obj, Mapping):
             raise SchemaError("the manifest must be a JSON object")
         version = obj.get("format_version")
-        if version != FORMAT_VERSION:
-            raise SchemaError(f"format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+        if version not in SUPPORTED_FORMAT_VERSIONS or isinstance(version, bool):
+            raise SchemaError(f"format_version {version!r} is not supported (expected one of "
+                              f"{list(SUPPORTED_FORMAT_VERSIONS)})")
         for key in ("name", "modalities", "splits"):
             if key not in obj:
                 raise SchemaError(f"missing key {key!r}")
@@ -304,16 +377,34 @@ class Manifest:
                 raise SchemaError(f"{key!r} must be an object, got {type(obj[key]).__name__}")
         if not isinstance(obj["name"], str):
             raise SchemaError(f"'name' must be a string, got {obj['name']!r}")
+        present_counts = _present_counts_from_json(obj, version)
         known = {"name", "format_version", "modalities", "label", "metadata_keys", "metadata_shapes",
-                 "factors", "splits", "source", "pipeline_options"}
+                 "factors", "splits", "source", "pipeline_options", "present_counts"}
         manifest = cls(name=obj["name"], modalities=modalities, splits=splits,
                        label=_label_from_json(obj.get("label")),
                        metadata_keys=metadata, factors={str(k): v for k, v in factors.items()},
                        source=obj.get("source") or {},
                        pipeline_options=obj.get("pipeline_options") or {},
-                       extras={k: v for k, v in obj.items() if k not in known}, directory=directory)
+                       extras={k: v for k, v in obj.items() if k not in known},
+                       present_counts=present_counts, directory=directory)
         manifest.validate()
         return manifest
+
+
+def _present_counts_from_json(obj: Mapping[str, Any], version: Any) -> dict[str, PresentCounts]:
+    """The manifest's `present_counts` ({} when absent: every row complete); a version-2
+    manifest must have them, a version-1 manifest must not."""
+    counts = obj.get("present_counts")
+    if (counts is not None) != (version == MISSING_ROWS_FORMAT_VERSION):
+        raise SchemaError(f"format_version {version} goes with "
+                          f"{'present_counts' if version == MISSING_ROWS_FORMAT_VERSION else 'no present_counts'}"
+                          f" (datasets with missing rows write version {MISSING_ROWS_FORMAT_VERSION})")
+    if counts is None:
+        return {}
+    if not isinstance(counts, Mapping) or not counts:
+        raise SchemaError("'present_counts' must be an object of split -> counts")
+    return {str(split): PresentCounts.from_json(value, f"present_counts.{split}")
+            for split, value in counts.items()}
 
 
 def _split_json(info: SplitInfo) -> dict:
@@ -436,11 +527,15 @@ def feature_spec(manifest: Manifest) -> dict:
         spec[manifest.label.key] = tf.io.FixedLenFeature([], tf.int64)
     for key, shape in manifest.metadata_keys.items():
         spec[key] = tf.io.FixedLenFeature([int(np.prod(shape))], tf.float32)
+    if manifest.has_missing_rows:
+        spec[PRESENT_KEY] = tf.io.FixedLenFeature([len(manifest.modalities)], tf.int64)
     return spec
 
 
 def decode_parsed(manifest: Manifest, parsed: Mapping[str, Any]) -> dict:
-    """Parsed batch -> tensors of the modality shapes ([batch, *shape]); uint8 images to [0, 1]."""
+    """Parsed batch -> tensors of the modality shapes ([batch, *shape]); uint8 images to [0, 1];
+    PRESENT_KEY: bool [batch, M], from the records of a dataset with missing rows, else all True.
+    An absent modality's values are zeros (finite), as the writers store them."""
     import tensorflow as tf
 
     out = {}
@@ -454,6 +549,11 @@ def decode_parsed(manifest: Manifest, parsed: Mapping[str, Any]) -> dict:
         out["label"] = parsed[manifest.label.key]
     for key, shape in manifest.metadata_keys.items():
         out[key] = tf.reshape(parsed[key], [-1, *shape])
+    if PRESENT_KEY in parsed:
+        out[PRESENT_KEY] = tf.not_equal(parsed[PRESENT_KEY], 0)
+    else:
+        first = out[manifest.modalities[0].name]
+        out[PRESENT_KEY] = tf.ones([tf.shape(first)[0], len(manifest.modalities)], tf.bool)
     return out
 
 
@@ -463,11 +563,21 @@ def encode_example(manifest: Manifest, record: Mapping[str, Any]) -> bytes:
     Checks every value against the manifest so a bad record fails here, named, rather than as a
     shape error deep inside training. Serialisation is deterministic (sorted map keys), so the
     same record always gives the same bytes.
+
+    A dataset with missing rows (`Manifest.has_missing_rows`) takes record[PRESENT_KEY], M
+    booleans in manifest order (default: all present), at least one True; an absent modality is
+    written as zeros of its dtype, whatever the record holds for it (it may hold nothing).
     """
     from tensorflow.core.example import example_pb2, feature_pb2
 
     features = {}
-    for m in manifest.modalities:
+    present = _record_present(manifest, record)
+    if manifest.has_missing_rows:
+        features[PRESENT_KEY] = feature_pb2.Feature(
+            int64_list=feature_pb2.Int64List(value=[int(p) for p in present]))
+    for m, observed in zip(manifest.modalities, present):
+        if not observed:
+            record = {**record, m.name: np.zeros(m.shape, np.uint8 if m.dtype == "uint8" else m.dtype)}
         if m.name not in record:
             raise SchemaError(f"record has no value for modality {m.name!r}")
         value = np.asarray(record[m.name])
@@ -494,6 +604,23 @@ def encode_example(manifest: Manifest, record: Mapping[str, Any]) -> bytes:
         features[key] = feature_pb2.Feature(float_list=feature_pb2.FloatList(value=value.tolist()))
     example = example_pb2.Example(features=feature_pb2.Features(feature=features))
     return example.SerializeToString(deterministic=True)
+
+
+def _record_present(manifest: Manifest, record: Mapping[str, Any]) -> list[bool]:
+    """The record's mask of present modalities (all True without one); SchemaError if malformed."""
+    names = manifest.modality_names
+    if PRESENT_KEY not in record:
+        return [True] * len(names)
+    if not manifest.has_missing_rows:
+        raise SchemaError(f"record has a {PRESENT_KEY!r} mask, but dataset {manifest.name!r} declares "
+                          "no missing rows (present_counts)")
+    present = np.asarray(record[PRESENT_KEY])
+    if present.shape != (len(names),) or present.dtype.kind not in "biu" or not np.all((present == 0) | (present == 1)):
+        raise SchemaError(f"record's {PRESENT_KEY!r} must be {len(names)} booleans (one per modality "
+                          f"{names}), got {present.tolist()!r}")
+    if not present.any():
+        raise SchemaError(f"record has no modality present ({PRESENT_KEY!r} is all False)")
+    return [bool(p) for p in present]
 
 
 def subset_names(names: Sequence[str]) -> list[tuple[str, ...]]:

@@ -6,6 +6,13 @@ train rows becomes validation; without `split`, seeded test and validation fract
 image ([H, W] gets a channel axis), and 1-D integers are a sequence only when named by
 `--sequence`.
 
+Missing rows: a boolean array `present_NAME` [N] says in which rows modality NAME is observed
+(True) or missing (False); with `--nan-as-missing`, a row of a float modality that is entirely
+NaN is missing too (a row that is only partly NaN is refused). A missing row's values are never
+read into statistics, value ranges or vocabularies, and are stored as zeros; each record of such a
+dataset carries its mask (`schema.PRESENT_KEY`) and the manifest counts the present rows per split
+and modality (`schema.Manifest.present_counts`). Every row needs at least one modality present.
+
 The archive is read member by member and chunk by chunk, never whole: `NpzMembers` reads each
 member's .npy header, refuses object arrays without unpickling anything (the
 `allow_pickle=False` rule), and `read_rows` returns rows [start, stop) of a member, seeking
@@ -39,6 +46,7 @@ from bmvae_tf.random_streams import ArraysStream
 
 LABEL_KEY = "label"
 SPLIT_KEY = "split"
+PRESENT_PREFIX = "present_"  # present_NAME: bool [N], whether modality NAME is observed per row
 SPLIT_NAMES = ("train", "test", "validation")  # split ids: positions here
 ROWS_PER_CHUNK = 4096
 
@@ -215,6 +223,10 @@ class Plan:
     validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION
     # Whether the archive's `split` names validation rows itself (else they are carved from train).
     split_has_validation: bool = False
+    nan_as_missing: bool = False  # rows of a float modality that are entirely NaN are missing
+    masks: Mapping[str, str] = dataclasses.field(default_factory=dict)  # {modality: present_NAME key}
+    # {split: schema.PresentCounts} when some row misses a modality, else {} (a complete dataset).
+    present_counts: Mapping[str, schema.PresentCounts] = dataclasses.field(default_factory=dict)
 
 
 def read_ranges(member: Member, rows: int | None = None) -> list[tuple[str, int, int]]:
@@ -243,12 +255,16 @@ def modality_shape(member: Member) -> tuple[int, ...]:
     return shape
 
 
+def is_mask(key: str) -> bool:
+    return key.startswith(PRESENT_PREFIX)
+
+
 def check_members(path: str, members: Mapping[str, Member], sequences: Sequence[str]) -> list[str]:
     """Checks names, dtypes, ranks and lengths from the headers; returns the modality keys."""
-    modality_keys = [k for k in members if k not in (LABEL_KEY, SPLIT_KEY)]
+    modality_keys = [k for k in members if k not in (LABEL_KEY, SPLIT_KEY) and not is_mask(k)]
     if len(modality_keys) < 2:
-        raise UserError(f"{path}: needs at least 2 modality arrays besides 'label' and 'split', "
-                        f"found {modality_keys}")
+        raise UserError(f"{path}: needs at least 2 modality arrays besides 'label', 'split' and "
+                        f"'present_*', found {modality_keys}")
     for name in sequences:
         if name not in modality_keys:
             raise UserError(f"--sequence {name}: {path} has no modality {name!r} (has {modality_keys})")
@@ -257,29 +273,41 @@ def check_members(path: str, members: Mapping[str, Member], sequences: Sequence[
         if member.count != first.count:
             raise UserError(f"{path}: key {key!r} has {member.count} examples, but {first.key!r} has "
                             f"{first.count}; every array needs the same first axis")
-        kind = member.np_dtype.kind
-        if key == LABEL_KEY:
-            if kind not in "iu" or member.row_shape:
-                raise UserError(f"{path}: key 'label' must be integers of shape [N], got {member.dtype} "
-                                f"{[member.count, *member.row_shape]}")
-        elif key == SPLIT_KEY:
-            if kind not in "US" or member.row_shape:
-                raise UserError(f"{path}: key 'split' must be strings 'train'/'validation'/'test' of shape [N], got "
-                                f"{member.dtype} {[member.count, *member.row_shape]}")
-        elif key in sequences:
-            if kind not in "iu" or len(member.row_shape) != 1:
-                raise UserError(f"{path}: key {key!r} (--sequence) must be integer token ids of shape "
-                                f"[N, L], got {member.dtype} {[member.count, *member.row_shape]}")
-        else:
-            if kind not in "iufb":
-                raise UserError(f"{path}: key {key!r} has dtype {member.dtype}; modalities must be "
-                                "numbers (integers, floats or booleans)")
-            if len(member.row_shape) > 3:
-                raise UserError(f"{path}: key {key!r} has {len(member.row_shape)} axes per example; "
-                                "vectors have 1, images 2 or 3")
+        _check_member(path, member, sequences, modality_keys)
     if first.count < 3:
         raise UserError(f"{path}: {first.count} example(s); train, validation and test splits need at least 3")
     return modality_keys
+
+
+def _check_member(path: str, member: Member, sequences: Sequence[str], modality_keys: Sequence[str]) -> None:
+    """One array's dtype and rank for what its key makes it."""
+    key, kind, shape = member.key, member.np_dtype.kind, [member.count, *member.row_shape]
+    if key == LABEL_KEY:
+        if kind not in "iu" or member.row_shape:
+            raise UserError(f"{path}: key 'label' must be integers of shape [N], got {member.dtype} {shape}")
+    elif key == SPLIT_KEY:
+        if kind not in "US" or member.row_shape:
+            raise UserError(f"{path}: key 'split' must be strings 'train'/'validation'/'test' of shape [N], got "
+                            f"{member.dtype} {shape}")
+    elif is_mask(key):
+        name = key[len(PRESENT_PREFIX):]
+        if name not in modality_keys:
+            raise UserError(f"{path}: key {key!r} is the mask of modality {name!r}, which the archive "
+                            f"does not have (modalities: {list(modality_keys)})")
+        if kind != "b" or member.row_shape:
+            raise UserError(f"{path}: key {key!r} must be booleans of shape [N] (True: {name!r} observed "
+                            f"in that row), got {member.dtype} {shape}")
+    elif key in sequences:
+        if kind not in "iu" or len(member.row_shape) != 1:
+            raise UserError(f"{path}: key {key!r} (--sequence) must be integer token ids of shape "
+                            f"[N, L], got {member.dtype} {shape}")
+    else:
+        if kind not in "iufb":
+            raise UserError(f"{path}: key {key!r} has dtype {member.dtype}; modalities must be "
+                            "numbers (integers, floats or booleans)")
+        if len(member.row_shape) > 3:
+            raise UserError(f"{path}: key {key!r} has {len(member.row_shape)} axes per example; "
+                            "vectors have 1, images 2 or 3")
 
 
 def test_rows(count: int, test_fraction: float, seed: int, rows: np.ndarray) -> np.ndarray:
@@ -357,14 +385,17 @@ MAX_VOCAB = 65_536
 
 def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool = True,
                 test_fraction: float = 0.2, seed: int = 0, max_vocab: int = MAX_VOCAB,
-                validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> Plan:
+                validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
+                nan_as_missing: bool = False) -> Plan:
     """Reads the whole archive once, streaming, and decides what every array becomes.
 
     Checks (each a UserError naming the file and key): a readable .npz of plain arrays, at least
     2 modalities, equal lengths, numeric dtypes, finite values, images within [0, 1] or [0, 255],
     non-negative token ids within a vocabulary of at most `max_vocab` tokens, integer labels,
-    split values, non-empty train, validation and test splits. Computes the train-split
-    statistics that standardise the vectors (the validation rows are not in them).
+    split values, non-empty train, validation and test splits, `present_NAME` masks of booleans
+    [N] for a modality NAME, at least one modality present in every row, and with
+    `nan_as_missing` no row partly NaN. Computes the train-split statistics that standardise the
+    vectors (the validation rows and the missing rows are not in them).
     """
     members = inspect_npz(path)
     keys = check_members(path, members, sequences)
@@ -385,14 +416,63 @@ def plan_arrays(path: str, *, sequences: Sequence[str] = (), standardize: bool =
             raise UserError(f"{path}: key 'label' holds {low}; labels must be class ids >= 0")
         num_classes = int(high) + 1
     weights = _balanced_weights({key: math.prod(modality_shape(members[key])) for key in keys})
+    masks = {key: PRESENT_PREFIX + key for key in keys if PRESENT_PREFIX + key in members}
+    present = read_masks(path, members, keys)  # [N, M]; the modalities' passes clear NaN rows
     modalities = tuple(
         _plan_modality(path, key, members[key], modality_kind(members[key], sequences), weights[key],
-                       train_rows=split_ids == 0, standardize=standardize, max_vocab=max_vocab)
-        for key in keys)
+                       train_rows=split_ids == 0, present=present[:, j], standardize=standardize,
+                       max_vocab=max_vocab, nan_as_missing=nan_as_missing)
+        for j, key in enumerate(keys))
     return Plan(path=path, members=members, modalities=modalities, count=count,
                 split_counts=split_counts, has_split=has_split, num_classes=num_classes, seed=seed,
                 test_fraction=test_fraction, validation_fraction=validation_fraction,
-                split_has_validation=split_has_validation)
+                split_has_validation=split_has_validation, nan_as_missing=nan_as_missing, masks=masks,
+                present_counts=present_counts(path, present, split_ids, keys))
+
+
+def read_masks(path: str, members: Mapping[str, Member], keys: Sequence[str]) -> np.ndarray:
+    """[N, M] bool: the `present_NAME` arrays of the modality keys, True where a key has none."""
+    present = np.ones((members[keys[0]].count, len(keys)), bool)
+    for j, key in enumerate(keys):
+        mask = members.get(PRESENT_PREFIX + key)
+        if mask is not None:
+            for start, chunk in iter_chunks(path, mask):
+                present[start:start + len(chunk), j] = chunk
+    return present
+
+
+def present_counts(path: str, present: np.ndarray, split_ids: np.ndarray, keys: Sequence[str]
+                   ) -> dict[str, schema.PresentCounts]:
+    """Per split, the rows that observe each modality and every one; {} when no row misses any.
+    UserError naming the first row that observes none."""
+    empty = np.flatnonzero(~present.any(axis=1))
+    if len(empty):
+        raise UserError(f"{path}: example {int(empty[0])} has no modality present (every present_NAME "
+                        f"is False or its row is all NaN under --nan-as-missing; {len(empty)} such rows); "
+                        "drop such rows")
+    if present.all():
+        return {}
+    out = {}
+    for name in schema.SPLITS:
+        rows = present[split_ids == SPLIT_NAMES.index(name)]
+        out[name] = schema.PresentCounts(
+            modalities={key: int(n) for key, n in zip(keys, rows.sum(axis=0))},
+            fully_observed=int(rows.all(axis=1).sum()))
+    return out
+
+
+def row_present(plan: Plan, decoded: Mapping[str, np.ndarray]) -> list[bool]:
+    """One row's mask in modality order, as `plan_arrays` decided it: its `present_NAME` values
+    and, with nan_as_missing, False for a modality whose row is all NaN. decoded: the row's arrays."""
+    out = []
+    for spec in plan.modalities:
+        mask = plan.masks.get(spec.name)
+        observed = True if mask is None else bool(decoded[mask])
+        value = decoded[spec.name]
+        if observed and plan.nan_as_missing and value.dtype.kind == "f" and np.isnan(value).all():
+            observed = False
+        out.append(observed)
+    return out
 
 
 def _split_ids(path: str, members: Mapping[str, Member], count: int, test_fraction: float,
@@ -414,14 +494,16 @@ def _split_ids(path: str, members: Mapping[str, Member], count: int, test_fracti
 
 
 def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float, *,
-                   train_rows: np.ndarray, standardize: bool, max_vocab: int = MAX_VOCAB
-                   ) -> schema.ModalitySpec:
+                   train_rows: np.ndarray, present: np.ndarray, standardize: bool,
+                   max_vocab: int = MAX_VOCAB, nan_as_missing: bool = False) -> schema.ModalitySpec:
     """One array's modality: sequences get the vocabulary of their ids; images and vectors are
     checked finite in one streaming pass, which also gathers the vectors' train moments and the
-    images' value range. train_rows: [N] bool, the train split's rows."""
+    images' value range. Only present rows count. train_rows: [N] bool, the train split's rows.
+    present: [N] bool, the rows that observe this modality; with nan_as_missing the pass clears
+    (in place) the rows that are all NaN."""
     shape = modality_shape(member)
     if kind == "sequence":
-        low, high = _value_range(path, member)
+        low, high = _value_range(path, member, present)
         if low < 0:
             raise UserError(f"{path}: key {key!r} holds token id {low}; token ids must be >= 0")
         if int(high) + 1 > max_vocab:
@@ -433,16 +515,12 @@ def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float
     moments = _Moments(math.prod(shape)) if kind == "vector" else None
     low, high = np.inf, -np.inf
     for start, chunk in iter_chunks(path, member):
-        values = chunk.astype(np.float64)
-        finite = np.isfinite(values)
-        if not finite.all():
-            bad = np.argwhere(~finite)[0]
-            raise UserError(f"{path}: key {key!r} holds {values[tuple(bad)]} at example "
-                            f"{start + int(bad[0])}; values must be finite")
-        if chunk.size:
+        rows = present[start:start + len(chunk)]  # a view: clearing NaN rows updates `present`
+        values = _present_values(path, key, start, chunk.astype(np.float64), rows, nan_as_missing)
+        if values.size:
             low, high = min(low, float(values.min())), max(high, float(values.max()))
         if moments is not None:
-            moments.add(values[train_rows[start:start + len(chunk)]])
+            moments.add(chunk.astype(np.float64)[rows & train_rows[start:start + len(chunk)]])
     standardization = None
     if kind == "image":
         standardization = _image_scaling(path, key, member, low, high)
@@ -456,14 +534,43 @@ def _plan_modality(path: str, key: str, member: Member, kind: str, weight: float
                                standardization=standardization)
 
 
+def _present_values(path: str, key: str, start: int, values: np.ndarray, rows: np.ndarray,
+                    nan_as_missing: bool) -> np.ndarray:
+    """The present rows of a chunk, checked finite. With nan_as_missing, rows that are all NaN
+    are cleared from `rows` (in place) and a row partly NaN is refused."""
+    flat = values.reshape(len(values), -1)
+    if nan_as_missing and flat.shape[1]:
+        nan = np.isnan(flat)
+        whole = nan.all(axis=1)
+        partial = np.flatnonzero(nan.any(axis=1) & ~whole & rows)
+        if len(partial):
+            row = int(partial[0])
+            raise UserError(f"{path}: key {key!r} is partly NaN at example {start + row} "
+                            f"({int(nan[row].sum())} of {flat.shape[1]} values); --nan-as-missing "
+                            "takes only rows that are entirely NaN as missing")
+        rows &= ~whole
+    bad = np.flatnonzero(rows & ~np.isfinite(flat).all(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        value = flat[row][~np.isfinite(flat[row])][0]
+        hint = "" if nan_as_missing or not np.isnan(value) else (
+            " (a missing row: mark it in present_" + key + ", or make it all NaN and pass --nan-as-missing)")
+        raise UserError(f"{path}: key {key!r} holds {value} at example {start + row}; values must be "
+                        f"finite{hint}")
+    return flat[rows]
+
+
 def _balanced_weights(sizes: Mapping[str, int]) -> dict[str, float]:
     largest = max(sizes.values())
     return {name: largest / size for name, size in sizes.items()}
 
 
-def _value_range(path: str, member: Member) -> tuple[float, float]:
+def _value_range(path: str, member: Member, rows: np.ndarray | None = None) -> tuple[float, float]:
+    """(min, max) of a member's values, over the rows where `rows` (bool [N]) is True if given."""
     low, high = np.inf, -np.inf
-    for _, chunk in iter_chunks(path, member):
+    for start, chunk in iter_chunks(path, member):
+        if rows is not None:
+            chunk = chunk[rows[start:start + len(chunk)]]
         if chunk.size:
             low, high = min(low, chunk.min()), max(high, chunk.max())
     return low, high
@@ -508,5 +615,6 @@ def source_record(plan: Plan, sha256: str) -> dict[str, Any]:
             "num_examples": plan.count, "split_from": "key 'split'" if plan.has_split else "seeded draw",
             "seed": plan.seed, "test_fraction": None if plan.has_split else plan.test_fraction,
             "validation_fraction": None if plan.split_has_validation else plan.validation_fraction,
+            "nan_as_missing": plan.nan_as_missing,
             "arrays": {k: {"shape": [m.count, *m.row_shape], "dtype": m.dtype, "stored": m.stored}
                        for k, m in plan.members.items()}}

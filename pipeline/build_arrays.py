@@ -7,7 +7,9 @@ again in row ranges, join the rows of all arrays by example, standardise and enc
     Reads (array, rows) -> ReadRows (example, array value) -> GroupByExample -> Encode
         -> WriteShards -> WriteManifest
 
-An example keeps its row number as its index, so shard `i` of a split holds that split's rows
+Rows that miss a modality (`present_NAME` arrays, or all-NaN rows with `nan_as_missing`) are
+written with zeros for it and their mask (`schema.PRESENT_KEY`); the manifest counts the present
+rows (`present_counts`). An example keeps its row number as its index, so shard `i` of a split holds that split's rows
 with row % num_shards == i, in row order; the same input and seed give byte-identical shards.
 """
 
@@ -35,7 +37,8 @@ def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
                  sequences: tuple[str, ...] = (), standardize: bool = True, test_fraction: float = 0.2,
                  seed: int = 0, num_shards: int | None = None, overwrite: bool = False,
                  beam_args: list[str] | None = None, max_vocab: int = arrays.MAX_VOCAB,
-                 validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> schema.Manifest:
+                 validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
+                 nan_as_missing: bool = False) -> schema.Manifest:
     """Builds a dataset from the arrays of `input_path` (.npz) into `output_dir`.
 
     Args:
@@ -51,6 +54,8 @@ def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
       overwrite: replace a dataset already in `output_dir`.
       beam_args: passed unchanged to PipelineOptions (beam_io.LOCAL_RUNNER by default).
       max_vocab: the largest sequence vocabulary allowed (largest token id + 1).
+      nan_as_missing: a row of a float modality that is entirely NaN is a missing row of that
+        modality (a row partly NaN is an error); without it any NaN is an error.
 
     Raises:
       UserError: a bad argument or array (naming the file and key), or an occupied output.
@@ -58,7 +63,8 @@ def build_arrays(output_dir: str, *, input_path: str, name: str | None = None,
     return run_arrays_job(output_dir, input_path=input_path, name=name, sequences=sequences,
                           standardize=standardize, test_fraction=test_fraction, seed=seed,
                           num_shards=num_shards, overwrite=overwrite, beam_args=beam_args,
-                          max_vocab=max_vocab, validation_fraction=validation_fraction).manifest
+                          max_vocab=max_vocab, validation_fraction=validation_fraction,
+                          nan_as_missing=nan_as_missing).manifest
 
 
 def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
@@ -66,7 +72,8 @@ def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
                    test_fraction: float = 0.2, seed: int = 0, num_shards: int | None = None,
                    overwrite: bool = False, beam_args: list[str] | None = None,
                    max_vocab: int = arrays.MAX_VOCAB,
-                   validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION) -> beam_io.BuildResult:
+                   validation_fraction: float = schema.DEFAULT_VALIDATION_FRACTION,
+                   nan_as_missing: bool = False) -> beam_io.BuildResult:
     """`build_arrays`, also returning the job's counters (`arrays/<split>_records`, ...)."""
     _check_arguments(output_dir, seed=seed, test_fraction=test_fraction, num_shards=num_shards,
                      beam_args=beam_args)
@@ -75,7 +82,8 @@ def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
     pipeline = beam_io.make_pipeline(beam_args)
     plan = arrays.plan_arrays(input_path, sequences=tuple(sequences), standardize=standardize,
                               test_fraction=float(test_fraction), seed=int(seed), max_vocab=max_vocab,
-                              validation_fraction=float(validation_fraction))
+                              validation_fraction=float(validation_fraction),
+                              nan_as_missing=bool(nan_as_missing))
     dataset_name = name or os.path.basename(input_path).removesuffix(".npz") or "arrays"
     shards = {split: int(num_shards or beam_io.default_num_shards(n))
               for split, n in plan.split_counts.items()}
@@ -84,9 +92,10 @@ def run_arrays_job(output_dir: str, *, input_path: str, name: str | None = None,
     template = schema.Manifest(
         name=dataset_name, modalities=plan.modalities, splits={}, label=label,
         source=arrays.source_record(plan, sources.file_sha256(input_path)),
-        pipeline_options=beam_io.options_to_json(pipeline.options))
+        pipeline_options=beam_io.options_to_json(pipeline.options), present_counts=plan.present_counts)
     # Names that cannot be modalities fail here, before anything is written.
-    dataclasses.replace(template, splits={"train": schema.SplitInfo(("check",), 0)}).validate()
+    dataclasses.replace(template, splits={"train": schema.SplitInfo(("check",), 0)},
+                        present_counts={}).validate()
 
     reads = [r for member in plan.members.values() for r in arrays.read_ranges(member)]
     _ = (pipeline
@@ -108,7 +117,8 @@ def _run_from_args(args: argparse.Namespace, beam_args: list[str]) -> beam_io.Bu
         args.output, input_path=args.input, name=args.name, sequences=tuple(args.sequence),
         standardize=not args.no_standardize, test_fraction=args.test_fraction, seed=args.seed,
         num_shards=args.num_shards, overwrite=args.overwrite, beam_args=beam_args,
-        max_vocab=args.max_vocab, validation_fraction=args.validation_fraction)
+        max_vocab=args.max_vocab, validation_fraction=args.validation_fraction,
+        nan_as_missing=args.nan_as_missing)
 
 
 COMMANDS = (beam_io.BuildCommand(**commands.ARRAYS.fields(), run=_run_from_args),)
@@ -157,8 +167,12 @@ class EncodeExampleFn(beam.DoFn):
             self._plan.members[key].row_shape) for key, data in by_key.items()}
         split = arrays.row_split(self._plan, np.array([row]),
                                  decoded[arrays.SPLIT_KEY][None] if self._plan.has_split else None)[0]
+        present = arrays.row_present(self._plan, decoded)
+        # An absent modality's row (zeros, NaN, anything) is not read: encode_example writes zeros.
         record = {spec.name: arrays.to_model_units(spec, decoded[spec.name])
-                  for spec in self._template.modalities}
+                  for spec, observed in zip(self._template.modalities, present) if observed}
+        if self._template.has_missing_rows:
+            record[schema.PRESENT_KEY] = present
         if self._template.label is not None:
             record[self._template.label.key] = int(decoded[arrays.LABEL_KEY])
         Metrics.counter(NAMESPACE, "examples_encoded").inc()

@@ -75,6 +75,9 @@ def _arrays_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="draws the test and validation rows")
     parser.add_argument("--max-vocab", type=int, default=arrays.MAX_VOCAB, metavar="N",
                         help="largest vocabulary of a --sequence array (largest token id + 1) accepted")
+    parser.add_argument("--nan-as-missing", action="store_true",
+                        help="a row of a modality that is entirely NaN is missing (as a False in "
+                             "a boolean `present_NAME` array would say); a row partly NaN is an error")
 
 
 def _cub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +115,8 @@ ARRAYS = DatasetCommand(
     "arrays", "build_arrays", "your own paired data: one array per modality in a .npz file",
     _arrays_arguments,
     description="Every array of the .npz is a modality (first axis = examples; 1-D per example: "
-                "vector, 2-D or 3-D: image), except `label` (int) and `split` ('train'/'validation'/'test').")
+                "vector, 2-D or 3-D: image), except `label` (int), `split` ('train'/'validation'/'test') "
+                "and `present_NAME` (bool [N]: whether modality NAME is observed in each row).")
 CUB = DatasetCommand(
     "cub", "build_cub", "CUB-200-2011 photos (ResNet-101 features) paired with Reed et al.'s captions",
     _cub_arguments,

@@ -1,4 +1,6 @@
-"""tf.data reader: a manifest -> batched dicts of modality tensors, label and metadata.
+"""tf.data reader: a manifest -> batched dicts of modality tensors, label, metadata and the mask
+of present modalities (`schema.PRESENT_KEY`: bool [B, M], all True for a dataset without missing
+rows).
 
 Parsing follows bmvae_tf.schema.feature_spec, the same spec the Beam writers encode with.
 Batches are parsed vectorised (tf.io.parse_example after batching), in parallel, and prefetched.
@@ -83,6 +85,9 @@ class ReadOptions:
     dynamic_text_padding: re-draw the padding of the manifest's `text_padding` modality on every
         read (`redraw_text_padding`), keyed by (seed, batch number), so each epoch (a new seed in
         training) sees new paddings while a given seed reads the same batches.
+    fully_observed: keep only the records in which every modality is present (evaluation
+        scores these, `schema.Manifest.fully_observed_count` of them); nothing is dropped from a
+        dataset without missing rows.
     """
 
     shuffle: bool = False
@@ -93,12 +98,14 @@ class ReadOptions:
     holdout: Holdout | None = None
     skip_batches: int = 0
     dynamic_text_padding: bool = False
+    fully_observed: bool = False
 
 
 def make_dataset(manifest: schema.Manifest, split: str, batch_size: int,
                  options: ReadOptions = ReadOptions(), *, take: int = 0,
                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-    """Batches {modality: [B, *shape], "label": [B], metadata: [B, *shape]} of one split.
+    """Batches {modality: [B, *shape], "label": [B], metadata: [B, *shape],
+    "present": bool [B, M]} of one split. An absent modality's values are zeros.
 
     batch_size is per input pipeline (per replica when called from
     `distribute_datasets_from_function`). With an `input_context` the shards are divided between
@@ -152,7 +159,16 @@ def _records(manifest: schema.Manifest, split: str, options: ReadOptions,
     holdout = options.holdout
     if holdout is not None and holdout.fraction > 0:
         records = records.filter(lambda r: in_holdout(r, holdout.fraction) == holdout.held_out)
+    if options.fully_observed and manifest.has_missing_rows:
+        records = records.filter(fully_observed_filter(manifest))
     return records
+
+
+def fully_observed_filter(manifest: schema.Manifest):
+    """serialized record -> whether every modality is present in it (parses only its mask)."""
+    spec = {schema.PRESENT_KEY: tf.io.FixedLenFeature([len(manifest.modalities)], tf.int64)}
+    return lambda serialized: tf.reduce_all(
+        tf.not_equal(tf.io.parse_single_example(serialized, spec)[schema.PRESENT_KEY], 0))
 
 
 def _shard_records(path: tf.Tensor, count: tf.Tensor, checked: bool) -> tf.data.Dataset:

@@ -52,6 +52,10 @@ class EvalContext:
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     split: str = schema.TEST  # the scored split: test, or validation (`bmvae evaluate --split`)
 
+    def __post_init__(self) -> None:
+        # Every split is read for its fully observed rows only (`batches`); the record says how many.
+        self.metrics.examples_fully_observed = self.manifest.fully_observed_count(self.split)
+
     @property
     def names(self) -> list[str]:
         return self.manifest.modality_names
@@ -64,6 +68,7 @@ class EvalContext:
                 options: input_pipeline.ReadOptions = input_pipeline.ReadOptions()) -> tf.data.Dataset:
         """One pass over `split` in batches of eval.batch_size, cut to eval.max_examples.
         "test" means the scored split (`self.split`)."""
+        options = dataclasses.replace(options, fully_observed=True)  # rows missing a modality: not scored
         return input_pipeline.make_dataset(
             self.manifest, self.resolve(split), self.eval.batch_size if batch_size is None else batch_size, options,
             take=self.eval.max_examples if limit is None else limit)
@@ -75,7 +80,7 @@ class EvalContext:
     @functools.cached_property
     def train_count(self) -> int:
         """Train examples the classifiers and probes see (eval.max_examples caps the split)."""
-        count = self.manifest.split("train").count
+        count = self.manifest.fully_observed_count("train")
         return min(count, self.eval.max_examples) if self.eval.max_examples else count
 
     @functools.cached_property

@@ -19,8 +19,9 @@ import tensorflow as tf
 from bmvae_tf import atomic
 from bmvae_tf.errors import UserError
 
-# Written only when the dataset declares it: SPEC 3 lists cca_coherence for CUB alone.
-_OPTIONAL = frozenset({"cca_coherence"})
+# Written only when set: SPEC 3 lists cca_coherence for CUB alone; examples_fully_observed is
+# set by every evaluation and absent from files written before it existed.
+_OPTIONAL = frozenset({"cca_coherence", "examples_fully_observed"})
 # Keys older metrics.json files lack, read as their default ("split": they scored test).
 _DEFAULTED = frozenset({"split"})
 
@@ -35,6 +36,9 @@ class Metrics:
     epochs: int
     seconds_per_epoch: float | None
     split: str = "test"  # the split scored: test, or validation (`bmvae evaluate --split`)
+    # Rows of the scored split with every modality present: the rows evaluation reads (of a
+    # dataset with missing rows; all of them otherwise). None in files written before it existed.
+    examples_fully_observed: int | None = None
     latent_accuracy: dict[str, float] | None = None  # {subset: test accuracy of the linear probe}
     coherence: dict[str, float] | None = None  # {"t|S": cross coherence}
     random_coherence: float | None = None  # prior latents
