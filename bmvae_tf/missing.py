@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 
 from bmvae_tf.noise import Noise
+from bmvae_tf.random_streams import TrainingStream
 
 NO_MODALITY = "a row of `present` has no modality present"
 
@@ -74,6 +75,28 @@ def modality_dropout(present: tf.Tensor, rate: float, noise: Noise) -> tf.Tensor
     hide = (apply_u < rate) & (observed >= 2.0)
     hidden = present & hide[:, None] & (rank < hidden_count[:, None])
     return present & tf.logical_not(hidden)
+
+
+def training_inputs(names: Sequence[str], batch: Mapping[str, tf.Tensor], seed: tf.Tensor, offset,
+                    global_batch: int | None, dropout: float):
+    """(inputs, present) of a training step (the loop's and Keras fit's): the batch and its
+    `present` mask (None when the batch has none: every modality observed), with modality
+    dropout applied when `dropout` > 0.
+
+    Dropout's draws are keyed by the example's global row and by the step's seed folded with
+    TrainingStream.MODALITY_DROPOUT, so they leave the model's noise as it was and do not depend
+    on how the batch is split between replicas. Hidden modalities are zeroed in the inputs, as
+    the reader stores an absent one.
+    """
+    present = batch_present(batch)
+    if not dropout:
+        return batch, present
+    if present is None:
+        present = tf.ones([tf.shape(batch[names[0]])[0], len(names)], tf.bool)
+    stream = tf.random.experimental.stateless_fold_in(seed, int(TrainingStream.MODALITY_DROPOUT),
+                                                      alg="philox")
+    present = modality_dropout(present, dropout, Noise(stream, offset=offset, global_batch=global_batch))
+    return hide_inputs(batch, present, names), present
 
 
 def hide_inputs(inputs: Mapping[str, tf.Tensor], present: tf.Tensor,

@@ -145,6 +145,7 @@ class ModalitySpecificLatents:
         present = tf.convert_to_tensor(present, tf.bool)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs, present))
         if self.learn_prior:  # an absent modality's s_m comes from its (learned) prior
-            s_scale = tf.where(aggregation.expert_mask(present), s_scale, self.private_prior_scale()[:, None, :])
+            s_scale = tf.where(aggregation.expert_mask(present), s_scale,
+                               self.private_prior_scale()[:, None, :])
         return tfd.Blockwise([self.shared_posterior(c_loc, c_scale, present),
                               self.private_posterior(s_loc, s_scale)])

@@ -197,7 +197,8 @@ def test_mmvae_mixture_log_prob_per_example():
     for b in range(BATCH):
         present = MASK[b]
         q = aggregation.uniform_mixture("laplace", tf.boolean_mask(loc, present)[:, b:b + 1],
-                                        tf.boolean_mask(scale, present)[:, b:b + 1], [True] * present.sum())
+                                        tf.boolean_mask(scale, present)[:, b:b + 1],
+                                        [True] * present.sum())
         np.testing.assert_allclose(mixture[:, b], q.log_prob(z[:, b:b + 1]).numpy()[:, 0], rtol=1e-5)
 
 
