@@ -18,7 +18,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from bmvae_tf import atomic, schema
+from bmvae_tf import atomic, missing, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir
@@ -143,7 +143,8 @@ class Controller:
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
         # A damaged shard: one error naming it (only train and validation are read, and checked).
-        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)):
+        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
+                self._no_empty_rows():
             for epoch in range(self.finished + 1, self.config.train.epochs + 1):
                 if self.early_stopping.stopped:
                     break
@@ -153,6 +154,18 @@ class Controller:
             log.info("%s is already trained (%d epochs%s)", self.workdir, self.finished,
                      ", stopped early" if self.early_stopping.stopped else "")
         return self.history.epochs
+
+    @contextlib.contextmanager
+    def _no_empty_rows(self):
+        """A batch row with no modality present (the model's check, bmvae_tf.missing): a
+        UserError naming the dataset instead of TensorFlow's traceback."""
+        try:
+            yield
+        except tf.errors.InvalidArgumentError as e:
+            if missing.NO_MODALITY not in (e.message or ""):
+                raise
+            raise UserError(f"{self.config.data.dir}: {missing.NO_MODALITY} (an example with every "
+                            f"modality missing); drop such rows from the dataset") from None
 
     def _train_epoch(self, epoch: int) -> tuple[float, float, Progress]:
         """Runs epoch `epoch` from where its checkpoint left it; returns (the epoch's mean loss,
