@@ -42,10 +42,16 @@ def example_mask(present, batch: tf.Tensor, num_modalities: int) -> tf.Tensor | 
     if shape.rank == 1:
         present = tf.broadcast_to(present[None], tf.stack([batch, num_modalities]))
     present = tf.ensure_shape(present, [None, num_modalities])
-    check = tf.debugging.Assert(tf.reduce_all(tf.reduce_any(present, axis=1)), [
-        f"{NO_MODALITY}: every example needs at least one observed modality; rows:",
-        tf.where(tf.logical_not(tf.reduce_any(present, axis=1)))[:, 0]])
-    with tf.control_dependencies([check]):
+    rows = tf.shape(present)[0]
+    empty = tf.logical_not(tf.reduce_any(present, axis=1))
+    checks = [
+        tf.debugging.Assert(tf.equal(rows, batch), [
+            "present: its rows differ from the batch size; rows, batch:", rows, batch]),
+        tf.debugging.Assert(tf.logical_not(tf.reduce_any(empty)), [
+            f"{NO_MODALITY}: every example needs at least one observed modality; rows:",
+            tf.where(empty)[:, 0]]),
+    ]
+    with tf.control_dependencies(checks):
         return tf.identity(present)
 
 

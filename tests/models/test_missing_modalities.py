@@ -127,6 +127,8 @@ def test_row_without_modality_is_an_error(inputs):
         model.loss_terms(inputs, SEED, present=tf.constant(bad))
     with pytest.raises(ValueError, match="present must be bool"):
         model.loss_terms(inputs, SEED, present=tf.ones([BATCH, 2], tf.bool))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="present: its rows differ"):
+        model.loss_terms(inputs, SEED, present=tf.ones([BATCH + 1, 3], tf.bool))
 
 
 # ---------------------------------------------------------------- the maths, on tiny cases

@@ -158,3 +158,16 @@ def test_fit_with_dropout_follows_the_loop_with_dropout(dataset, tmp_path):
 
     np.testing.assert_allclose(fit_losses(0.5), loop_losses, rtol=1e-4)
     assert not np.allclose(fit_losses(0.0), loop_losses, rtol=1e-3)
+
+
+def test_a_row_without_modality_stops_the_loop_with_a_user_error():
+    from bmvae_tf.trainers.training import loop
+
+    model = config_lib.build_model(config_lib.ModelConfig(**TINY, name="mvae"),
+                                   synthetic.digits_like_modalities(3))
+    batch = synthetic.random_inputs(synthetic.digits_like_modalities(3), 2)
+    step = tf.function(lambda b, p: model.loss_terms(b, tf.constant([0, 0]), present=p).per_example)
+    with pytest.raises(UserError, match=r"^DATA: a row of `present` has no modality present") as error:
+        with loop.no_empty_rows("DATA"):
+            step(batch, tf.constant([[True, False, False], [False, False, False]]))
+    assert "\n" not in str(error.value)

@@ -84,6 +84,19 @@ def plan_epochs(config: config_lib.Config, manifest: schema.Manifest,
     return validation, steps
 
 
+@contextlib.contextmanager
+def no_empty_rows(data_dir: str):
+    """A batch row with no modality present (the model's check, bmvae_tf.missing) becomes a
+    one-line UserError naming the dataset instead of TensorFlow's traceback."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        if missing.NO_MODALITY not in (e.message or ""):
+            raise
+        raise UserError(f"{data_dir}: {missing.NO_MODALITY} (an example with every modality "
+                        f"missing); drop such rows from the dataset") from None
+
+
 class Controller:
     """Runs the epochs of one run: opens the run directory, resumes the trainer from its latest
     checkpoint, and for each epoch trains, validates, checkpoints and records."""
@@ -144,7 +157,7 @@ class Controller:
         """Trains the epochs not yet done; returns the whole history."""
         # A damaged shard: one error naming it (only train and validation are read, and checked).
         with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
-                self._no_empty_rows():
+                no_empty_rows(self.config.data.dir):
             for epoch in range(self.finished + 1, self.config.train.epochs + 1):
                 if self.early_stopping.stopped:
                     break
@@ -154,18 +167,6 @@ class Controller:
             log.info("%s is already trained (%d epochs%s)", self.workdir, self.finished,
                      ", stopped early" if self.early_stopping.stopped else "")
         return self.history.epochs
-
-    @contextlib.contextmanager
-    def _no_empty_rows(self):
-        """A batch row with no modality present (the model's check, bmvae_tf.missing): a
-        UserError naming the dataset instead of TensorFlow's traceback."""
-        try:
-            yield
-        except tf.errors.InvalidArgumentError as e:
-            if missing.NO_MODALITY not in (e.message or ""):
-                raise
-            raise UserError(f"{self.config.data.dir}: {missing.NO_MODALITY} (an example with every "
-                            f"modality missing); drop such rows from the dataset") from None
 
     def _train_epoch(self, epoch: int) -> tuple[float, float, Progress]:
         """Runs epoch `epoch` from where its checkpoint left it; returns (the epoch's mean loss,
