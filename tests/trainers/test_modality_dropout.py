@@ -104,7 +104,7 @@ def _first_batch(manifest, config):
     return next(iter(epoch))
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_step_passes_the_batch_mask_to_the_model(dataset, jit_compile):
     trainer, manifest, config = _trainer(dataset)
     trainer.build_steps(16, jit_compile=jit_compile)
