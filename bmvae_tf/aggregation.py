@@ -1,8 +1,9 @@
 """Aggregation of unimodal experts into a joint posterior.
 
-The experts arrive stacked: loc and scale of shape [M, batch, D]. `present` is a bool [M] mask of
-the modalities that were given; absent experts are computed on zeros and get weight zero, which
-keeps shapes static for tf.function and for the SavedModel signatures.
+The experts arrive stacked: loc and scale of shape [M, batch, D]. `present` is a bool mask of
+the modalities that were given, [M] for the whole batch or [batch, M] per example; absent
+experts are computed on zeros and get weight zero, which keeps shapes static for tf.function and
+for the SavedModel signatures.
 """
 
 from __future__ import annotations
@@ -15,21 +16,38 @@ from bmvae_tf import distributions
 tfd = tfp.distributions
 
 
+def expert_mask(present: tf.Tensor) -> tf.Tensor:
+    """A [M] or [B, M] mask as [M, 1, 1] or [M, B, 1], to broadcast against experts [M, B, D]."""
+    present = tf.convert_to_tensor(present, tf.bool)
+    if present.shape.rank == 1:
+        return present[:, None, None]
+    return tf.transpose(present)[:, :, None]
+
+
+def masked_logits(logits: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+    """Logits [D, M] with -inf at the absent modalities: [D, M] for a [M] mask, [B, D, M] for a
+    per-example [B, M] one."""
+    present = tf.convert_to_tensor(present, tf.bool)
+    mask = present[None, :] if present.shape.rank == 1 else present[:, None, :]
+    return tf.where(mask, logits, tf.constant(-float("inf"), logits.dtype))
+
+
 def masked_log_weights(logits: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
-    """log softmax over the present modalities: [D, M] logits, [M] mask -> [D, M] log weights.
+    """log softmax over the present modalities: [D, M] logits and a [M] mask -> [D, M] log
+    weights; a per-example [B, M] mask -> [B, D, M].
 
     Renormalising alpha over the given modalities is BMVAE_M's subset inference (Sect. 6.3.1);
     absent modalities get log weight -inf.
     """
-    masked = tf.where(present[None, :], logits, tf.constant(-float("inf"), logits.dtype))
-    return tf.nn.log_softmax(masked, axis=-1)
+    return tf.nn.log_softmax(masked_logits(logits, present), axis=-1)
 
 
 def straight_through_selection(logits: tf.Tensor, temperature: tf.Tensor,
                                gumbel: tf.Tensor) -> tf.Tensor:
     """One expert per latent dimension by straight-through Gumbel-Softmax (Eq. 9).
 
-    logits: [D, M] (log alpha up to a constant); temperature: [D]; gumbel: Gumbel(0, 1) noise
+    logits: [D, M] (log alpha up to a constant), or [B, D, M] per example (-inf: an expert
+    that cannot be chosen); temperature: [D]; gumbel: Gumbel(0, 1) noise
     [..., D, M]. Returns [..., D, M] whose forward values are exactly one-hot (the argmax of
     logits + gumbel, a draw from Categorical(alpha_d)) while the gradient is that of the relaxed
     sample softmax((logits + gumbel) / tau_d).
@@ -45,12 +63,15 @@ def dimensionwise_mixture(family: str, loc: tf.Tensor, scale: tf.Tensor,
                           log_weights: tf.Tensor) -> tfd.Distribution:
     """q(z | x) = prod_d sum_m alpha_{m,d} q_{m,d}(z_d | x_m)   (Eq. 6).
 
-    loc, scale: [M, B, D]; log_weights: [D, M]. Returns a distribution with batch [B], event [D].
-    Its mean is the per-dimension mixture mean; sampling is ancestral (Eq. 7).
+    loc, scale: [M, B, D]; log_weights: [D, M], or [B, D, M] per example. Returns a distribution
+    with batch [B], event [D]. Its mean is the per-dimension mixture mean; sampling is ancestral
+    (Eq. 7).
     """
     components = distributions.expert(family, tf.transpose(loc, [1, 2, 0]), tf.transpose(scale, [1, 2, 0]))
-    batch = tf.shape(loc)[1]
-    mixing = tfd.Categorical(logits=tf.broadcast_to(log_weights[None], [batch, *log_weights.shape]))
+    if log_weights.shape.rank == 2:
+        batch = tf.shape(loc)[1]
+        log_weights = tf.broadcast_to(log_weights[None], [batch, *log_weights.shape])
+    mixing = tfd.Categorical(logits=log_weights)
     return tfd.Independent(tfd.MixtureSameFamily(mixing, components), reinterpreted_batch_ndims=1)
 
 
@@ -58,13 +79,14 @@ def uniform_mixture(family: str, loc: tf.Tensor, scale: tf.Tensor, present: tf.T
     """(1/|S|) sum_{m in S} q_m, mixing whole latent vectors of the present experts (MMVAE's joint
     posterior, and mmJSD's subset posterior as Sutter et al.'s `moe_fusion`).
 
-    loc, scale: [M, B, D]; present: bool [M], at least one True. Returns batch [B], event [D].
+    loc, scale: [M, B, D]; present: bool [M] or [B, M], at least one True per example. Returns
+    batch [B], event [D].
     """
     components = tfd.Independent(
         distributions.expert(family, tf.transpose(loc, [1, 0, 2]), tf.transpose(scale, [1, 0, 2])),
         reinterpreted_batch_ndims=1)                                    # batch [B, M], event [D]
     logits = tf.where(tf.convert_to_tensor(present, tf.bool), tf.constant(0.0, loc.dtype),
-                      tf.constant(-float("inf"), loc.dtype))                       # [M]
+                      tf.constant(-float("inf"), loc.dtype))                       # [M] | [B, M]
     batch, num = tf.shape(loc)[1], loc.shape[0]
     mixing = tfd.Categorical(logits=tf.broadcast_to(logits, [batch, num]))
     return tfd.MixtureSameFamily(mixing, components)
@@ -85,7 +107,8 @@ def product_of_gaussians(loc: tf.Tensor, scale: tf.Tensor, weights: tf.Tensor | 
     Args:
       loc, scale: the experts, [M, B, D].
       weights: w_m, broadcastable to [M, B, D] (a scalar, [M, 1, D] or [M, B, D]).
-      present: bool [M]; absent experts get weight zero whatever their loc, scale or weight.
+      present: bool [M], or [B, M] per example; absent experts get weight zero whatever their
+        loc, scale or weight.
       prior_loc, prior_scale: the extra prior expert, broadcastable to [B, D]; N(0, 1) by default.
       prior_weight: w_0, broadcastable to [B, D]; 0 (the default) leaves the prior out.
 
@@ -96,16 +119,18 @@ def product_of_gaussians(loc: tf.Tensor, scale: tf.Tensor, weights: tf.Tensor | 
     loc = tf.convert_to_tensor(loc)
     scale = tf.convert_to_tensor(scale, loc.dtype)
     shape = tf.shape(loc)
-    mask = tf.broadcast_to(tf.reshape(tf.convert_to_tensor(present, tf.bool), [-1, 1, 1]), shape)
+    mask = tf.broadcast_to(expert_mask(present), shape)
     weights = tf.broadcast_to(tf.cast(weights, loc.dtype), shape)
     # Absent experts are computed from zeros or garbage (NaN, inf, zero scales). Replacing their
-    # inputs, rather than multiplying their terms by a zero weight, keeps both the values and the
+    # terms, rather than multiplying them by a zero weight, keeps both the values and the
     # gradients finite: 0 * NaN is NaN, and so is the chain rule through 1 / 0.
     loc = tf.where(mask, loc, tf.zeros_like(loc))
     scale = tf.where(mask, scale, tf.ones_like(scale))
-    weights = tf.where(mask, weights, tf.zeros_like(weights))
-
-    expert_precision = weights / tf.square(scale)                                 # [M, B, D]
+    # The mask applies to the quotient, not to the weights: with constant weights (MVAE's 1)
+    # Grappler rewrites 1 / s^2, which rounds differently from a division by runtime weights,
+    # so masking the weights would make a [B, M] mask of all True differ in the last bit from
+    # a constant [M] one.
+    expert_precision = tf.where(mask, weights / tf.square(scale), tf.zeros_like(loc))  # [M, B, D]
     prior_precision = tf.cast(prior_weight, loc.dtype) / tf.square(tf.cast(prior_scale, loc.dtype))
     precision = tf.reduce_sum(expert_precision, axis=0) + prior_precision         # [B, D]
     weighted_loc = (tf.reduce_sum(expert_precision * loc, axis=0)

@@ -18,12 +18,10 @@ engine: it adds exact mid-epoch resume, run directories and the run's records.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import keras
 import tensorflow as tf
 
-from bmvae_tf import custom_networks
+from bmvae_tf import custom_networks, missing
 from bmvae_tf.noise import Noise
 
 
@@ -34,12 +32,18 @@ class KerasFit:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fit_seed = 0
+        self.modality_dropout = 0.0
         # The mean objective; and how many test batches this evaluation has seen (keys their noise).
         self.objective_tracker = keras.metrics.Mean(name="loss")
         self.test_batches = keras.metrics.Sum(name="test_batches", dtype="float32")
 
-    def compile(self, optimizer="adam", *, seed: int = 0, loss=None, **kwargs):
-        """keras.Model.compile, with `seed` (int >= 0) keying the training and validation noise.
+    def compile(self, optimizer="adam", *, seed: int = 0, modality_dropout: float = 0.0, loss=None,
+                **kwargs):
+        """keras.Model.compile, with `seed` (int >= 0) keying the training and validation noise,
+        and `modality_dropout` (a probability, 0: off), the loop's `train.modality_dropout`.
+
+        A batch's `present` mask (bool [B, M], the reader's) reaches the objective; a batch
+        without one has every modality observed.
 
         The objective is the model's own (`loss_terms`): passing `loss` is an error. Every
         variable is created here (encoders, decoders and the optimizer's slots), so the model
@@ -50,8 +54,12 @@ class KerasFit:
                              f"(loss_terms); do not pass loss={loss!r}")
         if int(seed) < 0:
             raise ValueError(f"{type(self).__name__}.compile: seed must be >= 0, got {seed}")
+        if not 0.0 <= float(modality_dropout) <= 1.0:
+            raise ValueError(f"{type(self).__name__}.compile: modality_dropout must be in [0, 1], "
+                             f"got {modality_dropout}")
         super().compile(optimizer=optimizer, **kwargs)
         self.fit_seed = int(seed)
+        self.modality_dropout = float(modality_dropout)
         self.build_variables()
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
@@ -77,8 +85,9 @@ class KerasFit:
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     # ---------------------------------------------------------------- steps
-    def _keyed(self, data, seed: tf.Tensor) -> tuple[Mapping[str, tf.Tensor], Noise, tf.Tensor, int]:
-        """(inputs, this replica's keyed noise, the global batch size, replicas)."""
+    def _keyed(self, data, seed: tf.Tensor, dropout: float = 0.0):
+        """(inputs, their present mask or None, this replica's keyed noise, the global batch
+        size, replicas); with `dropout`, modality dropout applied as in the loop's step."""
         inputs = data[0] if isinstance(data, (tuple, list)) else data
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
@@ -86,15 +95,17 @@ class KerasFit:
         batch = tf.shape(inputs[self.modalities[0].name])[0]
         global_batch = batch * replicas
         noise = Noise(seed, offset=replica_id * batch, global_batch=global_batch)
-        return inputs, noise, tf.cast(global_batch, tf.float32), replicas
+        inputs, present = missing.training_inputs(self.modality_names, inputs, seed, replica_id * batch,
+                                                  global_batch, dropout)
+        return inputs, present, noise, tf.cast(global_batch, tf.float32), replicas
 
     def train_step(self, data):
         step_seed = tf.stack([tf.constant(self.fit_seed, tf.int32),
                               tf.cast(self.optimizer.iterations, tf.int32)])
-        inputs, noise, global_batch, replicas = self._keyed(data, step_seed)
+        inputs, present, noise, global_batch, replicas = self._keyed(data, step_seed, self.modality_dropout)
         scales_loss = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         with tf.GradientTape() as tape:
-            terms = self.loss_terms(inputs, noise)
+            terms = self.loss_terms(inputs, noise, present=present)
             loss = tf.reduce_sum(terms.per_example) / global_batch + terms.global_term / replicas
             scaled = self.optimizer.scale_loss(loss) if scales_loss else loss
         grads = tape.gradient(scaled, self.trainable_variables)
@@ -106,8 +117,8 @@ class KerasFit:
     def test_step(self, data):
         batch_seed = tf.stack([tf.constant(self.fit_seed, tf.int32),
                                tf.cast(self.test_batches.result(), tf.int32)])
-        inputs, noise, _, _ = self._keyed(data, batch_seed)
-        terms = self.loss_terms(inputs, noise)
+        inputs, present, noise, _, _ = self._keyed(data, batch_seed)
+        terms = self.loss_terms(inputs, noise, present=present)
         # Each example counts once, with the global term once per example (as the loop's eval_step).
         self.objective_tracker.update_state(terms.per_example + terms.global_term)
         self.test_batches.update_state(1.0)

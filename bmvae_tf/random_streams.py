@@ -39,6 +39,8 @@ class TrainingStream(enum.IntEnum):
 
     TEXT_PADDING = 0  # MNIST-SVHN-Text's padding, redrawn per batch (`input_pipeline.make_dataset`)
     SUMMARY_IMAGES = 1  # TensorBoard's cross-generation and prior-sample images (`training/summaries.py`)
+    MODALITY_DROPOUT = 2  # folded into the step's seed (run seed, global step): which modalities
+    # `train.modality_dropout` hides (`training/steps.training_inputs`, `keras_fit`)
 
 
 class DigitsStream(enum.IntEnum):

@@ -83,6 +83,10 @@ class TrainConfig:
     # networks (configs/digits sets null), but 0.3-1.1x on the MNIST-SVHN(-Text) conv nets, so
     # the default is off. On GPUs, measure with bench/train_step.py --jit-datasets.
     jit_compile: bool | None = False
+    # Modality dropout (issue 16): during training each example, with this probability, hides a
+    # random non-empty proper subset of its observed modalities (how many uniform on 1 .. n - 1,
+    # which ones uniform), through the same `present` mask as missing data. 0: off.
+    modality_dropout: float = 0.0
     # Multi-worker runs: how long a worker waits for every peer of TF_CONFIG's cluster to start,
     # logging the ones it waits for, before it exits 2 naming them.
     cluster_timeout_s: float = 300.0
@@ -149,6 +153,7 @@ class Config:
         _check(t.early_stopping_patience >= 0, "train.early_stopping_patience must be >= 0")
         _check(t.early_stopping_min_delta >= 0, "train.early_stopping_min_delta must be >= 0")
         _check(0 <= t.validation_fraction < 1, "train.validation_fraction must be in [0, 1)")
+        _check(0 <= t.modality_dropout <= 1, "train.modality_dropout must be in [0, 1] (a probability)")
         e = self.eval
         _check(e.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(e.classifier_epochs >= 1, "eval.classifier_epochs must be >= 1")

@@ -6,8 +6,11 @@ manifest order and B the batch size:
 
 - `encode`: one tensor per modality, named by modality and batch-first ([B, *shape]; float32 for
   images and vectors, uint8 images included, as [0, 1] floats; int64 token ids for sequences),
-  plus `present`: bool [M]. Returns `z_mean` [B, D], the mean of the joint posterior of the present
-  modalities, and `z_sample` [B, D], one draw from it.
+  plus `present`: bool [B, M], the modalities each row gives (or bool [M], one subset for every
+  row; the signature declares it of unknown rank to take both). Per-row masks make TF Serving's
+  row format ("instances", one `present` list per instance) and server-side batching work.
+  Returns `z_mean` [B, D], the mean of each row's joint posterior of its present modalities, and
+  `z_sample` [B, D], one draw from it.
 - `cross_generate`: the same inputs; returns one output per modality, named by modality: the
   decoded mean ([B, *shape] float32; [B, L] int64 most likely tokens for sequences) of a
   posterior sample. It decodes exactly `encode`'s `z_sample`.
@@ -15,12 +18,13 @@ manifest order and B the batch size:
   decoded from `num` prior samples.
 - `serving_default`: `cross_generate`.
 
-Absent modalities (present[m] = False) are fed as zeros of their shape; they are replaced by zeros
-inside the graph, so whatever values are fed for them cannot change any output.
+Absent modalities (present[b, m] = False) are fed as zeros of their shape; they are replaced by
+zeros inside the graph, so whatever values are fed for them cannot change any output.
 
 Inputs are checked inside the graph: an empty batch, inputs whose batch sizes differ, token ids
-of a present sequence outside [0, vocabulary size), `num` < 1 and a `present` with no modality
-fail the call with an InvalidArgumentError whose message names the input.
+of a present sequence outside [0, vocabulary size), `num` < 1, a `present` of another shape than
+[B, M] or [M], and a row of `present` with no modality fail the call with an
+InvalidArgumentError whose message names the input.
 
 Units: a modality that the dataset job transformed (its manifest `standardization`, e.g. the
 standardised vectors and rescaled [0, 255] images of `bmvae data build arrays`) is fed and
@@ -33,7 +37,14 @@ The draw for one example depends on its row and on the batch size, not on the ot
 `sample` draws with the stateless seed (seed, 0).
 
 The SavedModel also carries `manifest_json` (a tf.string scalar: the dataset manifest, with the
-modality order, shapes and vocabularies) and `modality_names` (tf.string [M]), for servers.
+modality order, shapes and vocabularies) and `modality_names` (tf.string [M]), for servers, and
+two kinds of asset files (in `assets/`, reachable after loading as `loaded.metadata.asset_path`
+and `loaded.vocabularies[NAME].asset_path`):
+- `metadata.json`: the modalities in `present`'s order with their kind, shape, serving dtype,
+  likelihood and units (the source units the signatures take and return, with the offset and
+  scale applied inside), each sequence's vocabulary file, the latent size and the signatures.
+- `vocabulary_NAME.txt` for each sequence modality NAME: its tokens, one per line, line i (from
+  0) holding token id i.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -96,6 +108,12 @@ class ServingModule(tf.Module):
                              f"manifest's {manifest.modality_names}")
         run_dir.build_variables(model, manifest)
         self.model = model
+        # The model's tf.Variables themselves, tracked so the SavedModel's object graph and its
+        # restore op hold them: Keras 3 variables are not TensorFlow trackables, and without
+        # this the functions only capture them, which tf.saved_model.load restores but the
+        # session loaders of saved_model_cli run and TF Serving do not ("Could not find
+        # variable"; keras-team/keras#19274).
+        self.model_variables = [getattr(v, "value", v) for v in model.variables]
         self.manifest_json = tf.Variable(json.dumps(manifest.to_json()), trainable=False,
                                          name="manifest_json")
         self.modality_names = tf.Variable(manifest.modality_names, trainable=False,
@@ -105,7 +123,8 @@ class ServingModule(tf.Module):
 
         inputs = [tf.TensorSpec([None, *m.shape], serving_dtype(m), name=m.name)
                   for m in self._modalities]
-        inputs.append(tf.TensorSpec([len(self._modalities)], tf.bool, name=PRESENT))
+        # Unknown rank: [B, M] per row, or the [M] of one subset for every row.
+        inputs.append(tf.TensorSpec(None, tf.bool, name=PRESENT))
         self.encode = tf.function(self._encode, input_signature=inputs)
         self.cross_generate = tf.function(self._cross_generate, input_signature=inputs)
         self.sample = tf.function(self._sample, input_signature=[
@@ -125,16 +144,34 @@ class ServingModule(tf.Module):
         args: one [B, *shape] tensor per modality in manifest order, then present: bool [M].
         """
         *values, present = args
-        checks = [tf.debugging.Assert(tf.reduce_any(present), ["`present` must mark at least one modality"]),
+        present = self._present_rows(present, tf.shape(values[0])[0])                   # [B, M]
+        checks = [tf.debugging.Assert(tf.reduce_all(tf.reduce_any(present, axis=1)), [
+            "input `present`: every row must mark at least one modality; rows without one:",
+            tf.where(tf.logical_not(tf.reduce_any(present, axis=1)))[:, 0]]),
                   *self._check_inputs(values, present)]
         # The checks run before the model: else a model op could fail first on a bad input.
         with tf.control_dependencies(checks):
             values, present = [tf.identity(x) for x in values], tf.identity(present)
         # The posterior already gives absent experts zero weight, but 0 * NaN is NaN: zeroing the
         # absent inputs makes any fed value, non-finite ones included, harmless.
-        inputs = {spec.name: tf.where(present[i], self._to_model_units(spec.name, x), tf.zeros_like(x))
+        inputs = {spec.name: tf.where(_rows(present[:, i], x), self._to_model_units(spec.name, x),
+                                      tf.zeros_like(x))
                   for i, (spec, x) in enumerate(zip(self._modalities, values))}
         return self.model.posterior(inputs, present)
+
+    def _present_rows(self, present: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+        """`present` as bool [B, M] (an [M] mask holds for every row), after checking its shape."""
+        num = len(self._modalities)
+        shape, rank = tf.shape(present), tf.rank(present)
+        wanted = (f"input `present`: must be bool [batch, {num}] (or [{num}] for every row), one "
+                  f"column per modality ({', '.join(m.name for m in self._modalities)}); got shape")
+        checks = [tf.debugging.Assert(
+            tf.logical_and(tf.logical_or(rank == 1, rank == 2), shape[-1] == num), [wanted, shape]),
+                  tf.debugging.Assert(tf.logical_or(rank == 1, shape[0] == tf.cast(batch, tf.int32)), [
+                      "input `present`: its rows differ from the batch size of input "
+                      f"`{self._modalities[0].name}`; got shape", shape])]
+        with tf.control_dependencies(checks):
+            return tf.broadcast_to(tf.reshape(present, [-1, num]), tf.stack([batch, num]))
 
     def _check_inputs(self, values: list[tf.Tensor], present: tf.Tensor) -> list[tf.Operation]:
         """Assertions that fail the call (InvalidArgumentError naming the input) on an empty
@@ -149,8 +186,8 @@ class ServingModule(tf.Module):
         for i, (spec, x) in enumerate(zip(self._modalities, values)):
             if spec.kind != "sequence":
                 continue
-            inside = tf.reduce_all((x >= 0) & (x < spec.vocab_size))
-            checks.append(tf.debugging.Assert(tf.logical_or(tf.logical_not(present[i]), inside), [
+            inside = tf.reduce_all(tf.reshape((x >= 0) & (x < spec.vocab_size), [tf.shape(x)[0], -1]), axis=1)
+            checks.append(tf.debugging.Assert(tf.reduce_all(tf.logical_not(present[:, i]) | inside), [
                 f"input `{spec.name}`: token ids must lie in [0, {spec.vocab_size}) (its vocabulary); "
                 "got min and max", tf.reduce_min(x), tf.reduce_max(x)]))
         return checks
@@ -189,6 +226,11 @@ class ServingModule(tf.Module):
         return self._to_source_units(self.model.generate(z))
 
 
+def _rows(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """A per-row mask [B] shaped to broadcast against x [B, ...]."""
+    return tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1))
+
+
 def source_units(spec: schema.ModalitySpec) -> tuple[tf.Tensor, tf.Tensor] | None:
     """(offset, scale), each float32 of the modality's shape, when the dataset job transformed it
     (model value = (source value - offset) / scale); None for modalities stored as they came."""
@@ -197,6 +239,77 @@ def source_units(spec: schema.ModalitySpec) -> tuple[tf.Tensor, tf.Tensor] | Non
         return None
     return tuple(tf.constant(np.broadcast_to(np.asarray(units[key], np.float32), spec.shape))
                  for key in ("offset", "scale"))
+
+
+METADATA_FILE = "metadata.json"
+
+
+def vocabulary_file(name: str) -> str:
+    """The asset file of sequence modality `name`'s vocabulary."""
+    return f"vocabulary_{name}.txt"
+
+
+def serving_metadata(model: MultimodalVAE, manifest: schema.Manifest) -> dict:
+    """What `metadata.json` says: modalities in `present`'s column order, shapes, dtypes, units,
+    vocabulary files, the latent size and the signatures."""
+    names = manifest.modality_names
+    return {
+        "model": model.name,
+        "latent_dim": int(model.latent_dim),
+        "present": {"dtype": "bool", "shape": ["batch", len(names)], "columns": names,
+                    "also_accepts": [len(names)],
+                    "meaning": "True where the row gives the modality; feed zeros for an absent one"},
+        "modalities": [_modality_metadata(m) for m in manifest.modalities],
+        "signatures": {
+            "encode": {"inputs": [*names, PRESENT], "outputs": ["z_mean", "z_sample"]},
+            "cross_generate": {"inputs": [*names, PRESENT], "outputs": names},
+            "serving_default": {"inputs": [*names, PRESENT], "outputs": names},
+            "sample": {"inputs": ["num", "seed"], "outputs": names},
+        },
+    }
+
+
+def _modality_metadata(spec: schema.ModalitySpec) -> dict:
+    entry = {"name": spec.name, "kind": spec.kind, "shape": ["batch", *spec.shape],
+             "dtype": serving_dtype(spec).name, "likelihood": spec.likelihood}
+    if spec.kind == "sequence":
+        entry.update(units=f"token ids in [0, {spec.vocab_size})", vocab_size=spec.vocab_size,
+                     vocabulary=vocabulary_file(spec.name))
+    elif source_units(spec) is not None:
+        entry.update(units="source units: the signatures apply (x - offset) / scale on the way in "
+                           "and x * scale + offset to the decoded outputs",
+                     standardization=spec.standardization)
+    elif spec.dtype == "uint8":
+        entry["units"] = "[0, 1] floats (the stored uint8 values / 255)"
+    else:
+        entry["units"] = "as stored in the dataset"
+    return entry
+
+
+def write_assets(module: ServingModule, manifest: schema.Manifest, directory: str) -> None:
+    """Writes metadata.json and each sequence's vocabulary file to `directory` and tracks them
+    on `module` as SavedModel assets (`module.metadata`, `module.vocabularies[name]`).
+
+    Raises:
+      UserError: a token holds a line break, which the one-token-per-line file cannot hold.
+    """
+    path = os.path.join(directory, METADATA_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(serving_metadata(module.model, manifest), f, indent=1)
+    module.metadata = tf.saved_model.Asset(path)
+    vocabularies = {}
+    for spec in manifest.modalities:
+        if spec.kind != "sequence":
+            continue
+        for token_id, token in enumerate(spec.vocab):
+            if "\n" in token or "\r" in token:
+                raise UserError(f"modality {spec.name!r}: token {token_id} ({token!r}) holds a line "
+                                f"break; the vocabulary asset holds one token per line")
+        path = os.path.join(directory, vocabulary_file(spec.name))
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write("".join(f"{token}\n" for token in spec.vocab))
+        vocabularies[spec.name] = tf.saved_model.Asset(path)
+    module.vocabularies = vocabularies
 
 
 def export_saved_model(workdir: str, output_dir: str, data_dir: str | None = None) -> str:
@@ -225,7 +338,8 @@ def export_saved_model(workdir: str, output_dir: str, data_dir: str | None = Non
     parent = os.path.dirname(output_dir)
     if parent:
         tf.io.gfile.makedirs(parent)
-    with atomic.publishing(output_dir, directory=True) as tmp:
+    with atomic.publishing(output_dir, directory=True) as tmp, tempfile.TemporaryDirectory() as assets:
+        write_assets(module, manifest, assets)
         tf.saved_model.save(module, tmp, signatures=module.signatures())
         _check_free(output_dir)  # something may have been written there while we saved
     return output_dir

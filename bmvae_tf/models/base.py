@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import distributions
+from bmvae_tf import distributions, missing
 from bmvae_tf import networks as networks_lib
 from bmvae_tf.keras_fit import KerasFit
 from bmvae_tf.schema import ModalitySpec
@@ -156,9 +156,10 @@ class MultimodalVAE(KerasFit, keras.Model):
                present: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """Every expert's parameters: loc and scale, each [M, B, D].
 
-        With `present` (bool [M]), absent experts get loc 0 and scale 1. They carry zero weight
-        downstream, but 0 * NaN is NaN: whatever was fed for an absent modality must not reach
-        the posterior.
+        With `present` (bool [M], or [B, M] per example), absent experts get loc 0 and scale 1.
+        They carry zero weight downstream, but 0 * NaN is NaN: whatever was fed for an absent
+        modality must not reach the posterior. The replacement also gives an absent expert's
+        encoder exactly zero gradient from that example.
         """
         locs, scales = [], []
         for spec, encoder in zip(self.modalities, self.encoders):
@@ -169,7 +170,8 @@ class MultimodalVAE(KerasFit, keras.Model):
             scales.append(distributions.posterior_scale(self.posterior_family, raw_scale))
         loc, scale = tf.stack(locs), tf.stack(scales)
         if present is not None:
-            given = tf.convert_to_tensor(present, tf.bool)[:, None, None]
+            present = tf.convert_to_tensor(present, tf.bool)
+            given = present[:, None, None] if present.shape.rank == 1 else tf.transpose(present)[:, :, None]
             loc = tf.where(given, loc, tf.zeros_like(loc))
             scale = tf.where(given, scale, tf.ones_like(scale))
         return loc, scale
@@ -211,6 +213,9 @@ class MultimodalVAE(KerasFit, keras.Model):
                                 present: tf.Tensor | None = None) -> tf.Tensor:
         """sum_m w_m log p(x_m | z) over the present modalities: z [..., B, D] -> [..., B].
 
+        present: None (all), bool [M], or bool [B, M] (per example: an absent modality's term
+        is zero for that example, and its decoder gets no gradient from it).
+
         The TRAINING term: w_m is the modality's likelihood weight (the manifest's, or the config's
         model.likelihood_weights). A reported likelihood never uses it: see `modality_log_probs`.
         One decoder pass per modality for all leading sample dimensions at once.
@@ -219,7 +224,7 @@ class MultimodalVAE(KerasFit, keras.Model):
         for index, spec in enumerate(self.modalities):
             log_prob = self.modality_log_prob(index, inputs[spec.name], z)
             if present is not None:
-                log_prob = tf.where(present[index], log_prob, tf.zeros_like(log_prob))
+                log_prob = tf.where(present[..., index], log_prob, tf.zeros_like(log_prob))
             total += self.likelihood_weights[index] * log_prob
         return total
 
@@ -251,10 +256,19 @@ class MultimodalVAE(KerasFit, keras.Model):
         return None
 
     # ---------------------------------------------------------------- model-specific
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
         """The objective of a batch. noise: a bmvae_tf.noise.Noise, keyed by example, or a plain
-        int32 [2] seed for a batch that is the whole global batch."""
+        int32 [2] seed for a batch that is the whole global batch. present: the observed
+        modalities, None (all), bool [M] or bool [B, M] (bmvae_tf.missing): each example's
+        objective is the model's own over its observed modalities; all True gives bit for bit
+        the objective of None."""
         raise NotImplementedError
+
+    def example_mask(self, inputs: Mapping[str, tf.Tensor], present) -> tf.Tensor | None:
+        """`present` as bool [B, M], or None when every modality is observed (bmvae_tf.missing)."""
+        batch = tf.shape(inputs[self.modalities[0].name])[0]
+        return missing.example_mask(present, batch, self.num_modalities)
 
     def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
         """The joint posterior of the present modalities: batch [B], event [D]."""

@@ -92,9 +92,14 @@ class BMVAEM(MultimodalVAE):
     def mixture_weights(self) -> tf.Tensor:
         return tf.nn.softmax(tf.convert_to_tensor(self.mixture_logits), axis=-1)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, each example's bound is that of its observed modalities S: every
+        dimension picks its expert from alpha_d renormalised over S (absent experts get logit
+        -inf), and only S is reconstructed."""
+        mask = self.example_mask(inputs, present)                          # None | [B, M]
         z_noise, select_noise = Noise.of(noise).split(2)
-        loc, scale = self.encode(inputs)                                   # [M, B, D]
+        loc, scale = self.encode(inputs, mask)                             # [M, B, D]
         experts = distributions.expert(self.posterior_family, loc, scale)
         z_all = reparameterized_sample(self.posterior_family, loc, scale, z_noise,
                                        [self.K], batch_axis=1)             # [K, M, B, D]
@@ -103,13 +108,14 @@ class BMVAEM(MultimodalVAE):
         batch = tf.shape(loc)[1]
         logits = tf.convert_to_tensor(self.mixture_logits)
         gumbel = select_noise.gumbel([self.K], batch, logits.shape)        # [K, B, D, M]
-        onehot = aggregation.straight_through_selection(logits, self.temperatures(), gumbel)
+        choice = logits if mask is None else aggregation.masked_logits(logits, mask)  # [B, D, M]
+        onehot = aggregation.straight_through_selection(choice, self.temperatures(), gumbel)
         selection = tf.transpose(onehot, [0, 3, 1, 2])                     # [K, M, B, D]
 
         z = tf.reduce_sum(selection * z_all, axis=1)                       # [K, B, D]
         log_q = tf.reduce_sum(selection * log_q_all, axis=[1, 3])          # [K, B]
         log_prior = tf.reduce_sum(self.prior().log_prob(z), axis=-1)       # [K, B]
-        log_lik = self.reconstruction_log_prob(inputs, z)                  # [K, B]
+        log_lik = self.reconstruction_log_prob(inputs, z, mask)            # [K, B]
         bound = distributions.log_mean_exp(log_lik + log_prior - log_q, axis=0)  # F, [B]
 
         if self.learn_weights:

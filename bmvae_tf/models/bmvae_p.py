@@ -132,29 +132,36 @@ class BMVAEP(MultimodalVAE):
         beta = self.concentration()
         return beta / tf.reduce_sum(beta, axis=-1, keepdims=True)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, each example's q_bar is the product of its observed experts S with pi
+        renormalised over S (a draw of Dir(beta_S), as the subset posterior's); the KLs of the
+        experts run over S, and only S is reconstructed. lambda_mq and lambda_mz keep their
+        values."""
+        mask = self.example_mask(inputs, present)                          # None | [B, M]
         pi_noise, z_noise = Noise.of(noise).split(2)
-        loc, scale = self.encode(inputs)                                   # [M, B, D]
+        loc, scale = self.encode(inputs, mask)                             # [M, B, D]
 
         if self.learn_weights:
             beta = self.concentration()
             pi = pi_noise.dirichlet(tf.shape(loc)[1], beta)                # [B, D, M]
-            weights = tf.transpose(pi, [2, 0, 1])                          # [M, B, D]
+            weights = tf.transpose(self._renormalised(pi, mask), [2, 0, 1])  # [M, B, D]
             kl_dirichlet = tf.reduce_sum(tfd.kl_divergence(
                 tfd.Dirichlet(beta), tfd.Dirichlet(tf.fill(tf.shape(beta), self.beta_prior))))
         else:
-            weights = 1.0 / self.num_modalities
+            weights = self._uniform_weights(mask)
             kl_dirichlet = tf.constant(0.0)
 
-        q_bar = aggregation.product_of_gaussians(loc, scale, weights, self.all_present())  # [B, D]
+        q_bar = aggregation.product_of_gaussians(
+            loc, scale, weights, self.all_present() if mask is None else mask)         # [B, D]
         z = reparameterized_sample("gaussian", q_bar.loc, q_bar.scale, z_noise)       # [B, D]
-        reconstruction = self.reconstruction_log_prob(inputs, z)                        # [B]
+        reconstruction = self.reconstruction_log_prob(inputs, z, mask)                  # [B]
 
         prior = self.prior()
         experts = tfd.Normal(loc, scale)
         kl_zq = tf.reduce_sum(tfd.kl_divergence(q_bar, prior), axis=-1)                 # [B]
-        kl_mq = tf.reduce_sum(tfd.kl_divergence(experts, q_bar), axis=[0, 2])          # [B]
-        kl_mz = tf.reduce_sum(tfd.kl_divergence(experts, prior), axis=[0, 2])          # [B]
+        kl_mq = _sum_present(tfd.kl_divergence(experts, q_bar), mask)                   # [B]
+        kl_mz = _sum_present(tfd.kl_divergence(experts, prior), mask)                   # [B]
         objective = (reconstruction - self.lambda_zq * kl_zq - self.lambda_mq * kl_mq
                      - self.lambda_mz * kl_mz)
 
@@ -165,6 +172,25 @@ class BMVAEP(MultimodalVAE):
                      "reconstruction": tf.reduce_mean(reconstruction),
                      "kl_zq": tf.reduce_mean(kl_zq), "kl_mq": tf.reduce_mean(kl_mq),
                      "kl_mz": tf.reduce_mean(kl_mz), "kl_dirichlet": kl_dirichlet})
+
+    def _renormalised(self, pi: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:
+        """pi [B, D, M] renormalised over each example's observed modalities; rows with every
+        modality observed keep pi as drawn (bit for bit)."""
+        if mask is None:
+            return pi
+        observed = mask[:, None, :]
+        kept = tf.where(observed, pi, tf.zeros_like(pi))
+        renormalised = kept / tf.reduce_sum(kept, axis=-1, keepdims=True)
+        return tf.where(tf.reduce_all(mask, axis=1)[:, None, None], pi, renormalised)
+
+    def _uniform_weights(self, mask: tf.Tensor | None):
+        """The uniform ablation's weights: 1/M, or 1/|S| over each example's observed S, [M, B, 1]."""
+        uniform = 1.0 / self.num_modalities
+        if mask is None:
+            return uniform
+        count = tf.reduce_sum(tf.cast(mask, tf.float32), axis=1)                        # [B]
+        per_example = tf.where(tf.reduce_all(mask, axis=1), uniform, 1.0 / count)
+        return tf.where(tf.transpose(mask), per_example[None], 0.0)[:, :, None]
 
     def posterior(self, inputs: Mapping[str, tf.Tensor], present: tf.Tensor) -> tfd.Distribution:
         """The weighted product q_bar over the present experts, with the weights of
@@ -186,10 +212,21 @@ class BMVAEP(MultimodalVAE):
         "mean": E[pi_d] = beta_d / sum_m beta_{m,d}, [M, 1, D]. The uniform ablation has 1/|S|.
         """
         present = tf.convert_to_tensor(present, tf.bool)
+        per_example = present.shape.rank == 2                                         # [B, M]
         if self.learn_weights and self.subset_weights == "sample":
             seed = tf.constant(SUBSET_WEIGHTS_SEED, tf.int32) if seed is None else seed
             pi = Noise(seed).dirichlet(batch, self.concentration())                   # [B, D, M]
-            pi = tf.where(present, pi, tf.zeros_like(pi))
+            pi = tf.where(present[:, None, :] if per_example else present, pi, tf.zeros_like(pi))
             return tf.transpose(pi / tf.reduce_sum(pi, axis=-1, keepdims=True), [2, 0, 1])
         log_weights = aggregation.masked_log_weights(tf.math.log(self.mixture_weights()), present)
+        if per_example:
+            return tf.exp(tf.transpose(log_weights, [2, 0, 1]))                       # [M, B, D]
         return tf.exp(tf.transpose(log_weights))[:, None, :]                          # [M, 1, D]
+
+
+def _sum_present(kl: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:
+    """A per-expert KL [M, B, D] summed over the experts and dimensions: [B]; with a [B, M]
+    mask, over each example's observed experts only."""
+    if mask is not None:
+        kl = tf.where(aggregation.expert_mask(mask), kl, tf.zeros_like(kl))
+    return tf.reduce_sum(kl, axis=[0, 2])

@@ -7,7 +7,7 @@ from typing import Mapping
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import aggregation
+from bmvae_tf import aggregation, missing
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
 from bmvae_tf.noise import Noise, reparameterized_sample
 
@@ -51,24 +51,40 @@ class MMJSD(MultimodalVAE):
         super().__init__(modalities, latent_dim, posterior=posterior, **kwargs)
 
     def dynamic_prior(self, loc: tf.Tensor, scale: tf.Tensor, present: tf.Tensor) -> tfd.Normal:
-        """f_M over the present experts [M, B, D] and the prior, each weighted 1/(|S|+1): [B, D]."""
-        weight = 1.0 / (tf.reduce_sum(tf.cast(present, loc.dtype)) + 1.0)
-        return aggregation.product_of_gaussians(loc, scale, weight, present, prior_weight=weight,
+        """f_M over the present experts [M, B, D] and the prior, each weighted 1/(|S|+1): [B, D].
+        present: bool [M], or [B, M] (S per example)."""
+        present = tf.convert_to_tensor(present, tf.bool)
+        weight = 1.0 / (tf.reduce_sum(tf.cast(present, loc.dtype), axis=-1) + 1.0)      # [] | [B]
+        expert_weight, prior_weight = weight, weight
+        if present.shape.rank == 2:
+            expert_weight, prior_weight = weight[None, :, None], weight[:, None]
+        return aggregation.product_of_gaussians(loc, scale, expert_weight, present,
+                                                prior_weight=prior_weight,
                                                 prior_scale=self.expert_prior_scale())
 
-    def js_divergence(self, loc: tf.Tensor, scale: tf.Tensor, prior: tfd.Distribution) -> tf.Tensor:
-        """JS_pi^{M+1} of every expert [M, B, D] and the prior (batch [D]) to f_M: [B]."""
-        f_m = self.dynamic_prior(loc, scale, self.all_present())                        # [B, D]
+    def js_divergence(self, loc: tf.Tensor, scale: tf.Tensor, prior: tfd.Distribution,
+                      mask: tf.Tensor | None = None) -> tf.Tensor:
+        """JS_pi^{M+1} of every expert [M, B, D] and the prior (batch [D]) to f_M: [B]. With a
+        [B, M] mask, JS_pi^{|S|+1} of each example's observed experts S and the prior to f_S."""
+        f_m = self.dynamic_prior(loc, scale, self.all_present() if mask is None else mask)  # [B, D]
         kl_experts = tf.reduce_sum(tfd.kl_divergence(tfd.Normal(loc, scale), f_m), axis=-1)  # [M, B]
         kl_prior = tf.reduce_sum(tfd.kl_divergence(prior, f_m), axis=-1)                 # [B]
-        return (tf.reduce_sum(kl_experts, axis=0) + kl_prior) / (self.num_modalities + 1.0)
+        if mask is None:
+            return (tf.reduce_sum(kl_experts, axis=0) + kl_prior) / (self.num_modalities + 1.0)
+        kl_experts = tf.where(tf.transpose(mask), kl_experts, tf.zeros_like(kl_experts))
+        count = tf.reduce_sum(tf.cast(mask, kl_prior.dtype), axis=-1)                    # [B]
+        return (tf.reduce_sum(kl_experts, axis=0) + kl_prior) / (count + 1.0)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
-        loc, scale = self.encode(inputs)                                           # [M, B, D]
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, each example mixes and reconstructs its observed modalities S only
+        (|S| strata), and its JS runs over S and the prior."""
+        mask = self.example_mask(inputs, present)                                  # None | [B, M]
+        loc, scale = self.encode(inputs, mask)                                     # [M, B, D]
         z = reparameterized_sample("gaussian", loc, scale, Noise.of(noise), batch_axis=1)  # z[m] ~ q_m
         # The stratified mixture reconstruction: each stratum decoded by every decoder.
-        reconstruction = tf.reduce_mean(self.reconstruction_log_prob(inputs, z), axis=0)   # [B]
-        js = self.js_divergence(loc, scale, self.prior())
+        reconstruction = missing.stratum_mean(self.reconstruction_log_prob(inputs, z, mask), mask)  # [B]
+        js = self.js_divergence(loc, scale, self.prior(), mask)
         objective = reconstruction - js
 
         return LossTerms(

@@ -7,7 +7,7 @@ from typing import Mapping
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import aggregation
+from bmvae_tf import aggregation, missing
 from bmvae_tf.models.base import LossTerms
 from bmvae_tf.models.mmjsd import MMJSD
 from bmvae_tf.models.modality_specific import ModalitySpecificLatents
@@ -30,15 +30,19 @@ class MMJSDMS(ModalitySpecificLatents, MMJSD):
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
         return aggregation.uniform_mixture(self.posterior_family, loc, scale, present)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, every term runs over each example's observed modalities S."""
+        mask = self.example_mask(inputs, present)                                      # None | [B, M]
         c_noise, s_noise = Noise.of(noise).split(2)
-        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs))
+        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs, mask))
         c = reparameterized_sample("gaussian", c_loc, c_scale, c_noise, batch_axis=1)    # [M, B, D_c]
         s = self.sample_private(s_loc, s_scale, s_noise, [self.num_modalities])        # [M, B, M*D_s]
-        reconstruction = tf.reduce_mean(self.reconstruction_log_prob(inputs, self.join(c, s)), axis=0)
+        reconstruction = missing.stratum_mean(
+            self.reconstruction_log_prob(inputs, self.join(c, s), mask), mask)          # [B]
 
-        js = self.js_divergence(c_loc, c_scale, self.shared_prior())                   # [B]
-        kl_private = tf.reduce_sum(self.private_kl(s_loc, s_scale), axis=0)             # [B]
+        js = self.js_divergence(c_loc, c_scale, self.shared_prior(), mask)             # [B]
+        kl_private = tf.reduce_sum(self.private_kl(s_loc, s_scale, mask), axis=0)       # [B]
         objective = reconstruction - js - kl_private
 
         return LossTerms(

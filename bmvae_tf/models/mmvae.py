@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import aggregation, distributions, objectives
+from bmvae_tf import aggregation, distributions, missing, objectives
 from bmvae_tf.models.base import LossTerms, MultimodalVAE
 from bmvae_tf.schema import ModalitySpec
 from bmvae_tf.noise import Noise, reparameterized_sample
@@ -79,23 +79,39 @@ class MMVAE(MultimodalVAE):
     def get_config(self) -> dict:
         return {**super().get_config(), "K": self.K, "bound": self.bound, "dreg": self.dreg}
 
-    def mixture_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    def mixture_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor,
+                         mask: tf.Tensor | None = None) -> tf.Tensor:
         """log q(z | x_{1:M}) = log (1/M) sum_m q_m(z | x_m): z [..., B, D], loc/scale [M, B, D]
-        -> [..., B]. Every expert is evaluated at every sample, whichever expert drew it."""
+        -> [..., B]. Every expert is evaluated at every sample, whichever expert drew it. With a
+        [B, M] mask, the uniform mixture of each example's observed experts, log (1/|S|) sum_S."""
         experts = distributions.expert(self.posterior_family, loc, scale)
-        per_expert = tf.reduce_sum(experts.log_prob(z[..., None, :, :]), axis=-1)   # [..., M, B]
-        return distributions.log_mean_exp(per_expert, axis=-2)
+        per_expert = tf.reduce_sum(experts.log_prob(z[..., None, :, :]), axis=-1)       # [..., M, B]
+        if mask is None:
+            return distributions.log_mean_exp(per_expert, axis=-2)
+        per_expert = tf.where(tf.transpose(mask), per_expert, tf.constant(-float("inf"), per_expert.dtype))
+        # log mean over M, plus log(M / |S|): exactly 0 when every expert is observed.
+        return distributions.log_mean_exp(per_expert, axis=-2) + missing.log_share(mask)
 
     def sample_strata(self, loc: tf.Tensor, scale: tf.Tensor, noise: Noise) -> tf.Tensor:
         """K reparameterised samples from each expert: [K, M, B, D], z[k, m] ~ q_m."""
         return reparameterized_sample(self.posterior_family, loc, scale, noise, [self.K], batch_axis=1)
 
-    def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-        """log q(z | x_{1:M}) of the joint posterior the samples are weighted against."""
-        return self.mixture_log_prob(z, loc, scale)
+    def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor,
+                       mask: tf.Tensor | None = None) -> tf.Tensor:
+        """log q(z | x_S) of the joint posterior the samples are weighted against."""
+        return self.mixture_log_prob(z, loc, scale, mask)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
-        loc, scale = self.encode(inputs)                                           # [M, B, D]
+    def experts(self, inputs: Mapping[str, tf.Tensor], mask: tf.Tensor | None):
+        """The experts [M, B, D] the strata draw from; absent ones as `encode` leaves them."""
+        return self.encode(inputs, mask)
+
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, each example's bound is over its observed modalities S: the strata of
+        S, weighted against the mixture of S, reconstructing S (L_M averages |S| strata; L_T
+        pools their K |S| samples)."""
+        mask = self.example_mask(inputs, present)                                  # None | [B, M]
+        loc, scale = self.experts(inputs, mask)                                    # [M, B, D]
         z = self.sample_strata(loc, scale, Noise.of(noise))                        # [K, M, B, D]
         if self.bound == "tight":
             # L_T pools the M*K samples of all experts into one importance-weighted average.
@@ -106,15 +122,19 @@ class MMVAE(MultimodalVAE):
             # encoders learn only through the reparameterised samples.
             loc, scale = tf.stop_gradient(loc), tf.stop_gradient(scale)
 
-        log_lik = self.reconstruction_log_prob(inputs, z)            # one call per decoder
+        log_lik = self.reconstruction_log_prob(inputs, z, mask)      # one call per decoder
         log_prior = tf.reduce_sum(self.prior().log_prob(z), axis=-1)
-        log_w = log_lik + log_prior - self.joint_log_prob(z, loc, scale)    # [K, M, B] | [K*M, B]
-        if self.dreg:
-            bound = dreg_bound(log_w)
-        else:
-            bound = distributions.log_mean_exp(log_w, axis=0)
+        log_w = log_lik + log_prior - self.joint_log_prob(z, loc, scale, mask)   # [K, M, B] | [K*M, B]
+        if mask is not None and self.bound == "tight":
+            # The samples of absent strata get weight zero (a finite floor: DReG multiplies).
+            strata = tf.transpose(mask)                                            # [M, B]
+            strata = tf.broadcast_to(strata[None], tf.concat([[self.K], tf.shape(strata)], 0))
+            log_w = tf.where(tf.reshape(strata, tf.shape(log_w)), log_w, log_w.dtype.min)
+        bound = dreg_bound(log_w) if self.dreg else distributions.log_mean_exp(log_w, axis=0)
         if self.bound == "looser":
-            bound = tf.reduce_mean(bound, axis=0)   # L_M averages the M strata; [M, B] -> [B]
+            bound = missing.stratum_mean(bound, mask)       # L_M averages the strata; [M, B] -> [B]
+        elif mask is not None:
+            bound = bound + missing.log_share(mask)        # the mean over K |S| samples, not K M
         return LossTerms(
             per_example=-bound,
             global_term=tf.constant(0.0),
@@ -129,3 +149,4 @@ class MMVAE(MultimodalVAE):
     def uniform_mixture(self, loc: tf.Tensor, scale: tf.Tensor, present: tf.Tensor) -> tfd.Distribution:
         """(1/|S|) sum_{m in S} q_m of the present experts [M, B, D]: batch [B], event [D]."""
         return aggregation.uniform_mixture(self.posterior_family, loc, scale, present)
+

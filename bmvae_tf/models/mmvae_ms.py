@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from bmvae_tf import aggregation
 from bmvae_tf.models.mmvae import MMVAE
 from bmvae_tf.models.modality_specific import ModalitySpecificLatents
 from bmvae_tf.noise import Noise, reparameterized_sample
@@ -30,8 +31,19 @@ class MMVAEMS(ModalitySpecificLatents, MMVAE):
         s = self.sample_private(s_loc, s_scale, s_noise, [self.K, self.num_modalities])
         return self.join(c, s)                                                   # [K, M, B, D]
 
-    def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+    def experts(self, inputs, mask):
+        """An absent modality's private expert is its prior p(s_m) (as in `posterior`), so its
+        draws cancel between p(z) and q(z | x_S) in the importance weights."""
+        loc, scale = self.encode(inputs, mask)
+        if mask is None:
+            return loc, scale
+        prior_scale = tf.concat([tf.ones([self.num_modalities, self.shared_dim]),
+                                 self.private_prior_scale()], axis=-1)[:, None, :]     # [M, 1, D]
+        return loc, tf.where(aggregation.expert_mask(mask), scale, prior_scale)
+
+    def joint_log_prob(self, z: tf.Tensor, loc: tf.Tensor, scale: tf.Tensor,
+                       mask: tf.Tensor | None = None) -> tf.Tensor:
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(loc, scale)
         c, s = z[..., :self.shared_dim], z[..., self.shared_dim:]
-        return (self.mixture_log_prob(c, c_loc, c_scale)
+        return (self.mixture_log_prob(c, c_loc, c_scale, mask)
                 + self.private_posterior(s_loc, s_scale).log_prob(s))

@@ -18,7 +18,7 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from bmvae_tf import distributions
+from bmvae_tf import aggregation, distributions
 from bmvae_tf.models.hyper_parameters import require
 from bmvae_tf.noise import Noise, reparameterized_sample
 
@@ -119,15 +119,19 @@ class ModalitySpecificLatents:
         s = tf.transpose(s, [*range(n), n + 1, n, n + 2])                        # [..., B, M, D_s]
         return tf.reshape(s, tf.concat([tf.shape(s)[:-2], [self.num_modalities * self.private_dim]], 0))
 
-    def private_kl(self, loc: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-        """KL(q(s_m | x_m) || p(s_m)) summed over D_s, in closed form: [M, B]."""
+    def private_kl(self, loc: tf.Tensor, scale: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+        """KL(q(s_m | x_m) || p(s_m)) summed over D_s, in closed form: [M, B]; zero where a
+        [B, M] mask marks modality m absent (its s_m is not inferred from that example)."""
         experts = distributions.expert(self.posterior_family, loc, scale)
         if self.learn_prior:
             prior_scale = self.private_prior_scale()[:, None, :]                # [M, 1, D_s]
             prior = distributions.expert(self.posterior_family, tf.zeros_like(prior_scale), prior_scale)
         else:
             prior = distributions.standard_prior(self.posterior_family, self.private_dim)
-        return tf.reduce_sum(tfd.kl_divergence(experts, prior), axis=-1)
+        kl = tf.reduce_sum(tfd.kl_divergence(experts, prior), axis=-1)
+        if mask is not None:
+            kl = tf.where(tf.transpose(mask), kl, tf.zeros_like(kl))
+        return kl
 
     def shared_kl(self, q: tfd.Distribution) -> tf.Tensor:
         """KL(q(c) || p(c)) for a factorised q with batch [B, D_c]: [B]."""
@@ -141,6 +145,7 @@ class ModalitySpecificLatents:
         present = tf.convert_to_tensor(present, tf.bool)
         (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs, present))
         if self.learn_prior:  # an absent modality's s_m comes from its (learned) prior
-            s_scale = tf.where(present[:, None, None], s_scale, self.private_prior_scale()[:, None, :])
+            s_scale = tf.where(aggregation.expert_mask(present), s_scale,
+                               self.private_prior_scale()[:, None, :])
         return tfd.Blockwise([self.shared_posterior(c_loc, c_scale, present),
                               self.private_posterior(s_loc, s_scale)])

@@ -45,28 +45,38 @@ class MVAE(MultimodalVAE):
         return tf.reduce_sum(tfd.kl_divergence(q, self.prior()), axis=-1)
 
     def single_modality_elbos(self, inputs: Mapping[str, tf.Tensor], loc: tf.Tensor, scale: tf.Tensor,
-                              noises: list[Noise], to_latents=lambda z: z) -> tf.Tensor:
+                              noises: list[Noise], to_latents=lambda z: z,
+                              mask: tf.Tensor | None = None) -> tf.Tensor:
         """sum_m [w_m log p(x_m | z) - KL(q(z | x_m) || p(z))], z drawn from the PoE of expert m
         and the prior: [B]. to_latents maps a draw to what the decoders read (the MS variant
-        appends its private factors)."""
+        appends its private factors). With a [B, M] mask, an example has the ELBOs of its
+        observed modalities only."""
         total = 0.0
         for index, spec in enumerate(self.modalities):
             only = tf.constant([m == index for m in range(self.num_modalities)])
             single = self._product(loc, scale, only)
             z = to_latents(reparameterized_sample("gaussian", single.loc, single.scale, noises[index]))
             log_lik = self.likelihood_weights[index] * self.modality_log_prob(index, inputs[spec.name], z)
-            total += log_lik - self._kl_to_prior(single)
+            elbo = log_lik - self._kl_to_prior(single)
+            if mask is not None:
+                elbo = tf.where(mask[:, index], elbo, tf.zeros_like(elbo))
+            total += elbo
         return total
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, each example's joint ELBO is that of the PoE of its observed experts
+        and the prior, and it has the single-modality ELBOs of its observed modalities only."""
+        mask = self.example_mask(inputs, present)                          # None | [B, M]
         noises = Noise.of(noise).split(self.num_modalities + 1)
-        loc, scale = self.encode(inputs)                                   # [M, B, D]
+        loc, scale = self.encode(inputs, mask)                             # [M, B, D]
 
-        joint = self._product(loc, scale, self.all_present())
+        joint = self._product(loc, scale, self.all_present() if mask is None else mask)
         z = reparameterized_sample("gaussian", joint.loc, joint.scale, noises[0])      # [B, D]
-        reconstruction = self.reconstruction_log_prob(inputs, z)                        # [B]
+        reconstruction = self.reconstruction_log_prob(inputs, z, mask)                  # [B]
         kl_joint = self._kl_to_prior(joint)
-        objective = reconstruction - kl_joint + self.single_modality_elbos(inputs, loc, scale, noises[1:])
+        objective = reconstruction - kl_joint + self.single_modality_elbos(inputs, loc, scale, noises[1:],
+                                                                           mask=mask)
         return LossTerms(
             per_example=-objective,
             global_term=tf.constant(0.0),

@@ -28,18 +28,23 @@ class MVAEMS(ModalitySpecificLatents, MVAE):
     def shared_posterior(self, loc, scale, present) -> tfd.Distribution:
         return tfd.Independent(self._product(loc, scale, present), reinterpreted_batch_ndims=1)
 
-    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor) -> LossTerms:
+    def loss_terms(self, inputs: Mapping[str, tf.Tensor], noise: Noise | tf.Tensor,
+                   present: tf.Tensor | None = None) -> LossTerms:
+        """With `present`, every term runs over each example's observed modalities S: the PoE of
+        the shared experts in S, the private KLs of S, the single ELBOs of S."""
+        mask = self.example_mask(inputs, present)                                # None | [B, M]
         noises = Noise.of(noise).split(self.num_modalities + 2)
-        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs))
+        (c_loc, c_scale), (s_loc, s_scale) = self.split_experts(*self.encode(inputs, mask))
         s = self.sample_private(s_loc, s_scale, noises[0])                       # [B, M * D_s]
-        kl_private = self.private_kl(s_loc, s_scale)                             # [M, B]
+        kl_private = self.private_kl(s_loc, s_scale, mask)                       # [M, B]
 
-        joint = self._product(c_loc, c_scale, self.all_present())                # [B, D_c]
+        joint = self._product(c_loc, c_scale, self.all_present() if mask is None else mask)  # [B, D_c]
         c = reparameterized_sample("gaussian", joint.loc, joint.scale, noises[1])
-        reconstruction = self.reconstruction_log_prob(inputs, self.join(c, s))
+        reconstruction = self.reconstruction_log_prob(inputs, self.join(c, s), mask)
         kl_joint = self.shared_kl(joint) + tf.reduce_sum(kl_private, axis=0)
         # Each single-modality ELBO also pays its own private KL: together, once more the sum.
-        singles = (self.single_modality_elbos(inputs, c_loc, c_scale, noises[2:], lambda c: self.join(c, s))
+        singles = (self.single_modality_elbos(inputs, c_loc, c_scale, noises[2:], lambda c: self.join(c, s),
+                                              mask=mask)
                    - tf.reduce_sum(kl_private, axis=0))
         objective = reconstruction - kl_joint + singles
 

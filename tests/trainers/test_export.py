@@ -3,8 +3,10 @@ export must reproduce the Python model, ignore absent modalities and be written 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,10 +167,19 @@ def test_reloaded_export_matches_python_model(run, exported, tmp_path):
     assert not np.allclose(first, second)
 
 
+def _saved_model_cli() -> Path:
+    """saved_model_cli beside this Python, on PATH, or in the environment TensorFlow lives in."""
+    candidates = [Path(sys.executable).parent / "saved_model_cli",
+                  Path(shutil.which("saved_model_cli") or "/nonexistent"),
+                  Path(tf.__file__).resolve().parents[4] / "bin" / "saved_model_cli"]
+    for cli in candidates:
+        if cli.exists():
+            return cli
+    pytest.skip("saved_model_cli is not installed")
+
+
 def test_saved_model_cli_lists_signatures(run, exported):
-    cli = Path(sys.executable).parent / "saved_model_cli"
-    if not cli.exists():
-        pytest.skip(f"{cli} is not installed")
+    cli = _saved_model_cli()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([str(cli), "show", "--dir", exported, "--all"], env=env,
                             capture_output=True, text=True, timeout=300)
@@ -252,3 +263,101 @@ def test_rejects_names_that_cannot_be_signature_keys(bad_name):
     model = config_lib.build_model(config_lib.ModelConfig(latent_dim=2, hidden_units=[4]), modalities)
     with pytest.raises(UserError, match=re.escape(repr(bad_name))):
         export.ServingModule(model, manifest)
+
+
+# ---------------------------------------------------------------- serving per row (issue 16 item 5)
+
+ROWS = np.array([[True, False, True], [False, True, True]])  # two rows, different modalities
+
+
+def _two_rows(manifest: schema.Manifest) -> dict[str, np.ndarray]:
+    feed = {name: value[:2] for name, value in _feeds(manifest)["all"].items() if name != "present"}
+    # What an absent modality is fed does not matter: junk here.
+    feed["street"] = feed["street"].copy()
+    feed["street"][0] = 7.0
+    feed["digit"] = feed["digit"].copy()
+    feed["digit"][1] = -3.0
+    return {**feed, "present": ROWS}
+
+
+def _row_reference(model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Python model on the same rows: z_mean of each row from its own [M] subset, the draw
+    from the per-row posterior with the documented seed."""
+    masked = {name: tf.where(tf.reshape(tf.constant(ROWS[:, m]), [-1] + [1] * (feed[name].ndim - 1)),
+                             tf.constant(feed[name]), tf.zeros_like(tf.constant(feed[name])))
+              for m, name in enumerate(model.modality_names)}
+    z_mean = np.stack([model.posterior(masked, tf.constant(ROWS[b])).mean().numpy()[b] for b in range(2)])
+    z_sample = model.posterior(masked, tf.constant(ROWS)).sample(
+        seed=tf.constant(export.POSTERIOR_SEED, tf.int32))
+    out = {"encode.z_mean": z_mean, "encode.z_sample": z_sample.numpy()}
+    out.update({f"cross_generate.{k}": v.numpy() for k, v in model.generate(z_sample).items()})
+    return out
+
+
+def test_loaded_export_serves_per_row_masks(run, exported):
+    loaded = tf.saved_model.load(exported)
+    feed = _two_rows(run.manifest)
+    kwargs = {name: tf.constant(value) for name, value in feed.items()}
+    expected = _row_reference(run.model, feed)
+    for signature in ("encode", "cross_generate"):
+        for key, value in loaded.signatures[signature](**kwargs).items():
+            _assert_matches(value.numpy(), expected[f"{signature}.{key}"], f"{signature}.{key}")
+    # Row b alone gives the mean it has in the batch; an [M] mask still works for every row.
+    z_mean = loaded.signatures["encode"](**kwargs)["z_mean"].numpy()
+    for b in range(2):
+        alone = {name: value[b:b + 1] for name, value in kwargs.items() if name != "present"}
+        row = loaded.signatures["encode"](**alone, present=tf.constant(ROWS[b:b + 1]))["z_mean"].numpy()
+        np.testing.assert_allclose(row[0], z_mean[b], rtol=1e-5, atol=1e-6)
+        shared = loaded.signatures["encode"](**{**kwargs, "present": tf.constant(ROWS[b])})["z_mean"]
+        np.testing.assert_allclose(shared.numpy()[b], z_mean[b], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("present,message", [
+    (np.ones([2, 4], bool), "input `present`: must be bool"),
+    (np.ones([3, 3], bool), "input `present`: its rows differ"),
+    (np.ones([2, 3, 1], bool), "input `present`: must be bool"),
+    (np.array([[True, False, False], [False, False, False]]), "every row must mark at least one"),
+])
+def test_bad_present_is_an_error_naming_it(run, serving, present, message):
+    feed = {**_two_rows(run.manifest), "present": present}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+        serving.signatures()["encode"](**{name: tf.constant(value) for name, value in feed.items()})
+
+
+def test_export_ships_vocabulary_and_metadata_assets(run, exported):
+    assets = Path(exported) / "assets"
+    text = run.manifest.modalities[run.manifest.modality_names.index("text")]
+    lines = (assets / export.vocabulary_file("text")).read_text(encoding="utf-8").split("\n")
+    assert lines[:-1] == list(text.vocab) and lines[-1] == ""
+    metadata = json.loads((assets / export.METADATA_FILE).read_text())
+    assert [m["name"] for m in metadata["modalities"]] == run.manifest.modality_names
+    assert metadata["present"]["shape"] == ["batch", 3]
+    assert metadata["present"]["columns"] == run.manifest.modality_names
+    by_name = {m["name"]: m for m in metadata["modalities"]}
+    assert by_name["text"]["vocabulary"] == export.vocabulary_file("text")
+    assert by_name["text"]["dtype"] == "int64" and by_name["digit"]["dtype"] == "float32"
+    assert by_name["digit"]["shape"] == ["batch", *run.manifest.modalities[0].shape]
+    assert all("units" in m for m in metadata["modalities"])
+    assert metadata["latent_dim"] == run.model.latent_dim
+    loaded = tf.saved_model.load(exported)
+    assert json.loads(Path(loaded.metadata.asset_path.numpy().decode()).read_text()) == metadata
+    assert Path(loaded.vocabularies["text"].asset_path.numpy().decode()).exists()
+
+
+@pytest.mark.slow
+def test_saved_model_cli_runs_two_rows_with_different_masks(run, exported, tmp_path):
+    cli = _saved_model_cli()
+    feed = _two_rows(run.manifest)
+    np.savez(tmp_path / "rows.npz", **{k: v for k, v in feed.items() if k != "present"})
+    inputs = ";".join(f"{name}={tmp_path / 'rows.npz'}[{name}]" for name in run.manifest.modality_names)
+    present = "present=" + repr(ROWS.tolist())
+    out = tmp_path / "out"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([str(cli), "run", "--dir", exported, "--tag_set", "serve",
+                             "--signature_def", "cross_generate", "--inputs", inputs,
+                             "--input_exprs", present, "--outdir", str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _row_reference(run.model, feed)
+    for name in run.manifest.modality_names:
+        _assert_matches(np.load(out / f"{name}.npy"), expected[f"cross_generate.{name}"], name)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from bmvae_tf import atomic, schema
+from bmvae_tf import atomic, missing, schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir
@@ -84,6 +84,19 @@ def plan_epochs(config: config_lib.Config, manifest: schema.Manifest,
     return validation, steps
 
 
+@contextlib.contextmanager
+def no_empty_rows(data_dir: str):
+    """A batch row with no modality present (the model's check, bmvae_tf.missing) becomes a
+    one-line UserError naming the dataset instead of TensorFlow's traceback."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        if missing.NO_MODALITY not in (e.message or ""):
+            raise
+        raise UserError(f"{data_dir}: {missing.NO_MODALITY} (an example with every modality "
+                        f"missing); drop such rows from the dataset") from None
+
+
 class Controller:
     """Runs the epochs of one run: opens the run directory, resumes the trainer from its latest
     checkpoint, and for each epoch trains, validates, checkpoints and records."""
@@ -143,7 +156,8 @@ class Controller:
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
         # A damaged shard: one error naming it (only train and validation are read, and checked).
-        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)):
+        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
+                no_empty_rows(self.config.data.dir):
             for epoch in range(self.finished + 1, self.config.train.epochs + 1):
                 if self.early_stopping.stopped:
                     break

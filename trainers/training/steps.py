@@ -14,6 +14,7 @@ from typing import Protocol
 import keras
 import tensorflow as tf
 
+from bmvae_tf import missing
 from bmvae_tf.noise import Noise
 
 
@@ -27,14 +28,15 @@ class StepState(Protocol):
 
 
 def make_train_step(trainer: StepState, strategy: tf.distribute.Strategy, global_batch: int,
-                    seed: int, *, jit_compile: bool = False):
+                    seed: int, *, jit_compile: bool = False, modality_dropout: float = 0.0):
     """A tf.function running one optimisation step on a distributed batch; returns the loss.
 
     Randomness is stateless: the step's seed is (seed, global step), read in the graph so the
     host never waits on the step counter. Replica r holds global rows [r b, (r + 1) b) of the
     batch and draws their noise (bmvae_tf.noise), so the step does not depend on the split.
     With jit_compile the loss and gradients are XLA-compiled; the optimizer update, which
-    all-reduces across replicas, stays outside the compiled function.
+    all-reduces across replicas, stays outside the compiled function. The batch's `present`
+    mask goes to the model, after `modality_dropout` (`bmvae_tf.missing.training_inputs`).
     """
     model, optimizer = trainer.model, trainer.optimizer
     replicas = strategy.num_replicas_in_sync
@@ -43,8 +45,10 @@ def make_train_step(trainer: StepState, strategy: tf.distribute.Strategy, global
 
     def loss_and_grads(batch, seed, offset):
         noise = Noise(seed, offset=offset, global_batch=global_batch)
+        inputs, present = missing.training_inputs(model.modality_names, batch, seed, offset,
+                                                  global_batch, modality_dropout)
         with tf.GradientTape() as tape:
-            terms = model.loss_terms(batch, noise)
+            terms = model.loss_terms(inputs, noise, present=present)
             loss = tf.reduce_sum(terms.per_example) / global_batch + terms.global_term / replicas
             # mixed_float16: scale the loss so float16 gradients do not underflow; the
             # LossScaleOptimizer unscales them and skips steps whose gradients overflow.
@@ -80,14 +84,15 @@ def make_eval_step(model):
 
     @tf.function
     def eval_step(batch, seed):
-        terms = model.loss_terms(batch, seed)
+        terms = model.loss_terms(batch, seed, present=missing.batch_present(batch))
         count = tf.cast(tf.shape(terms.per_example)[0], tf.float32)
         return tf.reduce_sum(terms.per_example) + count * terms.global_term, count
 
     return eval_step
 
 
-def make_terms_step(trainer: StepState, strategy: tf.distribute.Strategy, global_batch: int, seed: int):
+def make_terms_step(trainer: StepState, strategy: tf.distribute.Strategy, global_batch: int, seed: int,
+                    *, modality_dropout: float = 0.0):
     """A tf.function: the model's `LossTerms.metrics` (bound, reconstruction, KL, ...) on a
     distributed batch, averaged over replicas, with the noise the next `train_step(batch)` draws.
     Call it just before that step to log the step's terms.
@@ -101,9 +106,12 @@ def make_terms_step(trainer: StepState, strategy: tf.distribute.Strategy, global
 
     def replica_terms(batch, seed):
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-        noise = Noise(seed, offset=tf.cast(replica_id, tf.int32) * per_replica, global_batch=global_batch)
+        offset = tf.cast(replica_id, tf.int32) * per_replica
+        noise = Noise(seed, offset=offset, global_batch=global_batch)
+        inputs, present = missing.training_inputs(model.modality_names, batch, seed, offset,
+                                                  global_batch, modality_dropout)
         return {name: tf.cast(value, tf.float32)
-                for name, value in model.loss_terms(batch, noise).metrics.items()}
+                for name, value in model.loss_terms(inputs, noise, present=present).metrics.items()}
 
     @tf.function
     def terms_step(batch):
@@ -122,7 +130,7 @@ def make_eval_terms_step(model):
 
     @tf.function
     def eval_terms_step(batch, seed):
-        return {name: tf.cast(value, tf.float32)
-                for name, value in model.loss_terms(batch, seed).metrics.items()}
+        terms = model.loss_terms(batch, seed, present=missing.batch_present(batch))
+        return {name: tf.cast(value, tf.float32) for name, value in terms.metrics.items()}
 
     return eval_terms_step

@@ -73,11 +73,12 @@ class Trainer:
         """Makes `train_step(batch) -> loss`, `eval_step(batch, seed) -> (sum, count)` and the
         forward passes that log the model's LossTerms.metrics: `terms_step(batch)` (before the
         train step of the same batch) and `eval_terms_step(batch, seed)`."""
-        seed = self.config.train.seed
+        seed, dropout = self.config.train.seed, self.config.train.modality_dropout
         self.train_step = steps.make_train_step(self, self.strategy, global_batch, seed,
-                                                jit_compile=jit_compile)
+                                                jit_compile=jit_compile, modality_dropout=dropout)
         self.eval_step = steps.make_eval_step(self.model)
-        self.terms_step = steps.make_terms_step(self, self.strategy, global_batch, seed)
+        self.terms_step = steps.make_terms_step(self, self.strategy, global_batch, seed,
+                                                modality_dropout=dropout)
         self.eval_terms_step = steps.make_eval_terms_step(self.model)
 
     def validation_loss(self, validation: inputs.Validation, batch_size: int) -> float:
