@@ -16,6 +16,7 @@ import tensorflow as tf
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 
@@ -53,30 +54,18 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
     specs = list(model.modalities)
     names = [spec.name for spec in specs]
     subsets = schema.subset_names(names)
-
-    def encode(inputs, present, sample_seed):
-        posterior = model.posterior(inputs, present)
-        out = {"mean": posterior.mean()}
-        if classifiers is not None:
-            # Every modality is classified, including the given ones, to keep one graph for all
-            # subsets; the loop below keeps the targets.
-            generated = model.generate(posterior.sample(seed=sample_seed))
-            out["predictions"] = tf.stack([classifiers_lib.predict_classes(
-                classifiers[spec.name], spec, generated[spec.name]) for spec in specs])
-        return out
-
+    outputs_of = _all_subsets_encoder(model, subsets, classifiers)
     means: dict[str, list] = {schema.subset_key(s): [] for s in subsets}
     predictions: dict[str, list] = {}
     labels = []
-    for batch, outputs in subsets_lib.run_subsets(
-            subsets_lib.masked_step(specs, encode), batches, names, subsets,
-            seed=subsets_lib.stream_seed(seed, EvalStream.COHERENCE),
-            scheme=subsets_lib.SeedScheme.BATCH_THEN_SUBSET):
+    for batch_index, batch in enumerate(batches):
+        outputs = outputs_of({n: batch[n] for n in names}, subsets_lib.stream_seed(seed, EvalStream.COHERENCE),
+                             tf.constant(batch_index, tf.int32))
         for subset in subsets:
             out = outputs[schema.subset_key(subset)]
             means[schema.subset_key(subset)].append(out["mean"].numpy())
             if "predictions" in out:
-                predicted = out["predictions"].numpy()                        # [M, B]
+                predicted = out["predictions"]                                # [M, B]
                 for m, name in enumerate(names):
                     if name not in subset:
                         predictions.setdefault(subsets_lib.coherence_key(name, subset), []).append(predicted[m])
@@ -87,3 +76,39 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
     return SplitLatents(labels=np.concatenate(labels) if labels else None,
                         means={k: np.concatenate(v) for k, v in means.items()},
                         cross_predictions={k: np.concatenate(v) for k, v in predictions.items()})
+
+
+def _all_subsets_encoder(model, subsets: list[tuple[str, ...]], classifiers: Mapping[str, Callable] | None):
+    """(inputs, stream seed, batch index) -> {subset key: {"mean": [B, D], "predictions": [M, B]
+    (with classifiers)}}: every subset encoded in one traced call with each encoder run once
+    (`batched`), and the posterior samples of all subsets decoded and classified as one batch
+    [S * B, D]. The draws are those of the per-subset loop (`SeedScheme.BATCH_THEN_SUBSET`)."""
+    specs = list(model.modalities)
+
+    def body(inputs, present, sample_seed):
+        posterior = model.posterior(inputs, present)
+        out = {"mean": posterior.mean()}
+        if classifiers is not None:
+            out["z"] = posterior.sample(seed=sample_seed)
+        return out
+
+    step = batched.all_subsets_step(model, body, subsets, subsets_lib.SeedScheme.BATCH_THEN_SUBSET)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
+    def decode_and_classify(z):
+        # Every modality is classified, including the given ones, to keep one graph for all
+        # subsets; the caller keeps the targets.
+        generated = model.generate(z)
+        return tf.stack([classifiers_lib.predict_classes(classifiers[spec.name], spec, generated[spec.name])
+                         for spec in specs])                                          # [M, S * B]
+
+    def run(inputs, seed, batch_index):
+        outputs = step(inputs, seed, batch_index)
+        result = {schema.subset_key(s): {"mean": out["mean"]} for s, out in zip(subsets, outputs)}
+        if classifiers is not None:
+            predicted = decode_and_classify(tf.concat([out["z"] for out in outputs], 0)).numpy()
+            for subset, part in zip(subsets, np.split(predicted, len(subsets), axis=1)):
+                result[schema.subset_key(subset)]["predictions"] = part
+        return result
+
+    return run
