@@ -14,7 +14,7 @@ import tensorflow as tf
 from bmvae_tf import schema
 from bmvae_tf.models import MODELS
 from bmvae_tf.random_streams import EvalStream
-from bmvae_tf.trainers.evaluation import batched, classifiers as classifiers_lib, encodings
+from bmvae_tf.trainers.evaluation import batched, classifiers as classifiers_lib, encodings, robustness
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from tests import synthetic
 
@@ -60,7 +60,8 @@ def test_all_subsets_in_one_call_equal_the_per_subset_loop(name):
     scheme = subsets_lib.SeedScheme.BATCH_THEN_SUBSET
     loop = list(subsets_lib.run_subsets(subsets_lib.masked_step(model.modalities, _body(model)), _batches(model),
                                         names, subsets, seed=seed, scheme=scheme))
-    once = list(batched.run_all_subsets(model, _body(model), _batches(model), subsets, seed=seed, scheme=scheme))
+    once = list(batched.run_all_subsets(model, _body(model), _batches(model), subsets, seed=seed, scheme=scheme,
+                                        output_signature={"mean": tf.float32, "sample": tf.float32}))
     assert len(loop) == len(once) == 2
     for (_, expected), (_, got) in zip(loop, once):
         assert list(got) == list(expected)
@@ -70,7 +71,7 @@ def test_all_subsets_in_one_call_equal_the_per_subset_loop(name):
                                               err_msg=f"{name} {key} {field}")
 
 
-def test_encoders_run_once_per_distinct_input_and_are_restored():
+def test_each_encoder_runs_twice_per_batch_whatever_the_subsets_and_is_restored():
     model = _tiny_model("bmvae_m")
     batch = _batches(model)[0]
     model.posterior(batch, model.all_present())  # builds the networks, so the step traces once
@@ -87,7 +88,8 @@ def test_encoders_run_once_per_distinct_input_and_are_restored():
 
     object.__setattr__(model, "encoders", [Counting(e) for e in originals])
     subsets = schema.subset_names([spec.name for spec in model.modalities])
-    step = batched.all_subsets_step(model, _body(model), subsets, subsets_lib.SeedScheme.NONE)
+    step = batched.all_subsets_step(model, _body(model), subsets, subsets_lib.SeedScheme.NONE,
+                                    {"mean": tf.float32, "sample": tf.float32})
     step({spec.name: batch[spec.name] for spec in model.modalities}, tf.zeros([2], tf.int32), tf.constant(0))
     # 7 subsets, 3 encoders: each ran on its modality's values and on zeros, nothing else.
     assert len(calls) == 2 * len(originals)
@@ -136,3 +138,58 @@ def test_encode_split_equals_the_per_subset_formulation(name):
     for key, value in predictions.items():
         np.testing.assert_array_equal(split.cross_predictions[key], value)
     np.testing.assert_array_equal(split.labels, [0, 1, 2, 0, 1, 0, 1, 2])
+
+
+def _per_level_noisy_means(model, batches, levels, scales, seed):
+    """Robustness' encodings as they were: per level a pass over the split, each batch corrupted by
+    its own traced step, then one traced call per subset. {(level index, key): [N, D]}."""
+    specs = list(model.modalities)
+    names = [spec.name for spec in specs]
+    subsets = schema.subset_names(names)
+    encode = subsets_lib.masked_step(specs, lambda inputs, present, _: model.posterior(inputs, present).mean())
+    base_seed = subsets_lib.stream_seed(seed, EvalStream.ROBUSTNESS_NOISE)
+    fold = tf.random.experimental.stateless_fold_in
+    out = {}
+    for level_index, level in enumerate(levels):
+        noisy = [robustness.add_noise(specs, {n: batch[n] for n in names}, tf.constant(level, tf.float32), scales,
+                                      fold(fold(base_seed, level_index), index))
+                 for index, batch in enumerate(batches)]
+        for _, outputs in subsets_lib.run_subsets(encode, noisy, names, subsets):
+            for key, mean in outputs.items():
+                out.setdefault((level_index, key), []).append(mean.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+class _RecordingProbe:
+    """Scores nothing; keeps what it was asked to score."""
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, features, labels):
+        self.seen.append(np.array(features))
+        return 0.5
+
+
+@pytest.mark.parametrize("name", ["bmvae_m", "bmvae_p"])
+def test_noise_levels_in_one_pass_equal_the_per_level_passes(name):
+    model = _tiny_model(name)
+    names = [spec.name for spec in model.modalities]
+    levels = [0.0, 0.3, 1.0]
+    scales = {"digit": 1.0, "street": 1.0}
+    probes = {schema.subset_key(s): _RecordingProbe() for s in schema.subset_names(names)}
+    baselines = {key: _RecordingProbe() for key in probes}
+    result = robustness.noisy_accuracy(model, _batches(model), probes, baselines, levels=levels,
+                                       scales=scales, seed=2)
+    assert result.num_test == 8
+    expected = _per_level_noisy_means(model, _batches(model), levels, scales, 2)
+    for key, probe in probes.items():
+        assert len(probe.seen) == len(levels)
+        for level_index, seen in enumerate(probe.seen):
+            np.testing.assert_array_equal(seen, expected[(level_index, key)], err_msg=f"{name} {key} {level_index}")
+    # The baseline saw the noisy inputs themselves: at level 0 the clean features.
+    clean = robustness.input_features(model.modalities, {n: np.concatenate([b[n] for b in _batches(model)])
+                                                         for n in names})
+    np.testing.assert_array_equal(baselines["digit+text"].seen[0],
+                                  robustness.subset_features(clean, ["digit", "text"]))
+    assert not np.array_equal(baselines["digit"].seen[1], clean["digit"])

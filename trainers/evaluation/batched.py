@@ -6,23 +6,25 @@ batch (63 x 6 on a six-view set), although each encoder only ever sees two disti
 modality's values or zeros. Encoding was most of the evaluation's compute.
 
 `run_all_subsets` yields what `run_subsets` yields, bit for bit, from one traced call per batch:
-the step builds each subset's inputs from the same two tensors per modality (the values, or one
-zeros tensor), and `encoders_once` makes the model's encoders return the output of their first
-call on a given tensor. Every expert is then computed once for real values and once for zeros,
-and each subset's posterior combines them exactly as before (an encoder's output on a tensor does
-not depend on which subset asked). The seeds are those of `run_subsets`' schemes, computed in the
-graph.
+each encoder runs once on its modality's values and once on zeros, and a tf.map_fn over the
+subsets runs the step's body with the encoders answering from those outputs
+(`encoders_selected`): an encoder's output on a subset's masked input is one of the two, so each
+subset's posterior combines exactly what it combined before. The graph holds one copy of the
+body whatever the number of subsets (63 on six views), so tracing stays cheap. The seeds are
+those of `run_subsets`' schemes, computed in the graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import tensorflow as tf
 
 from bmvae_tf import schema
-from bmvae_tf.trainers.evaluation.classifiers import batch_signature
+from bmvae_tf.trainers.evaluation.classifiers import batch_signature, predict_classes
+from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.subsets import SeedScheme
 
 # body(inputs {modality: [B, *shape]} with the absent ones zeroed, present bool [M], seed int32 [2])
@@ -30,80 +32,125 @@ Body = Callable[[Mapping[str, tf.Tensor], tf.Tensor, tf.Tensor], Any]
 
 
 @contextlib.contextmanager
-def encoders_once(model):
-    """While the block runs (a trace), the model's encoders are memoised by input tensor: a second
-    call on the same tensor returns the first call's output, so one graph holds one pass per
-    distinct input. A model without `encoders` (test stand-ins) is left as it is."""
+def encoders_selected(model, real: Sequence, zeros: Sequence, present: tf.Tensor):
+    """While the block runs (a trace), encoder m returns its precomputed output on the modality's
+    values, real[m], where present[m], and on zeros, zeros[m], elsewhere: what it computes on the
+    inputs of subset `present` with the absent modalities zeroed, without running again. A model
+    without `encoders` (test stand-ins) is left as it is and computes as usual."""
     originals = getattr(model, "encoders", None)
     if originals is None:
         yield
         return
-    memo: dict = {}
 
-    def once(index: int, encoder):
+    def selected(index: int):
         def call(x, *args, **kwargs):
-            if args or kwargs or not isinstance(x, tf.Tensor):
-                return encoder(x, *args, **kwargs)
-            key = (index, x.ref())
-            if key not in memo:
-                memo[key] = encoder(x)
-            return memo[key]
+            del x, args, kwargs  # the subset's masked input: its two possible outputs are known
+            return tf.nest.map_structure(lambda r, z: tf.where(present[index], r, z), real[index], zeros[index])
         return call
 
     # object.__setattr__: Keras would track the wrappers as layers; they live only for the trace.
-    object.__setattr__(model, "encoders", [once(i, e) for i, e in enumerate(originals)])
+    object.__setattr__(model, "encoders", [selected(i) for i in range(len(originals))])
     try:
         yield
     finally:
         object.__setattr__(model, "encoders", originals)
 
 
-def subset_seeds(scheme: SeedScheme, seed: tf.Tensor, batch_index: tf.Tensor, count: int) -> list[tf.Tensor]:
-    """The seeds int32 [2] `run_subsets` passes to subsets 0..count-1 of batch `batch_index`."""
+def subset_seed(scheme: SeedScheme, seed: tf.Tensor, batch_index: tf.Tensor, subset_index: tf.Tensor) -> tf.Tensor:
+    """The seed int32 [2] `run_subsets` passes to subset `subset_index` of batch `batch_index`."""
     fold = tf.random.experimental.stateless_fold_in
     if scheme is SeedScheme.BATCH_THEN_SUBSET:
-        batch_seed = fold(seed, batch_index)
-        return [fold(batch_seed, k) for k in range(count)]
+        return fold(fold(seed, batch_index), subset_index)
     if scheme is SeedScheme.BATCH:
-        return [fold(seed, batch_index)] * count
+        return fold(seed, batch_index)
     if scheme is SeedScheme.SUBSET:
-        return [fold(seed, k) for k in range(count)]
-    return [tf.zeros([2], tf.int32)] * count
+        return fold(seed, subset_index)
+    return tf.zeros([2], tf.int32)
 
 
-def subset_inputs(inputs: Mapping[str, tf.Tensor], names: Sequence[str],
-                  subsets: Sequence[Sequence[str]]) -> list[tuple[dict[str, tf.Tensor], tf.Tensor]]:
-    """(inputs with the absent modalities zeroed, present bool [M]) of every subset, built from
-    one zeros tensor per modality (so `encoders_once` sees two distinct inputs per encoder)."""
-    zeros = {n: tf.zeros_like(inputs[n]) for n in names}
-    return [({n: inputs[n] if n in subset else zeros[n] for n in names}, tf.constant([n in subset for n in names]))
-            for subset in subsets]
+def all_subsets_step(model, body: Body, subsets: Sequence[Sequence[str]], scheme: SeedScheme,
+                     output_signature) -> Callable:
+    """One tf.function (inputs, seed int32 [2], batch index int32 []) -> body's outputs stacked over
+    the subsets ([S, ...] each), traced once for every batch and for any number of subsets.
 
-
-def all_subsets_step(model, body: Body, subsets: Sequence[Sequence[str]], scheme: SeedScheme) -> Callable:
-    """One tf.function (inputs, seed int32 [2], batch index int32 []) -> [body's output per subset],
-    traced once for every batch."""
+    Each encoder runs twice per batch, on its modality's values and on zeros; a tf.map_fn over
+    the subsets then runs `body` on each subset's masked inputs with the encoders answering from
+    those two outputs (`encoders_selected`), so the graph holds one copy of `body`.
+    output_signature: body's output structure of dtypes (tf.map_fn's fn_output_signature).
+    """
     specs = list(model.modalities)
     names = [spec.name for spec in specs]
+    masks = tf.constant([[n in subset for n in names] for subset in subsets])                # [S, M]
+    encoders = getattr(model, "encoders", None)
 
     def step(inputs, seed, batch_index):
-        seeds = subset_seeds(scheme, seed, batch_index, len(subsets))
-        with encoders_once(model):
-            return [body(given, present, seeds[k])
-                    for k, (given, present) in enumerate(subset_inputs(inputs, names, subsets))]
+        real = zeros = None
+        if encoders is not None:
+            real = [encoder(inputs[n]) for n, encoder in zip(names, encoders)]
+            zeros = [encoder(tf.zeros_like(inputs[n])) for n, encoder in zip(names, encoders)]
+
+        def one(subset_index):
+            present = masks[subset_index]
+            with encoders_selected(model, real, zeros, present):
+                return body(subsets_lib.mask_inputs(inputs, present, names), present,
+                            subset_seed(scheme, seed, batch_index, subset_index))
+
+        return tf.map_fn(one, tf.range(len(subsets)), fn_output_signature=output_signature)
 
     return tf.function(step, input_signature=[batch_signature(specs), tf.TensorSpec([2], tf.int32),
                                               tf.TensorSpec([], tf.int32)])
 
 
 def run_all_subsets(model, body: Body, batches: Iterable[Mapping[str, tf.Tensor]],
-                    subsets: Sequence[Sequence[str]], *, seed: tf.Tensor | None = None,
-                    scheme: SeedScheme = SeedScheme.NONE) -> Iterator[tuple[Mapping, dict[str, Any]]]:
+                    subsets: Sequence[Sequence[str]], *, output_signature, seed: tf.Tensor | None = None,
+                    scheme: SeedScheme = SeedScheme.NONE,
+                    step: Callable | None = None) -> Iterator[tuple[Mapping, dict[str, Any]]]:
     """`subsets.run_subsets(masked_step(model.modalities, body), ...)` in one call per batch:
-    yields (batch, {subset key: body's output}) with the same values and seeds."""
+    yields (batch, {subset key: body's output}) with the same values and seeds. step: an
+    `all_subsets_step` of the same body and subsets already traced, to reuse."""
     names = [spec.name for spec in model.modalities]
-    step = all_subsets_step(model, body, subsets, scheme)
+    step = step or all_subsets_step(model, body, subsets, scheme, output_signature)
     seed = tf.zeros([2], tf.int32) if seed is None else seed
     for batch_index, batch in enumerate(batches):
         outputs = step({n: batch[n] for n in names}, seed, tf.constant(batch_index, tf.int32))
-        yield batch, {schema.subset_key(s): out for s, out in zip(subsets, outputs)}
+        yield batch, {schema.subset_key(s): tf.nest.map_structure(lambda t, k=k: t[k], outputs)
+                      for k, s in enumerate(subsets)}
+
+
+_POSTERIOR_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def posterior_step(model, subsets: Sequence[Sequence[str]]) -> Callable:
+    """The `all_subsets_step` of {"mean": posterior mean [B, D], "z": one posterior sample [B, D]}
+    with `SeedScheme.BATCH_THEN_SUBSET`, made once per model and subsets: the evaluation encodes
+    the train, test and noisy test splits with one traced graph."""
+    key = tuple(tuple(s) for s in subsets)
+    cache = _POSTERIOR_STEPS.setdefault(model, {})
+    if key not in cache:
+        def body(inputs, present, sample_seed):
+            posterior = model.posterior(inputs, present)
+            return {"mean": posterior.mean(), "z": posterior.sample(seed=sample_seed)}
+        cache[key] = all_subsets_step(model, body, subsets, SeedScheme.BATCH_THEN_SUBSET,
+                                      {"mean": tf.float32, "z": tf.float32})
+    return cache[key]
+
+
+_PREDICTION_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def prediction_step(model, classifiers: Mapping[str, Callable]) -> Callable:
+    """A tf.function z [N, D] -> [M, N]: every modality decoded from z and labelled by its
+    classifier, made once per model and classifiers (cross coherence and random coherence decode
+    with the same graph)."""
+    cache = _PREDICTION_STEPS.setdefault(model, {})
+    key = tuple((name, id(classifier)) for name, classifier in classifiers.items())
+    if key not in cache:
+        specs = list(model.modalities)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
+        def predict(z):
+            generated = model.generate(z)
+            return tf.stack([predict_classes(classifiers[s.name], s, generated[s.name]) for s in specs])
+
+        cache[key] = predict
+    return cache[key]

@@ -63,7 +63,7 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
                              tf.constant(batch_index, tf.int32))
         for subset in subsets:
             out = outputs[schema.subset_key(subset)]
-            means[schema.subset_key(subset)].append(out["mean"].numpy())
+            means[schema.subset_key(subset)].append(out["mean"])
             if "predictions" in out:
                 predicted = out["predictions"]                                # [M, B]
                 for m, name in enumerate(names):
@@ -81,34 +81,21 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
 def _all_subsets_encoder(model, subsets: list[tuple[str, ...]], classifiers: Mapping[str, Callable] | None):
     """(inputs, stream seed, batch index) -> {subset key: {"mean": [B, D], "predictions": [M, B]
     (with classifiers)}}: every subset encoded in one traced call with each encoder run once
-    (`batched`), and the posterior samples of all subsets decoded and classified as one batch
-    [S * B, D]. The draws are those of the per-subset loop (`SeedScheme.BATCH_THEN_SUBSET`)."""
-    specs = list(model.modalities)
-
-    def body(inputs, present, sample_seed):
-        posterior = model.posterior(inputs, present)
-        out = {"mean": posterior.mean()}
-        if classifiers is not None:
-            out["z"] = posterior.sample(seed=sample_seed)
-        return out
-
-    step = batched.all_subsets_step(model, body, subsets, subsets_lib.SeedScheme.BATCH_THEN_SUBSET)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
-    def decode_and_classify(z):
-        # Every modality is classified, including the given ones, to keep one graph for all
-        # subsets; the caller keeps the targets.
-        generated = model.generate(z)
-        return tf.stack([classifiers_lib.predict_classes(classifiers[spec.name], spec, generated[spec.name])
-                         for spec in specs])                                          # [M, S * B]
+    (`batched.posterior_step`), and the posterior samples of all subsets decoded and classified as
+    one batch [S * B, D]. The draws are those of the per-subset loop
+    (`SeedScheme.BATCH_THEN_SUBSET`)."""
+    step = batched.posterior_step(model, subsets)
+    predict = None if classifiers is None else batched.prediction_step(model, classifiers)
 
     def run(inputs, seed, batch_index):
-        outputs = step(inputs, seed, batch_index)
-        result = {schema.subset_key(s): {"mean": out["mean"]} for s, out in zip(subsets, outputs)}
-        if classifiers is not None:
-            predicted = decode_and_classify(tf.concat([out["z"] for out in outputs], 0)).numpy()
-            for subset, part in zip(subsets, np.split(predicted, len(subsets), axis=1)):
-                result[schema.subset_key(subset)]["predictions"] = part
+        outputs = step(inputs, seed, batch_index)                  # {"mean", "z"}: [S, B, D]
+        means = outputs["mean"].numpy()
+        result = {schema.subset_key(s): {"mean": means[k]} for k, s in enumerate(subsets)}
+        if predict is not None:
+            z = outputs["z"]
+            predicted = predict(tf.reshape(z, [-1, z.shape[-1]])).numpy()        # [M, S * B]
+            for k, part in enumerate(np.split(predicted, len(subsets), axis=1)):
+                result[schema.subset_key(subsets[k])]["predictions"] = part
         return result
 
     return run
