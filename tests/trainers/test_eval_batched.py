@@ -14,7 +14,7 @@ import tensorflow as tf
 from bmvae_tf import schema
 from bmvae_tf.models import MODELS
 from bmvae_tf.random_streams import EvalStream
-from bmvae_tf.trainers.evaluation import batched, classifiers as classifiers_lib, encodings, robustness
+from bmvae_tf.trainers.evaluation import batched, classifiers as classifiers_lib, encodings, probes, robustness
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from tests import synthetic
 
@@ -193,3 +193,16 @@ def test_noise_levels_in_one_pass_equal_the_per_level_passes(name):
     np.testing.assert_array_equal(baselines["digit+text"].seen[0],
                                   robustness.subset_features(clean, ["digit", "text"]))
     assert not np.array_equal(baselines["digit"].seen[1], clean["digit"])
+
+
+def test_probes_fitted_side_by_side_equal_lone_fits():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=300)
+    tasks = {key: (rng.normal(size=(300, width)) + labels[:, None], labels)
+             for key, width in (("a", 4), ("b", 30), ("a+b", 34))}
+    together = probes.fit_probes(tasks)
+    assert list(together) == ["a", "b", "a+b"]
+    for key, (features, y) in tasks.items():
+        alone = probes.fit_probe(features, y)
+        np.testing.assert_array_equal(together[key][-1].coef_, alone[-1].coef_)
+        np.testing.assert_array_equal(together[key].predict(features), alone.predict(features))

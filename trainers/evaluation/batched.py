@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import tensorflow as tf
 
-from bmvae_tf import schema
+from bmvae_tf import distributions, schema
 from bmvae_tf.trainers.evaluation.classifiers import batch_signature, predict_classes
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.subsets import SeedScheme
@@ -138,19 +138,22 @@ def posterior_step(model, subsets: Sequence[Sequence[str]]) -> Callable:
 _PREDICTION_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def prediction_step(model, classifiers: Mapping[str, Callable]) -> Callable:
-    """A tf.function z [N, D] -> [M, N]: every modality decoded from z and labelled by its
-    classifier, made once per model and classifiers (cross coherence and random coherence decode
-    with the same graph)."""
+def prediction_steps(model, classifiers: Mapping[str, Callable]) -> list[Callable]:
+    """Per modality m, a tf.function z [N, D] -> [N]: modality m decoded from z and labelled by its
+    classifier; made once per model and classifiers (cross coherence decodes only the modalities
+    a subset lacks, random coherence all of them, with the same graphs)."""
     cache = _PREDICTION_STEPS.setdefault(model, {})
     key = tuple((name, id(classifier)) for name, classifier in classifiers.items())
     if key not in cache:
-        specs = list(model.modalities)
+        def predicts(index, spec):
+            @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
+            def predict(z):
+                if hasattr(model, "decode_params"):  # only this modality's decoder
+                    generated = distributions.likelihood_mean(spec, model.decode_params(index, z))
+                else:  # a stand-in with `generate` alone
+                    generated = model.generate(z)[spec.name]
+                return predict_classes(classifiers[spec.name], spec, generated)
+            return predict
 
-        @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
-        def predict(z):
-            generated = model.generate(z)
-            return tf.stack([predict_classes(classifiers[s.name], s, generated[s.name]) for s in specs])
-
-        cache[key] = predict
+        cache[key] = [predicts(m, spec) for m, spec in enumerate(model.modalities)]
     return cache[key]

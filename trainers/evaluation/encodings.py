@@ -64,11 +64,8 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
         for subset in subsets:
             out = outputs[schema.subset_key(subset)]
             means[schema.subset_key(subset)].append(out["mean"])
-            if "predictions" in out:
-                predicted = out["predictions"]                                # [M, B]
-                for m, name in enumerate(names):
-                    if name not in subset:
-                        predictions.setdefault(subsets_lib.coherence_key(name, subset), []).append(predicted[m])
+            for name, predicted in out["predictions"].items():
+                predictions.setdefault(subsets_lib.coherence_key(name, subset), []).append(predicted)
         if "label" in batch:
             labels.append(np.asarray(batch["label"]))
     if not means[schema.subset_key(names)]:
@@ -79,23 +76,27 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
 
 
 def _all_subsets_encoder(model, subsets: list[tuple[str, ...]], classifiers: Mapping[str, Callable] | None):
-    """(inputs, stream seed, batch index) -> {subset key: {"mean": [B, D], "predictions": [M, B]
-    (with classifiers)}}: every subset encoded in one traced call with each encoder run once
-    (`batched.posterior_step`), and the posterior samples of all subsets decoded and classified as
-    one batch [S * B, D]. The draws are those of the per-subset loop
-    (`SeedScheme.BATCH_THEN_SUBSET`)."""
+    """(inputs, stream seed, batch index) -> {subset key: {"mean": [B, D], "predictions":
+    {target: [B]} (with classifiers)}}: every subset encoded in one traced call with each encoder
+    run once (`batched.posterior_step`); each modality t is decoded and classified once, from the
+    posterior samples of all subsets that lack it, as one batch. The draws are those of the
+    per-subset loop (`SeedScheme.BATCH_THEN_SUBSET`)."""
     step = batched.posterior_step(model, subsets)
-    predict = None if classifiers is None else batched.prediction_step(model, classifiers)
+    names = [spec.name for spec in model.modalities]
+    predicts = None if classifiers is None else batched.prediction_steps(model, classifiers)
+    lacking = {t: [k for k, s in enumerate(subsets) if t not in s] for t in names}
 
     def run(inputs, seed, batch_index):
         outputs = step(inputs, seed, batch_index)                  # {"mean", "z"}: [S, B, D]
         means = outputs["mean"].numpy()
-        result = {schema.subset_key(s): {"mean": means[k]} for k, s in enumerate(subsets)}
-        if predict is not None:
-            z = outputs["z"]
-            predicted = predict(tf.reshape(z, [-1, z.shape[-1]])).numpy()        # [M, S * B]
-            for k, part in enumerate(np.split(predicted, len(subsets), axis=1)):
-                result[schema.subset_key(subsets[k])]["predictions"] = part
+        result = {schema.subset_key(s): {"mean": means[k], "predictions": {}} for k, s in enumerate(subsets)}
+        for m, target in enumerate(names if predicts is not None else ()):
+            if not lacking[target]:
+                continue
+            z = tf.gather(outputs["z"], lacking[target])
+            predicted = predicts[m](tf.reshape(z, [-1, z.shape[-1]])).numpy()      # [S_t * B]
+            for k, part in zip(lacking[target], np.split(predicted, len(lacking[target]))):
+                result[schema.subset_key(subsets[k])]["predictions"][target] = part
         return result
 
     return run

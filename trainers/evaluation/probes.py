@@ -8,8 +8,11 @@ are judged alike.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import time
+from typing import Callable, Mapping
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -35,6 +38,19 @@ def fit_probe(features: np.ndarray, labels: np.ndarray):
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=_PROBE_MAX_ITER))
     with threadpool_limits(limits=SKLEARN_BLAS_THREADS):
         return probe.fit(features, labels)
+
+
+def fit_probes(tasks: Mapping[str, tuple[np.ndarray, np.ndarray]], fit: Callable = fit_probe) -> dict:
+    """{key: fit(features, labels)} for every (features, labels) in `tasks`, fitted side by side on
+    as many threads as there are cores. Each fit keeps one BLAS thread (the limit is set once
+    around all of them), so every probe is the one a lone fit makes; numpy and sklearn's loss
+    release the GIL in their loops, so the fits overlap."""
+    with threadpool_limits(limits=SKLEARN_BLAS_THREADS):
+        if len(tasks) < 2 or (os.cpu_count() or 1) < 2:
+            return {key: fit(*task) for key, task in tasks.items()}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count())) as pool:
+            futures = {key: pool.submit(fit, *task) for key, task in tasks.items()}
+            return {key: future.result() for key, future in futures.items()}
 
 
 def probe_accuracy(probe, features: np.ndarray, labels: np.ndarray) -> float:
@@ -71,9 +87,9 @@ def latent_probes(context: EvalContext) -> dict:
     """{subset key: probe fitted on the clean train means}, fitted once per evaluation."""
     if "latent_probes" not in context.shared:
         train = context.train_latents
-        context.shared["latent_probes"] = {
-            schema.subset_key(s): fit_latent_probe(train.means[schema.subset_key(s)], train.labels)
-            for s in context.subsets}
+        context.shared["latent_probes"] = fit_probes(
+            {schema.subset_key(s): (train.means[schema.subset_key(s)], train.labels) for s in context.subsets},
+            fit=fit_latent_probe)
     return context.shared["latent_probes"]
 
 

@@ -57,9 +57,11 @@ def sample_gmm(gmm: GaussianMixture, num: int, seed: int) -> np.ndarray:
 def generated_predictions(model, classifiers: Mapping[str, Callable], z: np.ndarray,
                           batch_size: int) -> np.ndarray:
     """Decodes latents z [N, D] into every modality and classifies them: [M, N] class ids."""
-    step = batched.prediction_step(model, classifiers)
-    parts = [step(tf.constant(z[i:i + batch_size], tf.float32)).numpy()
-             for i in range(0, len(z), batch_size)]
+    steps = batched.prediction_steps(model, classifiers)
+    parts = []
+    for i in range(0, len(z), batch_size):
+        z_batch = tf.constant(z[i:i + batch_size], tf.float32)
+        parts.append(np.stack([predict(z_batch).numpy() for predict in steps]))
     return np.concatenate(parts, axis=1)
 
 

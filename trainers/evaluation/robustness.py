@@ -42,7 +42,7 @@ from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.classifiers import batch_signature
 from bmvae_tf.trainers.evaluation.context import EvalContext
-from bmvae_tf.trainers.evaluation.probes import fit_probe, latent_probes, probe_accuracy
+from bmvae_tf.trainers.evaluation.probes import fit_probes, latent_probes, probe_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -277,8 +277,8 @@ def robustness_stage(context: EvalContext) -> None:
     if baseline_examples:
         features, labels = collect_features(context.manifest.modalities, context.batches(
             "train", limit=min(baseline_examples, config.max_examples or baseline_examples)))
-        baselines = {schema.subset_key(s): fit_probe(subset_features(features, s), labels)
-                     for s in schema.subset_names(names)}
+        baselines = fit_probes({schema.subset_key(s): (subset_features(features, s), labels)
+                                for s in schema.subset_names(names)})
         baseline_examples = len(labels)
     scales = noise_scales(context.manifest.modalities, context.batches("test"))
     result = noisy_accuracy(context.model, context.batches("test"), latent_probes(context), baselines,
