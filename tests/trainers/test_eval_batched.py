@@ -170,6 +170,10 @@ class _RecordingProbe:
         self.seen.append(np.array(features))
         return 0.5
 
+    def predict(self, features):
+        self.seen.append(np.array(features))
+        return np.zeros(len(features), np.int64)
+
 
 @pytest.mark.parametrize("name", ["bmvae_m", "bmvae_p"])
 def test_noise_levels_in_one_pass_equal_the_per_level_passes(name):
@@ -187,12 +191,13 @@ def test_noise_levels_in_one_pass_equal_the_per_level_passes(name):
         assert len(probe.seen) == len(levels)
         for level_index, seen in enumerate(probe.seen):
             np.testing.assert_array_equal(seen, expected[(level_index, key)], err_msg=f"{name} {key} {level_index}")
-    # The baseline saw the noisy inputs themselves: at level 0 the clean features.
-    clean = robustness.input_features(model.modalities, {n: np.concatenate([b[n] for b in _batches(model)])
-                                                         for n in names})
+    # The baseline saw the noisy inputs themselves, batch by batch (level 0 of batch 0, then the
+    # other levels): at level 0 the clean features.
+    clean = robustness.input_features(model.modalities, {n: _batches(model)[0][n] for n in names})
     np.testing.assert_array_equal(baselines["digit+text"].seen[0],
                                   robustness.subset_features(clean, ["digit", "text"]))
     assert not np.array_equal(baselines["digit"].seen[1], clean["digit"])
+    assert len(baselines["digit"].seen) == len(levels) * 2 and result.baseline_accuracy["digit"] == [3 / 8] * 3
 
 
 def test_probes_fitted_side_by_side_equal_lone_fits():
@@ -206,3 +211,13 @@ def test_probes_fitted_side_by_side_equal_lone_fits():
         alone = probes.fit_probe(features, y)
         np.testing.assert_array_equal(together[key][-1].coef_, alone[-1].coef_)
         np.testing.assert_array_equal(together[key].predict(features), alone.predict(features))
+
+
+def test_counting_correct_predictions_batch_by_batch_is_the_probe_score():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=1000)
+    features = rng.normal(size=(1000, 50)) + 0.3 * labels[:, None]
+    probe = probes.fit_probe(features[:500], labels[:500])
+    counted = sum(robustness._count_correct(probe, features[i:i + 128], labels[i:i + 128])
+                  for i in range(500, 1000, 128))
+    assert counted / 500 == probe.score(features[500:], labels[500:])

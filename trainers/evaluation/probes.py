@@ -41,15 +41,20 @@ def fit_probe(features: np.ndarray, labels: np.ndarray):
 
 
 def fit_probes(tasks: Mapping[str, tuple[np.ndarray, np.ndarray]], fit: Callable = fit_probe) -> dict:
-    """{key: fit(features, labels)} for every (features, labels) in `tasks`, fitted side by side on
-    as many threads as there are cores. Each fit keeps one BLAS thread (the limit is set once
-    around all of them), so every probe is the one a lone fit makes; numpy and sklearn's loss
-    release the GIL in their loops, so the fits overlap."""
+    """{key: fit(features, labels)} for every (features, labels) in `tasks`, fitted side by side
+    (`side_by_side`): every probe is the one a lone fit makes."""
+    return side_by_side(fit, tasks)
+
+
+def side_by_side(fn: Callable, tasks: Mapping[str, tuple]) -> dict:
+    """{key: fn(*args)} for every args in `tasks`, on as many threads as there are cores. BLAS keeps
+    one thread (the limit is set once around all of them), so each result is the one a lone call
+    gives; numpy and sklearn's loss release the GIL in their loops, so the calls overlap."""
     with threadpool_limits(limits=SKLEARN_BLAS_THREADS):
         if len(tasks) < 2 or (os.cpu_count() or 1) < 2:
-            return {key: fit(*task) for key, task in tasks.items()}
+            return {key: fn(*args) for key, args in tasks.items()}
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count())) as pool:
-            futures = {key: pool.submit(fit, *task) for key, task in tasks.items()}
+            futures = {key: pool.submit(fn, *args) for key, args in tasks.items()}
             return {key: future.result() for key, future in futures.items()}
 
 

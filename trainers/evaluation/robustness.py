@@ -42,7 +42,7 @@ from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.classifiers import batch_signature
 from bmvae_tf.trainers.evaluation.context import EvalContext
-from bmvae_tf.trainers.evaluation.probes import fit_probes, latent_probes, probe_accuracy
+from bmvae_tf.trainers.evaluation.probes import fit_probes, latent_probes, probe_accuracy, side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -217,34 +217,37 @@ def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object]
     specs = list(model.modalities)
     names = [s.name for s in specs]
     subsets = schema.subset_names(names)
+    keys = [schema.subset_key(s) for s in subsets]
     step = _noisy_means_step(model, scales, subsets, seed)
-    means = [{schema.subset_key(s): [] for s in subsets} for _ in levels]
-    features: list[dict[str, list]] = [{n: [] for n in names} for _ in levels]
+    means = [{key: [] for key in keys} for _ in levels]
+    correct = {(key, i): 0 for key in keys for i in range(len(levels))} if baselines else {}
     labels = []
     for batch_index, batch in enumerate(batches):
-        inputs = {n: batch[n] for n in names}
+        inputs, batch_labels = {n: batch[n] for n in names}, np.asarray(batch["label"])
         for level_index, level in enumerate(levels):
             noisy, level_means = step(inputs, tf.constant(level, tf.float32), tf.constant(level_index, tf.int32),
                                       tf.constant(batch_index, tf.int32))
-            for subset, mean in zip(subsets, level_means.numpy()):
-                means[level_index][schema.subset_key(subset)].append(mean)
-            if baselines:
-                for name, value in input_features(specs, {n: noisy[n].numpy() for n in names}).items():
-                    features[level_index][name].append(value)
-        labels.append(np.asarray(batch["label"]))
+            for key, mean in zip(keys, level_means.numpy()):
+                means[level_index][key].append(mean)
+            if baselines:  # scored batch by batch: the noisy inputs of every level never pile up
+                features = input_features(specs, {n: noisy[n].numpy() for n in names})
+                hits = side_by_side(_count_correct, {key: (baselines[key], subset_features(features, s), batch_labels)
+                                                     for key, s in zip(keys, subsets)})
+                for key, count in hits.items():
+                    correct[key, level_index] += count
+        labels.append(batch_labels)
     labels = np.concatenate(labels)
-    latent = {schema.subset_key(s): [] for s in subsets}
-    baseline = {key: [] for key in latent if key in baselines}
-    for level_index in range(len(levels)):
-        for key in latent:
-            latent[key].append(probe_accuracy(probes[key], np.concatenate(means[level_index][key]), labels))
-        if baselines:
-            joined = {n: np.concatenate(v) for n, v in features[level_index].items()}
-            for subset in subsets:
-                key = schema.subset_key(subset)
-                baseline[key].append(probe_accuracy(baselines[key], subset_features(joined, subset), labels))
+    scores = side_by_side(probe_accuracy, {(key, i): (probes[key], np.concatenate(means[i][key]), labels)
+                                           for i in range(len(levels)) for key in keys})
+    latent = {key: [scores[key, i] for i in range(len(levels))] for key in keys}
+    # correct / N is probe.score's mean of (prediction == label): the predictions are row by row.
+    baseline = {key: [correct[key, i] / len(labels) for i in range(len(levels))] for key in keys if baselines}
     return RobustnessResult(levels=[float(v) for v in levels], latent_accuracy=latent,
                             baseline_accuracy=baseline, num_test=len(labels))
+
+
+def _count_correct(probe, features: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.sum(probe.predict(features) == labels))
 
 
 def _noisy_means_step(model, scales: Mapping[str, float], subsets, seed: int):
