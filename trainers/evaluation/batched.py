@@ -138,22 +138,25 @@ def posterior_step(model, subsets: Sequence[Sequence[str]]) -> Callable:
 _PREDICTION_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def prediction_steps(model, classifiers: Mapping[str, Callable]) -> list[Callable]:
-    """Per modality m, a tf.function z [N, D] -> [N]: modality m decoded from z and labelled by its
-    classifier; made once per model and classifiers (cross coherence decodes only the modalities
-    a subset lacks, random coherence all of them, with the same graphs)."""
+def prediction_step(model, classifiers: Mapping[str, Callable]) -> Callable:
+    """A tf.function ([z_m [N_m, D] for every modality m]) -> [classes [N_m] of modality m decoded
+    from z_m and labelled by its classifier]: each modality decodes only its own latents (cross
+    coherence decodes for a modality the samples of the subsets that lack it, random coherence the
+    same latents for all). Made and traced once per model and classifiers."""
     cache = _PREDICTION_STEPS.setdefault(model, {})
     key = tuple((name, id(classifier)) for name, classifier in classifiers.items())
     if key not in cache:
-        def predicts(index, spec):
-            @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
-            def predict(z):
-                if hasattr(model, "decode_params"):  # only this modality's decoder
-                    generated = distributions.likelihood_mean(spec, model.decode_params(index, z))
-                else:  # a stand-in with `generate` alone
-                    generated = model.generate(z)[spec.name]
-                return predict_classes(classifiers[spec.name], spec, generated)
-            return predict
+        specs = list(model.modalities)
 
-        cache[key] = [predicts(m, spec) for m, spec in enumerate(model.modalities)]
+        def decode(index, spec, z):
+            if hasattr(model, "decode_params"):  # only this modality's decoder
+                return distributions.likelihood_mean(spec, model.decode_params(index, z))
+            return model.generate(z)[spec.name]  # a stand-in with `generate` alone
+
+        @tf.function(input_signature=[[tf.TensorSpec([None, model.latent_dim], tf.float32) for _ in specs]])
+        def predict(latents):
+            return [predict_classes(classifiers[spec.name], spec, decode(m, spec, z))
+                    for m, (spec, z) in enumerate(zip(specs, latents))]
+
+        cache[key] = predict
     return cache[key]

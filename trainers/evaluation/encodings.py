@@ -83,19 +83,19 @@ def _all_subsets_encoder(model, subsets: list[tuple[str, ...]], classifiers: Map
     per-subset loop (`SeedScheme.BATCH_THEN_SUBSET`)."""
     step = batched.posterior_step(model, subsets)
     names = [spec.name for spec in model.modalities]
-    predicts = None if classifiers is None else batched.prediction_steps(model, classifiers)
+    predict = None if classifiers is None else batched.prediction_step(model, classifiers)
     lacking = {t: [k for k, s in enumerate(subsets) if t not in s] for t in names}
 
     def run(inputs, seed, batch_index):
         outputs = step(inputs, seed, batch_index)                  # {"mean", "z"}: [S, B, D]
         means = outputs["mean"].numpy()
         result = {schema.subset_key(s): {"mean": means[k], "predictions": {}} for k, s in enumerate(subsets)}
-        for m, target in enumerate(names if predicts is not None else ()):
-            if not lacking[target]:
-                continue
-            z = tf.gather(outputs["z"], lacking[target])
-            predicted = predicts[m](tf.reshape(z, [-1, z.shape[-1]])).numpy()      # [S_t * B]
-            for k, part in zip(lacking[target], np.split(predicted, len(lacking[target]))):
+        if predict is None:
+            return result
+        z = outputs["z"]
+        latents = [tf.reshape(tf.gather(z, lacking[t]), [-1, z.shape[-1]]) for t in names]   # [S_t * B, D]
+        for target, predicted in zip(names, predict(latents)):
+            for k, part in zip(lacking[target], np.split(predicted.numpy(), max(len(lacking[target]), 1))):
                 result[schema.subset_key(subsets[k])]["predictions"][target] = part
         return result
 

@@ -57,11 +57,11 @@ def sample_gmm(gmm: GaussianMixture, num: int, seed: int) -> np.ndarray:
 def generated_predictions(model, classifiers: Mapping[str, Callable], z: np.ndarray,
                           batch_size: int) -> np.ndarray:
     """Decodes latents z [N, D] into every modality and classifies them: [M, N] class ids."""
-    steps = batched.prediction_steps(model, classifiers)
+    predict = batched.prediction_step(model, classifiers)
     parts = []
     for i in range(0, len(z), batch_size):
         z_batch = tf.constant(z[i:i + batch_size], tf.float32)
-        parts.append(np.stack([predict(z_batch).numpy() for predict in steps]))
+        parts.append(np.stack([p.numpy() for p in predict([z_batch] * len(model.modalities))]))
     return np.concatenate(parts, axis=1)
 
 
