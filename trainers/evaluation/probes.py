@@ -47,15 +47,34 @@ def fit_probes(tasks: Mapping[str, tuple[np.ndarray, np.ndarray]], fit: Callable
 
 
 def side_by_side(fn: Callable, tasks: Mapping[str, tuple]) -> dict:
-    """{key: fn(*args)} for every args in `tasks`, on as many threads as there are cores. BLAS keeps
-    one thread (the limit is set once around all of them), so each result is the one a lone call
-    gives; numpy and sklearn's loss release the GIL in their loops, so the calls overlap."""
-    with threadpool_limits(limits=SKLEARN_BLAS_THREADS):
-        if len(tasks) < 2 or (os.cpu_count() or 1) < 2:
+    """{key: fn(*args)} for every args in `tasks`, on as many threads as there are cores
+    (`SideBySide`)."""
+    with SideBySide() as run:
+        return run(fn, tasks)
+
+
+class SideBySide:
+    """A context whose call `run(fn, tasks)` -> {key: fn(*args)} runs the tasks on as many threads
+    as there are cores. BLAS keeps one thread (the limit is set once for the whole context), so
+    each result is the one a lone call gives; numpy and sklearn's loss release the GIL in their
+    loops, so the calls overlap. One context serves many calls (robustness scores every batch)."""
+
+    def __enter__(self):
+        self._limits = threadpool_limits(limits=SKLEARN_BLAS_THREADS)
+        workers = os.cpu_count() or 1
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        return self
+
+    def __call__(self, fn: Callable, tasks: Mapping[str, tuple]) -> dict:
+        if self._pool is None or len(tasks) < 2:
             return {key: fn(*args) for key, args in tasks.items()}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(tasks), os.cpu_count())) as pool:
-            futures = {key: pool.submit(fn, *args) for key, args in tasks.items()}
-            return {key: future.result() for key, future in futures.items()}
+        futures = {key: self._pool.submit(fn, *args) for key, args in tasks.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+    def __exit__(self, *exc_info):
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._limits.restore_original_limits()
 
 
 def probe_accuracy(probe, features: np.ndarray, labels: np.ndarray) -> float:

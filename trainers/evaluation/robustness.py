@@ -42,7 +42,7 @@ from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.classifiers import batch_signature
 from bmvae_tf.trainers.evaluation.context import EvalContext
-from bmvae_tf.trainers.evaluation.probes import fit_probes, latent_probes, probe_accuracy, side_by_side
+from bmvae_tf.trainers.evaluation.probes import SideBySide, fit_probes, latent_probes, probe_accuracy, side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -222,20 +222,21 @@ def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object]
     means = [{key: [] for key in keys} for _ in levels]
     correct = {(key, i): 0 for key in keys for i in range(len(levels))} if baselines else {}
     labels = []
-    for batch_index, batch in enumerate(batches):
-        inputs, batch_labels = {n: batch[n] for n in names}, np.asarray(batch["label"])
-        for level_index, level in enumerate(levels):
-            noisy, level_means = step(inputs, tf.constant(level, tf.float32), tf.constant(level_index, tf.int32),
-                                      tf.constant(batch_index, tf.int32))
-            for key, mean in zip(keys, level_means.numpy()):
-                means[level_index][key].append(mean)
-            if baselines:  # scored batch by batch: the noisy inputs of every level never pile up
-                features = input_features(specs, {n: noisy[n].numpy() for n in names})
-                hits = side_by_side(_count_correct, {key: (baselines[key], subset_features(features, s), batch_labels)
-                                                     for key, s in zip(keys, subsets)})
-                for key, count in hits.items():
-                    correct[key, level_index] += count
-        labels.append(batch_labels)
+    with SideBySide() as run:
+        for batch_index, batch in enumerate(batches):
+            inputs, batch_labels = {n: batch[n] for n in names}, np.asarray(batch["label"])
+            for level_index, level in enumerate(levels):
+                noisy, level_means = step(inputs, tf.constant(level, tf.float32), tf.constant(level_index, tf.int32),
+                                          tf.constant(batch_index, tf.int32))
+                for key, mean in zip(keys, level_means.numpy()):
+                    means[level_index][key].append(mean)
+                if baselines:  # scored batch by batch: the noisy inputs of every level never pile up
+                    features = input_features(specs, {n: noisy[n].numpy() for n in names})
+                    hits = run(_count_correct, {key: (baselines[key], subset_features(features, s), batch_labels)
+                                                for key, s in zip(keys, subsets)})
+                    for key, count in hits.items():
+                        correct[key, level_index] += count
+            labels.append(batch_labels)
     labels = np.concatenate(labels)
     scores = side_by_side(probe_accuracy, {(key, i): (probes[key], np.concatenate(means[i][key]), labels)
                                            for i in range(len(levels)) for key in keys})
