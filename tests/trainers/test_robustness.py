@@ -137,10 +137,13 @@ class _ArgmaxProbe:
     def __init__(self, columns: int = NUM_CLASSES):
         self.columns = columns
 
-    def score(self, features, labels):
+    def predict(self, features):
         features = np.asarray(features)
         total = sum(features[:, i:i + self.columns] for i in range(0, features.shape[1], self.columns))
-        return float(np.mean(np.argmax(total, axis=1) == labels))
+        return np.argmax(total, axis=1)
+
+    def score(self, features, labels):
+        return float(np.mean(self.predict(features) == labels))
 
 
 def _code_batches(num: int = 400):

@@ -16,6 +16,7 @@ import tensorflow as tf
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 
@@ -53,33 +54,18 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
     specs = list(model.modalities)
     names = [spec.name for spec in specs]
     subsets = schema.subset_names(names)
-
-    def encode(inputs, present, sample_seed):
-        posterior = model.posterior(inputs, present)
-        out = {"mean": posterior.mean()}
-        if classifiers is not None:
-            # Every modality is classified, including the given ones, to keep one graph for all
-            # subsets; the loop below keeps the targets.
-            generated = model.generate(posterior.sample(seed=sample_seed))
-            out["predictions"] = tf.stack([classifiers_lib.predict_classes(
-                classifiers[spec.name], spec, generated[spec.name]) for spec in specs])
-        return out
-
+    outputs_of = _all_subsets_encoder(model, subsets, classifiers)
     means: dict[str, list] = {schema.subset_key(s): [] for s in subsets}
     predictions: dict[str, list] = {}
     labels = []
-    for batch, outputs in subsets_lib.run_subsets(
-            subsets_lib.masked_step(specs, encode), batches, names, subsets,
-            seed=subsets_lib.stream_seed(seed, EvalStream.COHERENCE),
-            scheme=subsets_lib.SeedScheme.BATCH_THEN_SUBSET):
+    for batch_index, batch in enumerate(batches):
+        outputs = outputs_of({n: batch[n] for n in names}, subsets_lib.stream_seed(seed, EvalStream.COHERENCE),
+                             tf.constant(batch_index, tf.int32))
         for subset in subsets:
             out = outputs[schema.subset_key(subset)]
-            means[schema.subset_key(subset)].append(out["mean"].numpy())
-            if "predictions" in out:
-                predicted = out["predictions"].numpy()                        # [M, B]
-                for m, name in enumerate(names):
-                    if name not in subset:
-                        predictions.setdefault(subsets_lib.coherence_key(name, subset), []).append(predicted[m])
+            means[schema.subset_key(subset)].append(out["mean"])
+            for name, predicted in out["predictions"].items():
+                predictions.setdefault(subsets_lib.coherence_key(name, subset), []).append(predicted)
         if "label" in batch:
             labels.append(np.asarray(batch["label"]))
     if not means[schema.subset_key(names)]:
@@ -87,3 +73,30 @@ def encode_split(model, batches: Iterable[Mapping[str, tf.Tensor]], *,
     return SplitLatents(labels=np.concatenate(labels) if labels else None,
                         means={k: np.concatenate(v) for k, v in means.items()},
                         cross_predictions={k: np.concatenate(v) for k, v in predictions.items()})
+
+
+def _all_subsets_encoder(model, subsets: list[tuple[str, ...]], classifiers: Mapping[str, Callable] | None):
+    """(inputs, stream seed, batch index) -> {subset key: {"mean": [B, D], "predictions":
+    {target: [B]} (with classifiers)}}: every subset encoded in one traced call with each encoder
+    run once (`batched.posterior_step`); each modality t is decoded and classified once, from the
+    posterior samples of all subsets that lack it, as one batch. The draws are those of the
+    per-subset loop (`SeedScheme.BATCH_THEN_SUBSET`)."""
+    step = batched.posterior_step(model, subsets)
+    names = [spec.name for spec in model.modalities]
+    predict = None if classifiers is None else batched.prediction_step(model, classifiers)
+    lacking = {t: [k for k, s in enumerate(subsets) if t not in s] for t in names}
+
+    def run(inputs, seed, batch_index):
+        outputs = step(inputs, seed, batch_index)                  # {"mean", "z"}: [S, B, D]
+        means = outputs["mean"].numpy()
+        result = {schema.subset_key(s): {"mean": means[k], "predictions": {}} for k, s in enumerate(subsets)}
+        if predict is None:
+            return result
+        z = outputs["z"]
+        latents = [tf.reshape(tf.gather(z, lacking[t]), [-1, z.shape[-1]]) for t in names]   # [S_t * B, D]
+        for target, predicted in zip(names, predict(latents)):
+            for k, part in zip(lacking[target], np.split(predicted.numpy(), max(len(lacking[target]), 1))):
+                result[schema.subset_key(subsets[k])]["predictions"][target] = part
+        return result
+
+    return run

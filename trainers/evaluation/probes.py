@@ -8,8 +8,11 @@ are judged alike.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import time
+from typing import Callable, Mapping
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -35,6 +38,43 @@ def fit_probe(features: np.ndarray, labels: np.ndarray):
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=_PROBE_MAX_ITER))
     with threadpool_limits(limits=SKLEARN_BLAS_THREADS):
         return probe.fit(features, labels)
+
+
+def fit_probes(tasks: Mapping[str, tuple[np.ndarray, np.ndarray]], fit: Callable = fit_probe) -> dict:
+    """{key: fit(features, labels)} for every (features, labels) in `tasks`, fitted side by side
+    (`side_by_side`): every probe is the one a lone fit makes."""
+    return side_by_side(fit, tasks)
+
+
+def side_by_side(fn: Callable, tasks: Mapping[str, tuple]) -> dict:
+    """{key: fn(*args)} for every args in `tasks`, on as many threads as there are cores
+    (`SideBySide`)."""
+    with SideBySide() as run:
+        return run(fn, tasks)
+
+
+class SideBySide:
+    """A context whose call `run(fn, tasks)` -> {key: fn(*args)} runs the tasks on as many threads
+    as there are cores. BLAS keeps one thread (the limit is set once for the whole context), so
+    each result is the one a lone call gives; numpy and sklearn's loss release the GIL in their
+    loops, so the calls overlap. One context serves many calls (robustness scores every batch)."""
+
+    def __enter__(self):
+        self._limits = threadpool_limits(limits=SKLEARN_BLAS_THREADS)
+        workers = os.cpu_count() or 1
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+        return self
+
+    def __call__(self, fn: Callable, tasks: Mapping[str, tuple]) -> dict:
+        if self._pool is None or len(tasks) < 2:
+            return {key: fn(*args) for key, args in tasks.items()}
+        futures = {key: self._pool.submit(fn, *args) for key, args in tasks.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+    def __exit__(self, *exc_info):
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._limits.restore_original_limits()
 
 
 def probe_accuracy(probe, features: np.ndarray, labels: np.ndarray) -> float:
@@ -71,9 +111,9 @@ def latent_probes(context: EvalContext) -> dict:
     """{subset key: probe fitted on the clean train means}, fitted once per evaluation."""
     if "latent_probes" not in context.shared:
         train = context.train_latents
-        context.shared["latent_probes"] = {
-            schema.subset_key(s): fit_latent_probe(train.means[schema.subset_key(s)], train.labels)
-            for s in context.subsets}
+        context.shared["latent_probes"] = fit_probes(
+            {schema.subset_key(s): (train.means[schema.subset_key(s)], train.labels) for s in context.subsets},
+            fit=fit_latent_probe)
     return context.shared["latent_probes"]
 
 

@@ -18,7 +18,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema
-from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
+from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation.coherence import joint_coherence
 from bmvae_tf.trainers.evaluation.context import EvalContext
 from bmvae_tf.trainers.evaluation.probes import SKLEARN_BLAS_THREADS
@@ -57,16 +57,11 @@ def sample_gmm(gmm: GaussianMixture, num: int, seed: int) -> np.ndarray:
 def generated_predictions(model, classifiers: Mapping[str, Callable], z: np.ndarray,
                           batch_size: int) -> np.ndarray:
     """Decodes latents z [N, D] into every modality and classifies them: [M, N] class ids."""
-    specs = list(model.modalities)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, model.latent_dim], tf.float32)])
-    def step(z_batch):
-        generated = model.generate(z_batch)
-        return tf.stack([classifiers_lib.predict_classes(classifiers[s.name], s, generated[s.name])
-                         for s in specs])
-
-    parts = [step(tf.constant(z[i:i + batch_size], tf.float32)).numpy()
-             for i in range(0, len(z), batch_size)]
+    predict = batched.prediction_step(model, classifiers)
+    parts = []
+    for i in range(0, len(z), batch_size):
+        z_batch = tf.constant(z[i:i + batch_size], tf.float32)
+        parts.append(np.stack([p.numpy() for p in predict([z_batch] * len(model.modalities))]))
     return np.concatenate(parts, axis=1)
 
 

@@ -38,10 +38,11 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.random_streams import EvalStream
+from bmvae_tf.trainers.evaluation import batched
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.classifiers import batch_signature
 from bmvae_tf.trainers.evaluation.context import EvalContext
-from bmvae_tf.trainers.evaluation.probes import fit_probe, latent_probes, probe_accuracy
+from bmvae_tf.trainers.evaluation.probes import SideBySide, fit_probes, latent_probes, probe_accuracy, side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +201,13 @@ def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object]
 
     For each level, each test batch is corrupted once (`add_noise`, seeded by the run's seed,
     the level's index and the batch's index); every subset encodes its own modalities of that
-    noisy batch (the others are absent), and its baseline sees the same noisy values.
+    noisy batch (the others are absent), and its baseline sees the same noisy values. The split is
+    read once: each batch is corrupted at every level by one traced step that also encodes every
+    subset with each encoder run once (`batched`).
 
     Args:
       model: a MultimodalVAE.
-      batches: the test split, {modality: [B, *shape], "label": [B]}; iterated once per level.
+      batches: the test split, {modality: [B, *shape], "label": [B]}; iterated once.
       probes: {subset key: fitted classifier of posterior means [N, D]} (fitted on clean train).
       baselines: {subset key: fitted classifier of `subset_features`}; may be empty.
       levels: increasing noise levels, normally starting at 0 (the clean accuracy).
@@ -212,51 +215,61 @@ def noisy_accuracy(model, batches: tf.data.Dataset, probes: Mapping[str, object]
       seed: the run's seed.
     """
     specs = list(model.modalities)
-    subsets = schema.subset_names([s.name for s in specs])
+    names = [s.name for s in specs]
+    subsets = schema.subset_names(names)
+    keys = [schema.subset_key(s) for s in subsets]
+    step = _noisy_means_step(model, scales, subsets, seed)
+    means = [{key: [] for key in keys} for _ in levels]
+    correct = {(key, i): 0 for key in keys for i in range(len(levels))} if baselines else {}
+    labels = []
+    with SideBySide() as run:
+        for batch_index, batch in enumerate(batches):
+            inputs, batch_labels = {n: batch[n] for n in names}, np.asarray(batch["label"])
+            for level_index, level in enumerate(levels):
+                noisy, level_means = step(inputs, tf.constant(level, tf.float32), tf.constant(level_index, tf.int32),
+                                          tf.constant(batch_index, tf.int32))
+                for key, mean in zip(keys, level_means.numpy()):
+                    means[level_index][key].append(mean)
+                if baselines:  # scored batch by batch: the noisy inputs of every level never pile up
+                    features = input_features(specs, {n: noisy[n].numpy() for n in names})
+                    hits = run(_count_correct, {key: (baselines[key], subset_features(features, s), batch_labels)
+                                                for key, s in zip(keys, subsets)})
+                    for key, count in hits.items():
+                        correct[key, level_index] += count
+            labels.append(batch_labels)
+    labels = np.concatenate(labels)
+    scores = side_by_side(probe_accuracy, {(key, i): (probes[key], np.concatenate(means[i][key]), labels)
+                                           for i in range(len(levels)) for key in keys})
+    latent = {key: [scores[key, i] for i in range(len(levels))] for key in keys}
+    # correct / N is probe.score's mean of (prediction == label): the predictions are row by row.
+    baseline = {key: [correct[key, i] / len(labels) for i in range(len(levels))] for key in keys if baselines}
+    return RobustnessResult(levels=[float(v) for v in levels], latent_accuracy=latent,
+                            baseline_accuracy=baseline, num_test=len(labels))
+
+
+def _count_correct(probe, features: np.ndarray, labels: np.ndarray) -> int:
+    return int(np.sum(probe.predict(features) == labels))
+
+
+def _noisy_means_step(model, scales: Mapping[str, float], subsets, seed: int):
+    """(inputs, level, level index, batch index) -> (the noisy batch, posterior means [S, B, D] of
+    every subset of it): the noise seeded by fold_in(fold_in(stream seed, level index), batch index),
+    the means by the evaluation's one encoding graph (`batched.posterior_step`)."""
+    specs = list(model.modalities)
+    base_seed = subsets_lib.stream_seed(seed, EvalStream.ROBUSTNESS_NOISE)
+    encode = batched.posterior_step(model, subsets)
 
     @tf.function(input_signature=[batch_signature(specs), tf.TensorSpec([], tf.float32),
-                                  tf.TensorSpec([2], tf.int32)])
-    def corrupt(inputs, level, batch_seed):
-        return add_noise(specs, inputs, level, scales, batch_seed)
+                                  tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+    def corrupt(inputs, level, level_index, batch_index):
+        fold = tf.random.experimental.stateless_fold_in
+        return add_noise(specs, inputs, level, scales, fold(fold(base_seed, level_index), batch_index))
 
-    encode = subsets_lib.masked_step(specs, lambda inputs, present, _: model.posterior(inputs, present).mean())
-    base_seed = subsets_lib.stream_seed(seed, EvalStream.ROBUSTNESS_NOISE)
-    latent = {schema.subset_key(s): [] for s in subsets}
-    baseline = {key: [] for key in latent if key in baselines}
-    num_test = 0
-    for level_index, level in enumerate(levels):
-        level_seed = tf.random.experimental.stateless_fold_in(base_seed, level_index)
-        noisy = ({**corrupt({s.name: batch[s.name] for s in specs}, tf.constant(level, tf.float32),
-                            tf.random.experimental.stateless_fold_in(level_seed, index)),
-                  "label": batch["label"]} for index, batch in enumerate(batches))
-        means, features, labels = _encode_noisy(specs, encode, noisy, subsets, with_features=bool(baselines))
-        num_test = len(labels)
-        for key in latent:
-            latent[key].append(probe_accuracy(probes[key], means[key], labels))
-        for subset in subsets if baselines else ():
-            key = schema.subset_key(subset)
-            baseline[key].append(probe_accuracy(baselines[key], subset_features(features, subset), labels))
-    return RobustnessResult(levels=[float(v) for v in levels], latent_accuracy=latent,
-                            baseline_accuracy=baseline, num_test=num_test)
+    def step(inputs, level, level_index, batch_index):
+        noisy = corrupt(inputs, level, level_index, batch_index)
+        return noisy, encode(noisy, base_seed, batch_index)["mean"]
 
-
-def _encode_noisy(specs: Sequence[schema.ModalitySpec], encode, noisy_batches, subsets, *,
-                  with_features: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
-    """One pass over the noisy test batches: ({subset key: means [N, D]}, the baseline's
-    features {modality: [N, F_m]} (empty without a baseline), labels [N])."""
-    names = [s.name for s in specs]
-    means: dict[str, list] = {schema.subset_key(s): [] for s in subsets}
-    features: dict[str, list] = {n: [] for n in names}
-    labels = []
-    for batch, outputs in subsets_lib.run_subsets(encode, noisy_batches, names, subsets):
-        for key, mean in outputs.items():
-            means[key].append(mean.numpy())
-        if with_features:
-            for name, value in input_features(specs, {n: batch[n].numpy() for n in names}).items():
-                features[name].append(value)
-        labels.append(np.asarray(batch["label"]))
-    joined = {n: np.concatenate(v) for n, v in features.items()} if with_features else {}
-    return {k: np.concatenate(v) for k, v in means.items()}, joined, np.concatenate(labels)
+    return step
 
 
 def robustness_stage(context: EvalContext) -> None:
@@ -268,8 +281,8 @@ def robustness_stage(context: EvalContext) -> None:
     if baseline_examples:
         features, labels = collect_features(context.manifest.modalities, context.batches(
             "train", limit=min(baseline_examples, config.max_examples or baseline_examples)))
-        baselines = {schema.subset_key(s): fit_probe(subset_features(features, s), labels)
-                     for s in schema.subset_names(names)}
+        baselines = fit_probes({schema.subset_key(s): (subset_features(features, s), labels)
+                                for s in schema.subset_names(names)})
         baseline_examples = len(labels)
     scales = noise_scales(context.manifest.modalities, context.batches("test"))
     result = noisy_accuracy(context.model, context.batches("test"), latent_probes(context), baselines,

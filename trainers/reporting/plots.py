@@ -439,14 +439,18 @@ def embed_2d(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     stream is drawn, so no metric moves."""
     from sklearn.decomposition import PCA  # scikit-learn is heavy; only plotting needs it
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     points = np.asarray(points, np.float64)
     if len(points) < TSNE_MIN_POINTS:
         pca = PCA(n_components=2).fit(points)
         return pca.transform(points), "PCA"
     perplexity = float(min(30.0, (len(points) - 1) / 3.0))
-    embedded = TSNE(n_components=2, init="pca", perplexity=perplexity, max_iter=500,
-                    random_state=seed).fit_transform(points)
+    # One OpenMP thread: beside TensorFlow's thread pools, sklearn's threads spin-wait against them
+    # on a few cores (500 points x 3: 38 s with 2 threads, 5 s with one, the same embedding).
+    with threadpool_limits(limits=1):
+        embedded = TSNE(n_components=2, init="pca", perplexity=perplexity, max_iter=500,
+                        random_state=seed).fit_transform(points)
     return embedded, f"t-SNE (perplexity {perplexity:g})"
 
 
