@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-import common
+import common  # noqa: F401  (puts the repository on the path)
 from common import machine, print_table, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -17,7 +17,6 @@ from bmvae_tf import schema
 from bmvae_tf.errors import UserError
 from bmvae_tf.random_streams import EvalStream
 from bmvae_tf.trainers.evaluation import batched
-from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 
 
