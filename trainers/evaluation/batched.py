@@ -56,18 +56,6 @@ def encoders_selected(model, real: Sequence, zeros: Sequence, present: tf.Tensor
         object.__setattr__(model, "encoders", originals)
 
 
-def subset_seed(scheme: SeedScheme, seed: tf.Tensor, batch_index: tf.Tensor, subset_index: tf.Tensor) -> tf.Tensor:
-    """The seed int32 [2] `run_subsets` passes to subset `subset_index` of batch `batch_index`."""
-    fold = tf.random.experimental.stateless_fold_in
-    if scheme is SeedScheme.BATCH_THEN_SUBSET:
-        return fold(fold(seed, batch_index), subset_index)
-    if scheme is SeedScheme.BATCH:
-        return fold(seed, batch_index)
-    if scheme is SeedScheme.SUBSET:
-        return fold(seed, subset_index)
-    return tf.zeros([2], tf.int32)
-
-
 def all_subsets_step(model, body: Body, subsets: Sequence[Sequence[str]], scheme: SeedScheme,
                      output_signature) -> Callable:
     """One tf.function (inputs, seed int32 [2], batch index int32 []) -> body's outputs stacked over
@@ -93,7 +81,7 @@ def all_subsets_step(model, body: Body, subsets: Sequence[Sequence[str]], scheme
             present = masks[subset_index]
             with encoders_selected(model, real, zeros, present):
                 return body(subsets_lib.mask_inputs(inputs, present, names), present,
-                            subset_seed(scheme, seed, batch_index, subset_index))
+                            subsets_lib.call_seed(scheme, seed, batch_index, subset_index))
 
         return tf.map_fn(one, tf.range(len(subsets)), fn_output_signature=output_signature)
 

@@ -79,7 +79,9 @@ class SeedScheme(enum.Enum):
     NONE = "none"  # the step draws nothing
 
 
-def _call_seed(scheme: SeedScheme, seed: tf.Tensor | None, batch_index: int, subset_index: int) -> tf.Tensor:
+def call_seed(scheme: SeedScheme, seed: tf.Tensor | None, batch_index, subset_index) -> tf.Tensor:
+    """The seed int32 [2] subset `subset_index` of batch `batch_index` is given (Python ints, or
+    tensors inside a traced step)."""
     fold = tf.random.experimental.stateless_fold_in
     if scheme is SeedScheme.BATCH_THEN_SUBSET:
         return fold(fold(seed, batch_index), subset_index)
@@ -109,7 +111,7 @@ def run_subsets(step: Step, batches: Iterable[Mapping[str, tf.Tensor]], names: S
         outputs = {}
         for subset_index, subset in enumerate(subsets):
             key = schema.subset_key(subset)
-            outputs[key] = step(inputs, masks[key], _call_seed(scheme, seed, batch_index, subset_index))
+            outputs[key] = step(inputs, masks[key], call_seed(scheme, seed, batch_index, subset_index))
         yield batch, outputs
 
 
