@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from missing_digits import export_digits  # bench/: the digits export, in stored order
+
 PROFILE_NOISE = 0.5
 SPLITS = ("train", "validation", "test")
 
@@ -42,19 +44,6 @@ def profile(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (sums + rng.normal(0.0, PROFILE_NOISE, size=sums.shape)).astype(np.float32)
 
 
-def read_split(data_dir: str, split: str, limit: int) -> dict[str, np.ndarray]:
-    import bmvae_tf
-
-    columns: dict[str, list[np.ndarray]] = {"digit": [], "street": [], "text": [], "label": []}
-    for batch in bmvae_tf.load_dataset(data_dir, split, 512):
-        for key in columns:
-            columns[key].append(batch[key].numpy())
-    arrays = {key: np.concatenate(value) for key, value in columns.items()}
-    if limit:
-        arrays = {key: value[:limit] for key, value in arrays.items()}
-    return arrays
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a built digits dataset directory")
@@ -64,19 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    parts = {split: read_split(args.data, split, {"train": args.max_train, "test": args.max_test}.get(split, 0))
-             for split in SPLITS}
-    out = {key: np.concatenate([parts[s][key] for s in SPLITS]) for key in ("digit", "street", "text", "label")}
+    exported = export_digits(args.data)
+    limits = {"train": args.max_train, "test": args.max_test}
+    keep = np.zeros(len(exported["split"]), bool)
+    for split in SPLITS:
+        rows = np.flatnonzero(exported["split"] == split)
+        keep[rows[:limits.get(split) or len(rows)]] = True
+    out = {key: value[keep] for key, value in exported.items()}
+    counts = {split: int(np.sum(out["split"] == split)) for split in SPLITS}
     out["profile"] = profile(out["digit"], rng)
     for key in ("digit", "street"):  # float32 in the digits records: kept exactly
         out[key] = out[key].astype(np.float32)
     out["text"] = out["text"].astype(np.int64)
     out["label"] = out["label"].astype(np.int64)
-    out["split"] = np.concatenate([np.full(len(parts[s]["label"]), s) for s in SPLITS])
     tmp = args.output + ".tmp.npz"
     np.savez(tmp, **out)
     os.replace(tmp, args.output)
-    print(f"{args.output}: " + ", ".join(f"{s} {len(parts[s]['label'])}" for s in SPLITS)
+    print(f"{args.output}: " + ", ".join(f"{s} {counts[s]}" for s in SPLITS)
           + "; " + ", ".join(f"{k} {out[k].dtype}{list(out[k].shape[1:])}" for k in sorted(out)))
     return 0
 
