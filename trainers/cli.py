@@ -113,8 +113,9 @@ def _add_seeds_arguments(train: argparse.ArgumentParser) -> None:
 
 def _add_evaluate_split_argument(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--split", choices=("test", "validation"), default="test",
-                          help="the split scored (metrics.json records it): test, or validation to "
-                               "compare settings without touching test")
+                          help="the split scored: test (RUN/metrics.json, plots, report.html), or "
+                               "validation (RUN/metrics-validation.json only) to compare settings "
+                               "without touching test")
 
 
 def _add_run_commands(commands) -> None:
@@ -293,7 +294,8 @@ def _cmd_evaluate(args, beam_args: list[str]) -> int:
     from bmvae_tf.trainers.evaluation import evaluate
 
     evaluate.evaluate(args.workdir, args.data, overrides=args.set, split=args.split)
-    print(f"wrote {run_dir.RunPaths(args.workdir).metrics} and {args.workdir}/report.html")
+    written = run_dir.RunPaths(args.workdir).metrics_for(args.split)
+    print(f"wrote {written} and {args.workdir}/report.html" if args.split == "test" else f"wrote {written}")
     return 0
 
 

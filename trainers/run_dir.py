@@ -47,7 +47,14 @@ class RunPaths:
 
     @property
     def metrics(self) -> str:
+        """The scores of the test split (`bmvae evaluate`), the file reports and compare read."""
         return os.path.join(self.root, "metrics.json")
+
+    def metrics_for(self, split: str) -> str:
+        """Where `bmvae evaluate --split SPLIT` writes: metrics.json for test, and
+        metrics-SPLIT.json otherwise, so that scoring validation (a search, a check) never
+        replaces the test scores that reports and `bmvae compare` read."""
+        return self.metrics if split == "test" else os.path.join(self.root, f"metrics-{split}.json")
 
     @property
     def plots(self) -> str:

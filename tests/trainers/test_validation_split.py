@@ -49,8 +49,12 @@ def test_training_and_selection_never_open_a_test_shard(tmp_path, capsys):
     assert tf.train.latest_checkpoint(best).endswith("-8")  # epoch 1: 128 // 16 steps
     # Scoring the validation split (as a search would) does not need the test shards either.
     assert cli.main(["evaluate", "--workdir", workdir, "--split", "validation", *TINY_EVAL]) == 0
-    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    metrics = json.load(open(os.path.join(workdir, "metrics-validation.json")))
     assert metrics["split"] == "validation"
+    # The validation scores have their own file: a run's metrics.json (what reports and
+    # `bmvae compare` read) only ever holds test scores.
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    assert not os.path.exists(os.path.join(workdir, "report.html"))
     assert metrics["num_examples"]["latent_accuracy"]["test"] == 32  # the 32 validation examples
     # ... while scoring test does open them: the missing shard is named.
     capsys.readouterr()

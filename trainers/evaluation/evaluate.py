@@ -1,4 +1,5 @@
-"""`bmvae evaluate`: a trained run -> RUN/metrics.json, RUN/plots/*.png and RUN/report.html.
+"""`bmvae evaluate`: a trained run -> RUN/metrics.json, RUN/plots/*.png and RUN/report.html
+(scoring test), or RUN/metrics-validation.json alone (scoring validation).
 
 The metrics (SPEC section 3) follow the paper's protocol (Sects. 6.1.1, 6.1.2, 6.3) with the
 choices SPEC 6 fixes; each family lives in its own module of this package and is computed by one
@@ -61,14 +62,15 @@ STAGES: list[Stage] = [
 
 def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str] = (),
              split: str = schema.TEST) -> dict:
-    """Computes the metrics of a trained run, writes RUN/metrics.json, RUN/plots/*.png and
-    RUN/report.html.
+    """Computes the metrics of a trained run. Scoring test writes RUN/metrics.json,
+    RUN/plots/*.png and RUN/report.html; scoring validation writes RUN/metrics-validation.json
+    only, so that the test scores, plots and report of the run stay as they were.
 
     Args:
       workdir: the run directory RUN (config.yaml, checkpoints/, history.jsonl).
       data_dir: the dataset; defaults to the one the run was trained on (config data.dir).
       overrides: `eval.key=value` settings for this evaluation only (RUN/config.yaml is kept).
-      split: the split scored, "test" (default) or "validation"; metrics.json records it.
+      split: the split scored, "test" (default) or "validation"; the metrics file records it.
 
     Returns:
       The metrics dict as written (SPEC section 3). Without labels in the manifest the
@@ -89,11 +91,15 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
                 context.metrics.skipped.update({key: reason for key in stage.needs_labels})
             else:
                 stage.run(context)
-    _write_plots(context)
-    context.metrics.write(context.paths.metrics)
-    summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table
-    logger.info("wrote %s in %.1f s", context.paths.metrics, time.perf_counter() - started)
-    logger.info("wrote %s", report.write_run_report(workdir))
+    written = context.paths.metrics_for(split)
+    if split == schema.TEST:
+        _write_plots(context)
+    context.metrics.write(written)
+    if split == schema.TEST:
+        summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table
+    logger.info("wrote %s in %.1f s", written, time.perf_counter() - started)
+    if split == schema.TEST:
+        logger.info("wrote %s", report.write_run_report(workdir))
     return context.metrics.to_json()
 
 
