@@ -342,7 +342,7 @@ _GAP = 0.08  # between the cells of a grid, in cell widths
 TSNE_MIN_POINTS = 300  # fewer points in the latent embedding: PCA
 
 
-def _draw_cell(ax, row: int, col: int, spec: schema.ModalitySpec, value: np.ndarray, *,
+def draw_cell(ax, row: int, col: int, spec: schema.ModalitySpec, value: np.ndarray, *,
                fontsize: float, edgecolor: str = "black") -> None:
     """One example of a modality in cell (row, col) of a grid drawn on ONE axes: a grid of
     hundreds of cells as separate subplots takes seconds to render, this a fraction of one."""
@@ -367,7 +367,7 @@ def _draw_cell(ax, row: int, col: int, spec: schema.ModalitySpec, value: np.ndar
                                               linewidth=0.8))
 
 
-def _grid_axes(figure: Figure, rows: int, cols: int, top: float):
+def grid_axes(figure: Figure, rows: int, cols: int, top: float):
     """One axes for a rows x cols grid of cells (row 0 at the top), `top` inches left for headers."""
     height = figure.get_figheight()
     ax = figure.add_axes((0.05, 0.01, 0.94, 1.0 - 0.01 - top / height))
@@ -394,13 +394,13 @@ def cross_generation_figure(specs: Sequence[schema.ModalitySpec], given: str, in
     num_samples, num_examples = next(iter(generated.values())).shape[:2]
     cols = 1 + len(specs) * num_samples
     figure = _new_figure(0.72 * cols + 0.6, 0.72 * num_examples + 0.9)
-    ax = _grid_axes(figure, num_examples, cols, top=0.75)
+    ax = grid_axes(figure, num_examples, cols, top=0.75)
     for i in range(num_examples):
-        _draw_cell(ax, i, 0, by_name[given], inputs[i], fontsize=6.5)
+        draw_cell(ax, i, 0, by_name[given], inputs[i], fontsize=6.5)
         ax.text(-0.1, i + 0.5, f"#{i + 1}", ha="right", va="center", fontsize=7)
         for t, target in enumerate(specs):
             for k in range(num_samples):
-                _draw_cell(ax, i, 1 + t * num_samples + k, target, generated[target.name][k, i],
+                draw_cell(ax, i, 1 + t * num_samples + k, target, generated[target.name][k, i],
                            fontsize=6.5, edgecolor=f"C{t % 10}")
     ax.text(0.5, -0.1, f"given\n{given}", ha="center", va="bottom", fontsize=7)
     for t, target in enumerate(specs):
@@ -421,11 +421,11 @@ def prior_samples_figure(specs: Sequence[schema.ModalitySpec], generated: Mappin
     joint generation that random coherence scores."""
     num = len(next(iter(generated.values())))
     figure = _new_figure(0.85 * num + 1.0, 0.85 * len(specs) + 0.75)
-    ax = _grid_axes(figure, len(specs), num, top=0.55)
+    ax = grid_axes(figure, len(specs), num, top=0.55)
     for m, spec in enumerate(specs):
         ax.text(-0.1, m + 0.5, spec.name, ha="right", va="center", fontsize=8, rotation=90)
         for j in range(num):
-            _draw_cell(ax, m, j, spec, generated[spec.name][j], fontsize=7)
+            draw_cell(ax, m, j, spec, generated[spec.name][j], fontsize=7)
     for j in range(num):
         ax.text(j + 0.5, -0.1, f"z #{j + 1}", ha="center", va="bottom", fontsize=7)
     figure.suptitle(f"joint generation from {num} prior samples z ~ p(z) (one column per z)", fontsize=9, y=0.99)
