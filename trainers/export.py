@@ -34,7 +34,10 @@ the way in and x * scale + offset to the decoded outputs.
 Determinism: every random draw is stateless. `encode` and `cross_generate` have no seed input and
 draw with the fixed seed POSTERIOR_SEED = (0, 0), so the same batch always gives the same outputs.
 The draw for one example depends on its row and on the batch size, not on the other rows' values.
-`sample` draws with the stateless seed (seed, 0).
+BMVAE_P's subset posterior is a product weighted by pi ~ Dir(beta) (the paper's Sect. 6.3.1,
+`model.bmvae_p.subset_weights: sample`): its pi comes from the model's own fixed stateless seed
+SUBSET_WEIGHTS_SEED, keyed by the row, so `z_mean` is deterministic too; with `subset_weights:
+mean` it is E[pi] and no draw. `sample` draws with the stateless seed (seed, 0).
 
 The SavedModel also carries `manifest_json` (a tf.string scalar: the dataset manifest, with the
 modality order, shapes and vocabularies) and `modality_names` (tf.string [M]), for servers, and
