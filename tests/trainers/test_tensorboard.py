@@ -62,11 +62,34 @@ def test_event_file_holds_terms_learning_rate_and_images(run):
     assert _value(events.Tensors("learning_rate")[0]) == pytest.approx(1e-3)
 
     assert {"mixture_weights", "cross_generation", "prior_samples"} <= _tags(events, "images")
-    assert [e.step for e in events.Tensors("cross_generation")] == [4, 8]
+    # train.images_every_epochs (5) exceeds the run's 2 epochs: pictures after the last one only.
+    assert [e.step for e in events.Tensors("cross_generation")] == [8]
     assert {f"mixture_weights/{name}" for name in manifest.modality_names} <= _tags(events, "histograms")
     # An image summary holds [width, height, PNG]: a real picture, not an empty one.
     width, height, png = events.Tensors("prior_samples")[-1].tensor_proto.string_val
     assert int(width) > 50 and int(height) > 50 and png.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("every, epochs, stopped_at, drawn", [
+    (5, 12, None, [5, 10, 12]),  # every 5th epoch and the last
+    (1, 3, None, [1, 2, 3]),
+    (0, 4, None, [4]),           # 0: the last epoch only
+    (5, 12, 7, [5, 7]),          # early stopping makes epoch 7 the last
+])
+def test_pictures_are_drawn_every_n_epochs_and_after_the_last(every, epochs, stopped_at, drawn):
+    from types import SimpleNamespace
+    from bmvae_tf.trainers.training import loop
+
+    controller = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(
+        images_every_epochs=every, epochs=epochs)), early_stopping=SimpleNamespace(stopped=False))
+    seen = []
+    for epoch in range(1, epochs + 1):
+        controller.early_stopping.stopped = epoch == stopped_at
+        if loop.Controller._draws_images(controller, epoch):
+            seen.append(epoch)
+        if controller.early_stopping.stopped:
+            break
+    assert seen == drawn
 
 
 def test_history_records_the_epoch_means_of_the_terms(run):

@@ -239,7 +239,7 @@ class Controller:
         if self.early_stopping.stopped:
             record["stopped_early"] = True
         self.history.add_epoch(record)
-        if self.images is not None:
+        if self.images is not None and self._draws_images(epoch):
             self.images.write(self.history.writer, step)
             self.history.writer.flush()
         rate = progress.final_rate
@@ -251,6 +251,13 @@ class Controller:
                      t.early_stopping_patience, self.early_stopping.best)
         if self.on_epoch is not None:
             self.on_epoch(record)
+
+    def _draws_images(self, epoch: int) -> bool:
+        """Whether TensorBoard's pictures are drawn after `epoch`: every `train.images_every_epochs`
+        epochs, and after the run's last epoch (the last planned, or the one early stopping ends)."""
+        every = self.config.train.images_every_epochs
+        last = epoch == self.config.train.epochs or self.early_stopping.stopped
+        return last or (every > 0 and epoch % every == 0)
 
     def _save(self, step: int, *, best: bool = False) -> None:
         """Checkpoint `step` (and the best one), unless a weight is no longer finite."""
