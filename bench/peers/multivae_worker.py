@@ -2,7 +2,7 @@
 
     bench/peers/.venv/bin/python bench/peers/multivae_worker.py --threads 2
 
-bench/peers/run.py starts it and speaks one JSON object per line over stdin/stdout:
+bench/peers/side_by_side.py starts it and speaks one JSON object per line over stdin/stdout:
     {"cmd": "info"}                                 -> versions, threads, torchvision (real or stub)
     {"cmd": "build", "name": N, "model": "mmvae"|"mvae", "K": k, "batch": b, "learning_rate": lr,
      "amsgrad": bool, "loss": "dreg_looser"|"iwae_looser", "learn_prior": bool,
@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 if importlib.util.find_spec("torchvision") is None or os.environ.get("PEERS_TORCHVISION_STUB") == "1":
     sys.path.insert(0, os.path.join(HERE, "stubs"))
 
-import networks  # noqa: E402  (bench/peers/networks.py: the layer tables)
+import layer_tables  # noqa: E402  (bench/peers/layer_tables.py)
 
 
 def parse_args(argv=None):
@@ -75,7 +75,7 @@ def torch_layer(layer):
 
 
 class TableEncoder(BaseEncoder):
-    """An encoder of networks.py's table: trunk, then loc and log_covariance heads. MultiVae
+    """An encoder of layer_tables.py's table: trunk, then loc and log_covariance heads. MultiVae
     names the raw scale `log_covariance`; MMVAE's Laplace maps it by softmax * D + 1e-6, as ours."""
 
     def __init__(self, table):
@@ -92,7 +92,7 @@ class TableEncoder(BaseEncoder):
 
 
 class TableDecoder(BaseDecoder):
-    """A decoder of networks.py's table, ending in the sigmoid that gives the image mean (our
+    """A decoder of layer_tables.py's table, ending in the sigmoid that gives the image mean (our
     likelihood applies the same sigmoid to the decoder's output)."""
 
     def __init__(self, table):
@@ -109,11 +109,11 @@ class TableDecoder(BaseDecoder):
 
 
 def build_model(spec):
-    nets = networks.networks()
+    nets = layer_tables.networks()
     encoders = {m: TableEncoder(n["encoder"]) for m, n in nets.items()}
     decoders = {m: TableDecoder(n["decoder"]) for m, n in nets.items()}
     dims = {m: tuple(n["decoder"]["output_shape"][i] for i in (2, 0, 1)) for m, n in nets.items()}
-    common = dict(n_modalities=len(nets), latent_dim=networks.LATENT, input_dims=dims,
+    common = dict(n_modalities=len(nets), latent_dim=layer_tables.LATENT, input_dims=dims,
                   uses_likelihood_rescaling=True, rescale_factors=spec["rescale_factors"],
                   decoders_dist={m: "laplace" for m in nets},
                   decoder_dist_params={m: {"scale": spec["likelihood_scale"]} for m in nets})
@@ -132,7 +132,7 @@ def random_inputs(batch, seed):
     """Random images in [0, 1] of the MNIST-SVHN shapes, channels first."""
     rng = np.random.default_rng(seed)
     data = {}
-    for m, n in networks.networks().items():
+    for m, n in layer_tables.networks().items():
         h, w, c = n["decoder"]["output_shape"]
         data[m] = torch.from_numpy(rng.uniform(size=(batch, c, h, w)).astype(np.float32))
     return DatasetOutput(data=data)

@@ -1,7 +1,7 @@
 """Training examples/s of our MMVAE (K = 1, 30) and MVAE against MultiVae 1.0.3's, side by side.
 
 Both frameworks run the paper's MNIST-SVHN networks (Table 3: MNIST MLP 784-400-20, SVHN CNN
-32-64-128, latent 20; bench/peers/networks.py), batch 128, Laplace posteriors, prior and
+32-64-128, latent 20; bench/peers/layer_tables.py), batch 128, Laplace posteriors, prior and
 likelihoods (scale 0.75; MVAE Gaussian experts, as products need), the MNIST likelihood weighted
 by 3072/784, Adam at the configs' learning rate, random data of the MNIST-SVHN shapes held in
 memory. MMVAE is configs/mnist_svhn/mmvae.yaml with K swapped in: DReG, learned prior, AMSGrad,
@@ -15,8 +15,8 @@ round), so a shared machine's drift hits both; each ratio is the median over rou
 per-round ratio, with its range.
 
     bash bench/peers/setup_env.sh                  # once: bench/peers/.venv
-    python bench/peers/run.py                      # ~15 minutes on 2 busy cores
-    python bench/peers/run.py --contestants mmvae_k1,mvae --rounds 3 --output /tmp/peers.json
+    python bench/peers/side_by_side.py                      # ~15 minutes on 2 busy cores
+    python bench/peers/side_by_side.py --contestants mmvae_k1,mvae --rounds 3 --output /tmp/peers.json
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ for path in (HERE, BENCH):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import summary  # noqa: E402
+import ratios  # noqa: E402
 
 CONTESTANTS = {"mmvae_k1": ("mmvae", 1), "mmvae_k30": ("mmvae", 30), "mvae": ("mvae", 1)}
 
@@ -184,10 +184,10 @@ def run_rounds(names, ours: dict, worker: Worker, args) -> dict:
 def summarise(names, times: dict, args) -> list[dict]:
     rows = []
     for name in names:
-        rates = {clock: {side: [summary.rate(args.batch * t["steps"], t[clock]) for t in times[name][side]]
+        rates = {clock: {side: [ratios.rate(args.batch * t["steps"], t[clock]) for t in times[name][side]]
                          for side in ("ours", "multivae")} for clock in ("wall", "cpu")}
-        row = summary.summarise(name, rates["wall"]["ours"], rates["wall"]["multivae"])
-        cpu = summary.summarise(name, rates["cpu"]["ours"], rates["cpu"]["multivae"])
+        row = ratios.summarise(name, rates["wall"]["ours"], rates["wall"]["multivae"])
+        cpu = ratios.summarise(name, rates["cpu"]["ours"], rates["cpu"]["multivae"])
         row.update(cpu_ratio=cpu["ratio"], cpu_ratio_min=cpu["ratio_min"], cpu_ratio_max=cpu["ratio_max"])
         rows.append(row)
     return rows

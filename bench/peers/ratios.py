@@ -1,4 +1,4 @@
-"""The ratios of the peer benchmark, from per-round rates. Pure Python (tests need no torch, no TF)."""
+"""The ratios of the peer benchmark (bench/peers/side_by_side.py), from per-round rates. Pure Python (tests need no torch, no TF)."""
 
 from __future__ import annotations
 
