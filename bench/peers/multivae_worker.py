@@ -53,7 +53,6 @@ except Exception:  # noqa: BLE001  (a torchvision that does not match torch: the
         del sys.modules[name]
     sys.path.insert(0, os.path.join(HERE, "stubs"))
     import torchvision  # noqa: E402
-import multivae  # noqa: E402
 from multivae.models import MMVAE, MMVAEConfig, MVAE, MVAEConfig  # noqa: E402
 from multivae.models.base import BaseDecoder, BaseEncoder, ModelOutput  # noqa: E402
 from pythae.data.datasets import DatasetOutput  # noqa: E402

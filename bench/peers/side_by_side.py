@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -181,6 +182,15 @@ def run_rounds(names, ours: dict, worker: Worker, args) -> dict:
     return times
 
 
+def loss_per_example(name: str, times: dict, batch: int) -> dict:
+    """The median loss per example each side reported, a check that both optimise the same
+    objective (random inits differ, so they agree to a fraction of a percent, not exactly).
+    Ours is the batch mean; MultiVae's MMVAE returns the batch sum, its MVAE the mean."""
+    per = batch if CONTESTANTS[name][0] == "mmvae" else 1
+    return {"ours": statistics.median(t["loss"] for t in times["ours"]),
+            "multivae": statistics.median(t["loss"] / per for t in times["multivae"])}
+
+
 def summarise(names, times: dict, args) -> list[dict]:
     rows = []
     for name in names:
@@ -188,7 +198,8 @@ def summarise(names, times: dict, args) -> list[dict]:
                          for side in ("ours", "multivae")} for clock in ("wall", "cpu")}
         row = ratios.summarise(name, rates["wall"]["ours"], rates["wall"]["multivae"])
         cpu = ratios.summarise(name, rates["cpu"]["ours"], rates["cpu"]["multivae"])
-        row.update(cpu_ratio=cpu["ratio"], cpu_ratio_min=cpu["ratio_min"], cpu_ratio_max=cpu["ratio_max"])
+        row.update(cpu_ratio=cpu["ratio"], cpu_ratio_min=cpu["ratio_min"], cpu_ratio_max=cpu["ratio_max"],
+                   loss_per_example=loss_per_example(name, times[name], args.batch))
         rows.append(row)
     return rows
 
@@ -199,7 +210,8 @@ def print_rows(rows):
         verdict = "" if r["met"] is None else (" met" if r["met"] else " MISSED")
         print(f"  {r['contestant']:10s} {r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
               f"  cpu {r['cpu_ratio']:.2f}  ours {r['ours_examples_per_second']:.0f} ex/s,"
-              f" MultiVae {r['multivae_examples_per_second']:.0f} ex/s; target >= {r['target']}{verdict}")
+              f" MultiVae {r['multivae_examples_per_second']:.0f} ex/s; target >= {r['target']}{verdict};"
+              f" loss/example {r['loss_per_example']['ours']:.1f} vs {r['loss_per_example']['multivae']:.1f}")
 
 
 def build_all(names, worker, args):

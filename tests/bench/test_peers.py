@@ -102,3 +102,11 @@ def test_ratio_summary():
         ratios.round_ratios([1.0, 2.0], [1.0])
     with pytest.raises(ValueError):
         ratios.rate(128, 0.0)
+
+
+def test_loss_per_example_puts_both_sides_on_the_batch_mean():
+    import side_by_side as run
+    times = {"ours": [{"loss": 10.0}, {"loss": 12.0}, {"loss": 11.0}],
+             "multivae": [{"loss": 1280.0}, {"loss": 1408.0}, {"loss": 1536.0}]}
+    assert run.loss_per_example("mmvae_k30", times, 128) == {"ours": 11.0, "multivae": 11.0}
+    assert run.loss_per_example("mvae", times, 128) == {"ours": 11.0, "multivae": 1408.0}
