@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         help="dreg: DReG on both sides (the config's); iwae: plain IWAE gradients on both")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "unset"), default="PASSIVE",
                         help="OMP_WAIT_POLICY of the torch worker: PASSIVE (default) stops its OpenMP threads "
-                             "spin-waiting, which on a shared, oversubscribed machine costs torch 2-20x; "
+                             "spin-waiting, which on a shared, oversubscribed machine costs torch 5-20x; "
                              "unset keeps the environment's")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(BENCH), "bench", "results", "peers.json"))
     return parser.parse_args(argv)
