@@ -15,7 +15,7 @@ round), so a shared machine's drift hits both; each ratio is the median over rou
 per-round ratio, with its range.
 
     bash bench/peers/setup_env.sh                  # once: bench/peers/.venv
-    python bench/peers/side_by_side.py                      # ~15 minutes on 2 busy cores
+    python bench/peers/side_by_side.py                      # ~10 minutes on 2 busy cores
     python bench/peers/side_by_side.py --contestants mmvae_k1,mvae --rounds 3 --output /tmp/peers.json
 """
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
                         help="dreg: DReG on both sides (the config's); iwae: plain IWAE gradients on both")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE", "unset"), default="PASSIVE",
                         help="OMP_WAIT_POLICY of the torch worker: PASSIVE (default) stops its OpenMP threads "
-                             "spin-waiting, which on a shared, oversubscribed machine costs torch 5-20x; "
+                             "spin-waiting, which on a shared, oversubscribed machine made MultiVae 3-4x slower; "
                              "unset keeps the environment's")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(BENCH), "bench", "results", "peers.json"))
     return parser.parse_args(argv)
