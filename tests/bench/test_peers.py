@@ -110,3 +110,32 @@ def test_loss_per_example_puts_both_sides_on_the_batch_mean():
              "multivae": [{"loss": 1280.0}, {"loss": 1408.0}, {"loss": 1536.0}]}
     assert run.loss_per_example("mmvae_k30", times, 128) == {"ours": 11.0, "multivae": 11.0}
     assert run.loss_per_example("mvae", times, 128) == {"ours": 11.0, "multivae": 1408.0}
+
+
+def test_the_torchvision_stub_answers_what_multivae_imports():
+    import importlib.util
+    name = "peers_torchvision_stub"
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(BENCH, "peers", "stubs", "torchvision", "__init__.py"))
+    stub = importlib.util.module_from_spec(spec)
+    sys.modules[name] = stub
+    try:
+        spec.loader.exec_module(stub)
+        assert stub.STUB is True
+        # what multivae imports at module level: names of submodules, called at import time
+        transforms = sys.modules[f"{name}.transforms"]
+        to_tensor = transforms.ToTensor()
+        assert "ToTensor" in repr(to_tensor)
+        assert "download_and_extract_archive" in repr(sys.modules[f"{name}.datasets.utils"].download_and_extract_archive)
+
+        class Dataset(sys.modules[f"{name}.datasets"].MNIST):  # subclassing a placeholder still works
+            pass
+        assert Dataset.__mro__[-1] is object
+        # dunders stay missing (inspect and pickle probe them; answering them broke torch's import)
+        with pytest.raises(AttributeError):
+            transforms.__file__
+        with pytest.raises(AttributeError):
+            to_tensor.__wrapped__
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
