@@ -334,6 +334,11 @@ class _LruCache:
                 self._values.popitem(last=False)
             return value
 
+    def __reduce__(self):
+        # Pickled (with this module's globals, when a subclass of a DoFn here is sent by value):
+        # an empty cache of the same size on the other side, not the lock and the arrays.
+        return _LruCache, (self._size,)
+
 
 _PAIRS = _LruCache(3)  # the three splits of one build
 _IMAGES = _LruCache(4)  # MNIST and SVHN, train and test: about 360 MB at full size
