@@ -1,33 +1,45 @@
 """The Beam jobs behind `bmvae data build mnist-svhn` and `bmvae data build mnist-svhn-text`.
 
 The driver reads only the labels (a few hundred kB) and checks the source files in one
-streaming pass; it builds the per-class index lists (`pipeline.mnist_svhn.class_plans`). The
-workers draw the pairs of each class, stream the images out of the source files and join them
-to the pairs by source index, so no step holds a dataset's images or its pair list:
+streaming pass; it builds the per-class index lists (`pipeline.mnist_svhn.class_plans`) and
+the list of shards. Each worker writes whole shards, so no record and no image is ever
+shuffled between processes:
 
-    PlanTrain -> PairsTrain (mnist idx, pair) --+
-    ReadMnistTrain (mnist idx, image) ----------+-> JoinMnistTrain -> (svhn idx, pair + mnist) --+
-    ReadSvhnTrain (svhn idx, image) -------------------------------------------------------------+
-        -> JoinSvhnTrain -> EncodeTrain --+
-    ... the same for Validation and Test .+-> AllSplits -> WriteShards -> WriteManifest
+    Shards (split, shard) -> WriteShard -> (split, file name, count) -> WriteManifest
+
+WriteShard (`WritePairShardFn`) draws the split's pairs from the class plans (each pair's
+number is computed alone, `mnist_svhn.expand_plan`), takes the pairs whose number % shards ==
+shard in number order, looks their two images up in the source split's images (read once per
+worker process and kept: MNIST train 47 MB, SVHN train 225 MB, whatever dm is), encodes them
+and writes the shard. A process's memory is therefore bounded by the source images plus one
+split's pair numbers (20 bytes a pair), not by the records: the earlier design joined images
+to pairs with two CoGroupByKeys and grouped the encoded records by shard, which the in-process
+runner holds in memory whole (3.5 GB at a twentieth of the full size;
+bench/full_size_build.py).
 
 The validation split pairs a held-out fraction of each class's train images
-(`mnist_svhn.validation_indices`); ReadMnistTrain and ReadSvhnTrain read the train source files
-once and key each image by the split that pairs it (SelectMnistTrain, SelectMnistValidation,
-...). The test split is planned, drawn and written exactly as before validation splits existed.
+(`mnist_svhn.validation_indices`); its pairs look their images up in the train images. The
+test split is planned, drawn and written exactly as before validation splits existed.
 
 Records are gzip TFRecords of uint8 images (the manifest's dtype says so; the reader gives
 [0, 1] floats, exactly x / 255 as torchvision's ToTensor), the label, the source indices as
-metadata, and for the text variant the text and its start (`text_pad`).
+metadata, and for the text variant the text and its start (`text_pad`). Shard `i` of a split
+holds the pairs numbered `i mod shards` in ascending order, as `beam_io.WriteShards` would
+write them, so the files are byte-identical on every runner and worker count.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
-from typing import Any, Iterable, Iterator
+import os
+import threading
+from typing import Any, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -100,13 +112,12 @@ def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str 
                           "class_counts": plan.class_counts})
     template = manifest_template(name, source=source_record,
                                  pipeline_options=beam_io.options_to_json(pipeline.options))
-    images = _read_stages(pipeline, plan, reader)
-    encoded = [_split_stages(pipeline, split, plan, images[split], template, dm=dm, seed=seed,
-                             with_text=with_text)
-               for split in schema.SPLITS]
-    _ = (encoded
-         | "AllSplits" >> beam.Flatten()
-         | "WriteShards" >> beam_io.WriteShards(output_dir, shards, namespace=NAMESPACE)
+    shard_list = [(split, i) for split in schema.SPLITS for i in range(shards[split])]
+    _ = (pipeline
+         | "Shards" >> beam.Create(shard_list)
+         | "WriteShard" >> beam.ParDo(WritePairShardFn(
+             reader, plan.class_plans, shards, template, output_dir, dm=dm, seed=seed, with_text=with_text,
+             source_key=json.dumps(source_record.get("files") or source_record, sort_keys=True, default=str)))
          | "WriteManifest" >> beam_io.WriteManifest(output_dir, template, plan.counts, shards))
 
     # Only now that every argument and source file has been checked, so bad input never
@@ -160,46 +171,6 @@ def plan_pairs(reader, *, dm: int, max_d: int, where: str,
             raise UserError(f"the {split} split pairs nothing: no class has images in both "
                             f"MNIST and SVHN ({where})")
     return PairPlan(class_plans, paired, class_counts, counts)
-
-
-def _read_stages(pipeline: beam.Pipeline, plan: PairPlan, reader) -> dict[str, dict[str, beam.PCollection]]:
-    """{split: {dataset: (source index, (label, image bytes))}}: each source split read once,
-    its images tagged with the split that pairs them."""
-    images: dict[str, dict[str, beam.PCollection]] = {split: {} for split in schema.SPLITS}
-    for source_split in sources.SPLITS:
-        splits = [s for s in schema.SPLITS if mnist_svhn.SOURCE_SPLIT[s] == source_split]
-        title = source_split.capitalize()
-        for dataset in sources.DATASETS:
-            read = (pipeline
-                    | f"{dataset.capitalize()}Split{title}" >> beam.Create([(dataset, source_split)])
-                    | f"Read{dataset.capitalize()}{title}" >> beam.ParDo(
-                        ReadImagesFn(reader, {s: plan.paired[s][dataset] for s in splits})))
-            # Keyed by split rather than tagged outputs: Beam's DaskRunner (2.77) puts every tag
-            # of a multi-output ParDo into one bag and hands all of it to each consumer.
-            for split in splits:
-                images[split][dataset] = (
-                    read | f"Select{dataset.capitalize()}{split.capitalize()}" >> beam.FlatMap(_of_split, split))
-    return images
-
-
-def _of_split(element: tuple[str, Any], split: str) -> Iterator[Any]:
-    if element[0] == split:
-        yield element[1]
-
-
-def _split_stages(pipeline: beam.Pipeline, split: str, plan: PairPlan, images: dict[str, beam.PCollection],
-                  template: schema.Manifest, *, dm: int, seed: int, with_text: bool) -> beam.PCollection:
-    """One split's pairs, drawn, joined to their two images and encoded (module docstring)."""
-    title = split.capitalize()
-    pairs = (pipeline
-             | f"Plan{title}" >> beam.Create(plan.class_plans[split])
-             | f"Pairs{title}" >> beam.ParDo(ExpandPlanFn(dm, seed, with_text)))
-    with_mnist = ({"pairs": pairs, "image": images["mnist"]}
-                  | f"JoinMnist{title}" >> beam.CoGroupByKey()
-                  | f"AttachMnist{title}" >> beam.ParDo(AttachMnistFn()))
-    return ({"pairs": with_mnist, "image": images["svhn"]}
-            | f"JoinSvhn{title}" >> beam.CoGroupByKey()
-            | f"Encode{title}" >> beam.ParDo(EncodePairFn(template, split)))
 
 
 def _run_from_args(args: argparse.Namespace, beam_args: list[str], *, with_text: bool) -> beam_io.BuildResult:
@@ -260,96 +231,117 @@ def manifest_template(name: str, *, source: dict, pipeline_options: dict) -> sch
 # DoFns: each a thin shell over a pure function
 
 
-class ExpandPlanFn(beam.DoFn):
-    """ClassPlan -> (mnist index, (pair index, label, svhn index, text start or -1)) per pair."""
+class WritePairShardFn(beam.DoFn):
+    """(split, shard) -> (split, file name, count): draws, encodes and writes one whole shard.
 
-    def __init__(self, dm: int, seed: int, with_text: bool):
-        self._dm, self._seed, self._with_text = dm, seed, with_text
-
-    def process(self, plan: mnist_svhn.ClassPlan) -> Iterator[tuple[int, tuple[int, int, int, int]]]:
-        pairs = mnist_svhn.expand_plan(plan, dm=self._dm, seed=self._seed, with_text=self._with_text)
-        starts = pairs.get("text_start", np.full(len(pairs["index"]), -1))
-        Metrics.counter(NAMESPACE, f"{plan.split}_pairs_drawn").inc(len(pairs["index"]))
-        for index, mnist, svhn, start in zip(pairs["index"].tolist(), pairs["mnist"].tolist(),
-                                             pairs["svhn"].tolist(), starts.tolist()):
-            yield mnist, (index, plan.label, svhn, start)
-
-
-class ReadImagesFn(beam.DoFn):
-    """(dataset, source split) -> (split, (source index, (label, image bytes))) for every image
-    that is paired, keyed by the split that pairs it.
-
-    Streams the source one chunk at a time; images no split pairs (past their class's first n)
-    are counted (`<dataset>_<source split>_unpaired`) and dropped here rather than shuffled for
-    nothing.
-
-    paired: {split: sorted source indices of this dataset and source split that it pairs}.
+    The split's pairs and the source images are kept per worker process (`_LruCache`), so a
+    worker draws each split once and reads each source split once, however many shards it writes.
     """
 
-    def __init__(self, reader, paired: dict[str, np.ndarray]):
-        self._reader = reader
-        self._paired = {split: np.asarray(indices, np.int64) for split, indices in paired.items()}
+    def __init__(self, reader, class_plans: dict[str, list[mnist_svhn.ClassPlan]], num_shards: dict[str, int],
+                 template: schema.Manifest, output_dir: str, *, dm: int, seed: int, with_text: bool,
+                 source_key: str):
+        self._reader, self._class_plans, self._num_shards = reader, class_plans, dict(num_shards)
+        self._template, self._output_dir = template, output_dir
+        self._dm, self._seed, self._with_text = dm, seed, with_text
+        digest = hashlib.sha256(source_key.encode())
+        for split in sorted(class_plans):
+            for plan in class_plans[split]:
+                digest.update(f"{split}/{plan.label}/{plan.offset}/{plan.total}".encode())
+                digest.update(plan.mnist.tobytes() + plan.svhn.tobytes())
+        self._source_key, self._plan_key = source_key, digest.hexdigest()
 
-    def process(self, element: tuple[str, str]) -> Iterator[tuple[str, tuple[int, tuple[int, bytes]]]]:
-        dataset, source_split = element
-        read = Metrics.counter(NAMESPACE, f"{dataset}_{source_split}_images_read")
-        unpaired = Metrics.counter(NAMESPACE, f"{dataset}_{source_split}_unpaired")
-        for start, images, labels in self._reader.iter_images(dataset, source_split):
-            read.inc(len(images))
-            indices = start + np.arange(len(images))
-            owner = np.full(len(images), -1)
-            splits = list(self._paired)
-            for i, split in enumerate(splits):
-                owner[np.isin(indices, self._paired[split])] = i
-            unpaired.inc(int(np.sum(owner < 0)))
-            for offset in np.flatnonzero(owner >= 0).tolist():
-                yield splits[owner[offset]], (start + offset, (int(labels[offset]), images[offset].tobytes()))
+    def process(self, element: tuple[str, int]) -> Iterator[tuple[str, str, int]]:
+        split, shard = element
+        n = self._num_shards[split]
+        pairs = _PAIRS.get((self._plan_key, self._dm, self._seed, self._with_text, split), lambda: split_pairs(
+            self._class_plans[split], dm=self._dm, seed=self._seed, with_text=self._with_text))
+        source_split = mnist_svhn.SOURCE_SPLIT[split]
+        images = {dataset: _IMAGES.get((self._source_key, dataset, source_split),
+                                       lambda d=dataset: read_source_split(self._reader, d, source_split))
+                  for dataset in sources.DATASETS}
+        mine = {key: values[shard::n] for key, values in pairs.items()}
+        for dataset in sources.DATASETS:
+            _check_labels(images[dataset][1], mine[dataset], mine["label"], dataset)
+        name = schema.shard_name(split, shard, n)
+        beam_io.write_tfrecords(os.path.join(self._output_dir, name), (
+            schema.encode_example(self._template, pair_record(
+                label, m, images["mnist"][0][m].tobytes(), s, images["svhn"][0][s].tobytes(), start))
+            for label, m, s, start in zip(mine["label"].tolist(), mine["mnist"].tolist(),
+                                          mine["svhn"].tolist(), mine["text_start"].tolist())))
+        Metrics.counter(NAMESPACE, f"{split}_records").inc(len(mine["label"]))
+        Metrics.counter(NAMESPACE, "shards_written").inc()
+        yield split, name, len(mine["label"])
 
 
-def _single_image(images: Iterable, index: int, dataset: str) -> tuple[int, bytes]:
-    images = list(images)
-    if len(images) != 1:
-        raise RuntimeError(f"{dataset} source index {index}: {len(images)} images read, expected 1 "
+def split_pairs(class_plans: list[mnist_svhn.ClassPlan], *, dm: int, seed: int, with_text: bool
+                ) -> dict[str, np.ndarray]:
+    """Every pair of a split in pair-number order: {"label", "mnist", "svhn", "text_start" (-1
+    without text)}, int32 [P] each (row k is pair k)."""
+    parts = []
+    for plan in class_plans:
+        drawn = mnist_svhn.expand_plan(plan, dm=dm, seed=seed, with_text=with_text)
+        parts.append(np.stack([drawn["index"], np.full(len(drawn["index"]), plan.label), drawn["mnist"],
+                               drawn["svhn"], drawn.get("text_start", np.full(len(drawn["index"]), -1))], 1))
+    table = np.concatenate(parts).astype(np.int64) if parts else np.zeros([0, 5], np.int64)
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    if not np.array_equal(table[:, 0], np.arange(len(table))):
+        raise RuntimeError("the pair numbers of a split are not 0..P-1 (a pairing bug)")
+    return {key: table[:, i + 1].astype(np.int32) for i, key in enumerate(("label", "mnist", "svhn", "text_start"))}
+
+
+def read_source_split(reader, dataset: str, source_split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [N, H, W, C], int64 labels [N]) of one source split, streamed into one array."""
+    labels = reader.labels(dataset, source_split)
+    shape = mnist_svhn.MNIST_SHAPE if dataset == "mnist" else mnist_svhn.SVHN_SHAPE
+    images = np.zeros((len(labels), *shape), np.uint8)
+    count = 0
+    for start, chunk, _ in reader.iter_images(dataset, source_split):
+        if start + len(chunk) > len(labels):
+            raise RuntimeError(f"{dataset} {source_split}: more images than labels (did the source files change?)")
+        images[start:start + len(chunk)] = chunk
+        count = start + len(chunk)
+    if count != len(labels):
+        raise RuntimeError(f"{dataset} {source_split}: {count} images, {len(labels)} labels "
                            "(did the source files change while the job ran?)")
-    return images[0]
+    return images, labels
 
 
-def _check_label(image_label: int, pair_label: int, index: int, dataset: str) -> None:
-    if image_label != pair_label:
-        raise RuntimeError(f"{dataset} source index {index} has label {image_label} on this worker but "
-                           f"{pair_label} in the driver's labels (did the source files change?)")
+def _check_labels(source_labels: np.ndarray, indices: np.ndarray, pair_labels: np.ndarray, dataset: str) -> None:
+    bad = np.flatnonzero(source_labels[indices] != pair_labels)
+    if bad.size:
+        i = bad[0]
+        raise RuntimeError(f"{dataset} source index {indices[i]} has label {source_labels[indices[i]]} on this "
+                           f"worker but {pair_labels[i]} in the driver's labels (did the source files change?)")
 
 
-class AttachMnistFn(beam.DoFn):
-    """(mnist index, {pairs, image}) -> (svhn index, (pair index, label, start, mnist index, mnist bytes))."""
+class _LruCache:
+    """The last `size` values by key, kept for the life of a worker process (a Dask worker runs
+    many builds: old entries are dropped, not kept forever)."""
 
-    def process(self, element: tuple[int, dict]) -> Iterator[tuple[int, tuple]]:
-        mnist_index, grouped = element
-        pairs = list(grouped["pairs"])
-        if not pairs:
-            return
-        label, image = _single_image(grouped["image"], mnist_index, "mnist")
-        for pair_index, pair_label, svhn_index, start in pairs:
-            _check_label(label, pair_label, mnist_index, "mnist")
-            yield svhn_index, (pair_index, pair_label, start, mnist_index, image)
+    def __init__(self, size: int):
+        self._size, self._values = size, collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make):
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+            value = make()
+            self._values[key] = value
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
+            return value
+
+    def __reduce__(self):
+        # Pickled (with this module's globals, when a subclass of a DoFn here is sent by value):
+        # an empty cache of the same size on the other side, not the lock and the arrays.
+        return _LruCache, (self._size,)
 
 
-class EncodePairFn(beam.DoFn):
-    """(svhn index, {pairs, image}) -> (split, pair index, serialized tf.train.Example)."""
-
-    def __init__(self, template: schema.Manifest, split: str):
-        self._template, self._split = template, split
-
-    def process(self, element: tuple[int, dict]) -> Iterator[tuple[str, int, bytes]]:
-        svhn_index, grouped = element
-        pairs = list(grouped["pairs"])
-        if not pairs:
-            return
-        label, svhn_image = _single_image(grouped["image"], svhn_index, "svhn")
-        for pair_index, pair_label, start, mnist_index, mnist_image in pairs:
-            _check_label(label, pair_label, svhn_index, "svhn")
-            record = pair_record(pair_label, mnist_index, mnist_image, svhn_index, svhn_image, start)
-            yield self._split, pair_index, schema.encode_example(self._template, record)
+_PAIRS = _LruCache(3)  # the three splits of one build
+_IMAGES = _LruCache(4)  # MNIST and SVHN, train and test: about 360 MB at full size
 
 
 def pair_record(label: int, mnist_index: int, mnist_image: bytes, svhn_index: int,

@@ -24,6 +24,7 @@ from bmvae_tf.errors import UserError
 from bmvae_tf.pipeline import beam_io, build_arrays, build_digits, build_mnist_svhn
 from bmvae_tf.trainers import cli
 from tests import source_fixtures as fixtures
+from tests.pipeline import killed_build
 from tests.source_fixtures import read_bytes
 
 IN_PROCESS = ["--runner=FnApiRunner"]
@@ -252,6 +253,13 @@ def test_killed_build_on_dask_leaves_no_manifest(dask_cluster, tmp_path):
     wait_until_idle(dask_cluster)
     assert not (out / schema.MANIFEST_FILENAME).exists()
     assert out.exists()  # the build had started writing there
+
+
+@pytest.mark.slow
+def test_killed_mnist_svhn_build_on_dask_leaves_no_manifest(dask_cluster, tmp_path):
+    out = killed_build.kill_mid_build(tmp_path, on_dask(dask_cluster))
+    wait_until_idle(dask_cluster)
+    assert os.path.isdir(out) and not os.path.exists(os.path.join(out, schema.MANIFEST_FILENAME))
 
 
 # --------------------------------------------------------------------------------------------

@@ -521,3 +521,15 @@ def test_build_train_evaluate_with_the_paper_config(paper_data, tmp_path, datase
     assert len(metrics["latent_accuracy"]) == 2 ** len(manifest.modalities) - 1
     assert all(0.0 <= v <= 1.0 for v in metrics["latent_accuracy"].values())
     assert all(math.isfinite(v) for v in metrics["log_likelihood"].values())
+
+
+def test_the_workers_cache_keeps_the_last_entries_and_pickles_empty():
+    import pickle
+
+    cache = build_mnist_svhn._LruCache(2)
+    made = []
+    for key in ["a", "b", "a", "c", "b"]:
+        assert cache.get(key, lambda k=key: made.append(k) or k.upper()) == key.upper()
+    assert made == ["a", "b", "c", "b"]  # "a" was a hit; "c" then pushed out "b", "b" pushed out "a"
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone.get("c", lambda: "new") == "new"  # nothing travels but the size
