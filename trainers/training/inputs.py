@@ -86,24 +86,63 @@ def validation_dataset(manifest: schema.Manifest, validation: Validation,
                                        input_pipeline.ReadOptions(holdout=holdout))
 
 
+def epoch_seed(seed: int, epoch):
+    """The seed of epoch `epoch`'s order (an int, or an int64 tensor for a tensor epoch)."""
+    return seed * 100003 + epoch
+
+
 def epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
-                  config: config_lib.Config, validation: Validation | None, epoch: int, done: int,
+                  config: config_lib.Config, validation: Validation | None, epoch, done,
                   steps: int, dynamic_text_padding: bool) -> tf.data.Dataset:
     """Epoch `epoch`'s batches for one input pipeline, from global step `done` of the epoch on.
 
     The order is a pure function of (seed, epoch). Each pipeline feeds
     num_replicas / num_input_pipelines replicas, one batch each per step; the data repeat and
     every pipeline takes exactly `steps` steps' worth, so workers with unequal shards stay in
-    lockstep.
+    lockstep. `epoch` and `done` may be int64 tensors (`epochs_dataset` maps over epochs): the
+    batches are the same as for the same Python ints.
     """
     t = config.train
     per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     holdout = (input_pipeline.Holdout(validation.holdout_fraction, held_out=False)
                if validation is not None and validation.split == schema.TRAIN else None)
     options = input_pipeline.ReadOptions(
-        shuffle=True, seed=t.seed * 100003 + epoch, shuffle_buffer=t.shuffle_buffer, repeat=True,
+        shuffle=True, seed=epoch_seed(t.seed, epoch), shuffle_buffer=t.shuffle_buffer, repeat=True,
         drop_remainder=True, holdout=holdout, skip_batches=done * per_pipeline,
         dynamic_text_padding=dynamic_text_padding)
     dataset = input_pipeline.make_dataset(manifest, schema.TRAIN, ctx.get_per_replica_batch_size(t.batch_size),
                                           options, input_context=ctx)
     return dataset.take((steps - done) * per_pipeline)
+
+
+# Epochs read at once by `epochs_dataset`: the current one and the next, whose shuffle buffer
+# fills while the current one's last batches train.
+EPOCHS_IN_FLIGHT = 2
+
+
+def epochs_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
+                   config: config_lib.Config, validation: Validation | None, first_epoch: int,
+                   done: int, steps: int, dynamic_text_padding: bool) -> tf.data.Dataset:
+    """Epochs `first_epoch` to train.epochs back to back, one input pipeline's batches: the
+    first from global step `done` on, each one `epoch_dataset` of its epoch (the same batches,
+    in the same order), so the loop takes `steps - done`, then `steps` per epoch from one
+    iterator.
+
+    One dataset over the epochs lets the next epoch start (its shards opened, its shuffle buffer
+    filled) while the current one trains: the next epoch is read into its own small buffer
+    ahead of time (a deterministic interleave of EPOCHS_IN_FLIGHT epochs, each read to its end
+    before the next is returned), instead of the step waiting for it at every epoch start.
+    """
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        skip = tf.where(tf.equal(epoch, first_epoch), tf.constant(done, tf.int64),
+                        tf.constant(0, tf.int64))
+        return epoch_dataset(ctx, manifest, config, validation, epoch, skip, steps,
+                             dynamic_text_padding)
+
+    epochs = tf.data.Dataset.range(first_epoch, config.train.epochs + 1)
+    # block_length longer than any epoch: each epoch is returned whole before the next.
+    per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    batches = epochs.interleave(one_epoch, cycle_length=EPOCHS_IN_FLIGHT,
+                                block_length=steps * per_pipeline + 1,
+                                num_parallel_calls=EPOCHS_IN_FLIGHT, deterministic=True)
+    return batches.prefetch(tf.data.AUTOTUNE)
