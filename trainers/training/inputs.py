@@ -1,7 +1,8 @@
 """What the training loop reads: each epoch's batches and the validation set.
 
 Each epoch's input order is a pure function of (seed, epoch), so a rerun replays the epoch up
-to its checkpoint and continues from the exact step.
+to its checkpoint and continues from the exact step. The loop reads every epoch it trains from
+one dataset (`epochs_dataset`), so the next epoch's reading starts before the current one ends.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def epoch_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
 # Epochs read at once by `epochs_dataset`: the current one and the next, whose shuffle buffer
 # fills while the current one's last batches train.
 EPOCHS_IN_FLIGHT = 2
+# Batches read ahead of the step.
+PREFETCH_BATCHES = tf.data.AUTOTUNE
 
 
 def epochs_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
@@ -145,4 +148,4 @@ def epochs_dataset(ctx: tf.distribute.InputContext, manifest: schema.Manifest,
     batches = epochs.interleave(one_epoch, cycle_length=EPOCHS_IN_FLIGHT,
                                 block_length=steps * per_pipeline + 1,
                                 num_parallel_calls=EPOCHS_IN_FLIGHT, deterministic=True)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return batches.prefetch(PREFETCH_BATCHES)
