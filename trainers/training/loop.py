@@ -158,13 +158,16 @@ class Controller:
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
         # A damaged shard: one error naming it (only train and validation are read, and checked).
-        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
-                no_empty_rows(self.config.data.dir):
-            for epoch in range(self.finished + 1, self.config.train.epochs + 1):
-                if self.early_stopping.stopped:
-                    break
-                loss, seconds, progress = self._train_epoch(epoch)
-                self._end_epoch(epoch, loss, seconds, progress)
+        try:
+            with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
+                    no_empty_rows(self.config.data.dir):
+                for epoch in range(self.finished + 1, self.config.train.epochs + 1):
+                    if self.early_stopping.stopped:
+                        break
+                    loss, seconds, progress = self._train_epoch(epoch)
+                    self._end_epoch(epoch, loss, seconds, progress)
+        finally:
+            self._batches = None  # stops reading ahead (after early stopping, or an error)
         if len(self.history.epochs) == self.finished:
             log.info("%s is already trained (%d epochs%s)", self.workdir, self.finished,
                      ", stopped early" if self.early_stopping.stopped else "")
