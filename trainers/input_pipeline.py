@@ -82,6 +82,8 @@ class ReadOptions:
     holdout: keep only, or drop, a hashed fraction of the records.
     skip_batches: start this many batches in, without parsing the skipped records (a mid-epoch
         resume replays the epoch's order up to where it stopped).
+    seed and skip_batches may be int64 scalar tensors (the training loop's dataset over epochs
+    makes each epoch's from the epoch number); they read the same batches as the same ints.
     dynamic_text_padding: re-draw the padding of the manifest's `text_padding` modality on every
         read (`redraw_text_padding`), keyed by (seed, batch number), so each epoch (a new seed in
         training) sees new paddings while a given seed reads the same batches.
@@ -119,14 +121,47 @@ def make_dataset(manifest: schema.Manifest, split: str, batch_size: int,
     if take:
         records = records.take(take)
     if options.shuffle:
-        records = records.shuffle(options.shuffle_buffer, seed=options.seed,
-                                  reshuffle_each_iteration=True)
+        records = shuffle(records, options.shuffle_buffer, options.seed)
     if options.repeat:
         records = records.repeat()
-    if options.skip_batches:
+    if _maybe_nonzero(options.skip_batches):
         records = records.skip(options.skip_batches * batch_size)
     batches = records.batch(batch_size, drop_remainder=options.drop_remainder)
     return _parse(manifest, batches, padding, options, input_context).prefetch(tf.data.AUTOTUNE)
+
+
+_MAXINT32 = 2**31 - 1
+
+
+def shuffle(dataset: tf.data.Dataset, buffer_size: int, seed) -> tf.data.Dataset:
+    """`dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)`, `seed` an int
+    or an int64 scalar tensor.
+
+    Dataset.shuffle accepts a tensor seed, but the seed logic it shares with the random ops
+    compares the (global seed, op seed) pair with (0, 0) in Python, which fails while tracing
+    when the global seed is 0 (train.seed 0, the default) and the op seed is symbolic. For a
+    tensor seed this builds the same op with the same two seeds that Dataset.shuffle would
+    give it (tf.data's random_seed.get_seed), so the order is the one of the same int seed.
+    """
+    if not tf.is_tensor(seed):
+        return dataset.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
+    global_seed = tf.compat.v1.random.get_seed(1)[0]  # the graph's, as Dataset.shuffle reads it
+    seed2 = tf.math.floormod(tf.cast(seed, tf.int64), _MAXINT32)
+    if global_seed % _MAXINT32 == 0:
+        seed2 = tf.where(tf.equal(seed2, 0), tf.constant(_MAXINT32, tf.int64), seed2)
+    specs = tf.nest.flatten(dataset.element_spec)
+    variant = tf.raw_ops.ShuffleDatasetV3(
+        input_dataset=tf.data.experimental.to_variant(dataset),
+        buffer_size=tf.constant(buffer_size, tf.int64),
+        seed=tf.constant(global_seed % _MAXINT32, tf.int64), seed2=seed2,
+        seed_generator=tf.raw_ops.DummySeedGenerator(), reshuffle_each_iteration=True,
+        output_types=[s.dtype for s in specs], output_shapes=[s.shape for s in specs])
+    return tf.data.experimental.from_variant(variant, dataset.element_spec)
+
+
+def _maybe_nonzero(value) -> bool:
+    """False only for a Python 0 (a tensor's value is known when the dataset runs)."""
+    return tf.is_tensor(value) or bool(value)
 
 
 def _records(manifest: schema.Manifest, split: str, options: ReadOptions,
@@ -147,7 +182,7 @@ def _records(manifest: schema.Manifest, split: str, options: ReadOptions,
         else:
             record_sharded = True
     if options.shuffle:
-        files = files.shuffle(len(paths), seed=options.seed)
+        files = shuffle(files, len(paths), options.seed)
     # Deterministic interleave keeps a seeded run reproducible; parallel reads still overlap.
     records = files.interleave(
         lambda path, count: _shard_records(path, count, counts is not None),
@@ -287,7 +322,8 @@ def _parse(manifest: schema.Manifest, batches: tf.data.Dataset, padding: dict | 
         return batches.map(
             lambda serialized: schema.decode_parsed(manifest, tf.io.parse_example(serialized, spec)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    base_seed = tf.constant([options.seed, TrainingStream.TEXT_PADDING], tf.int64)
+    base_seed = tf.stack([tf.cast(options.seed, tf.int64),
+                          tf.constant(TrainingStream.TEXT_PADDING, tf.int64)])
     if input_context is not None:
         base_seed = tf.random.experimental.stateless_fold_in(base_seed, input_context.input_pipeline_id)
 

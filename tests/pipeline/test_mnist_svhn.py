@@ -441,6 +441,20 @@ def test_dynamic_padding_changes_across_reads_and_the_fixed_variant_is_stable(bu
     assert input_pipeline.use_dynamic_text_padding(False, manifest) is False
 
 
+def test_dynamic_padding_keyed_by_a_tensor_seed_is_that_of_the_same_int(built_text):
+    """The training loop's dataset over epochs gives each epoch's seed as a tensor."""
+    import tensorflow as tf
+    from bmvae_tf.trainers import input_pipeline
+
+    manifest = built_text.manifest
+    options = lambda seed: input_pipeline.ReadOptions(seed=seed, dynamic_text_padding=True, skip_batches=1)
+    by_int = [b["text"] for b in input_pipeline.make_dataset(manifest, "train", 16, options(1)).as_numpy_iterator()]
+    by_tensor = tf.data.Dataset.from_tensors(tf.constant(1, tf.int64)).flat_map(
+        lambda seed: input_pipeline.make_dataset(manifest, "train", 16, options(seed)))
+    assert np.array_equal(np.concatenate([b["text"] for b in by_tensor.as_numpy_iterator()]),
+                          np.concatenate(by_int))
+
+
 def test_dynamic_padding_on_a_dataset_without_text_padding_is_refused(tmp_path):
     from tests.synthetic import write_dataset
     from bmvae_tf.trainers import input_pipeline

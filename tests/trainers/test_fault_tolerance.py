@@ -22,6 +22,7 @@ from tests import synthetic
 from bmvae_tf.trainers import cli
 from bmvae_tf.trainers import config as config_lib
 from bmvae_tf.trainers import input_pipeline, run_dir, train
+from bmvae_tf.trainers.training import inputs
 from bmvae_tf.trainers.training import steps as steps_lib
 from bmvae_tf.trainers.training.trainer import Trainer
 
@@ -210,6 +211,31 @@ def test_skip_batches_starts_the_seeded_epoch_order_part_way(dataset):
         manifest, "train", 16, input_pipeline.ReadOptions(shuffle=True, seed=9, drop_remainder=True,
                                                           skip_batches=skip))]
     assert order(5) == order(0)[5:]
+
+
+@pytest.mark.parametrize("seed,pipelines", [(0, 1), (7, 2)])
+def test_the_dataset_over_epochs_reads_each_epochs_own_batches_from_the_resumed_step(dataset, seed,
+                                                                                    pipelines):
+    """The loop's one dataset over the epochs (epoch numbers as tensors) gives exactly the
+    batches of each epoch's own dataset (int seeds), the first from the resumed step on; seed 0
+    is the global seed that Dataset.shuffle cannot take with a tensor seed."""
+    keras.utils.set_random_seed(seed)  # as the Trainer does
+    manifest = schema.read_manifest(dataset)
+    config = _config(dataset, epochs=4, seed=seed, shuffle_buffer=64)
+    validation = inputs.choose_validation(manifest, config.train)
+    steps = inputs.steps_per_epoch(manifest, validation, 16)
+    keys = lambda ds: [b["noise_seed"].numpy().ravel().tolist() for b in ds]
+    for pipeline in range(pipelines):
+        ctx = tf.distribute.InputContext(pipelines, pipeline, pipelines)
+        for first, done in ((1, 0), (2, 5)):
+            epochs = [keys(inputs.epoch_dataset(ctx, manifest, config, validation, epoch,
+                                                done if epoch == first else 0, steps, False))
+                      for epoch in range(first, 5)]
+            assert [len(e) for e in epochs] == [steps - done] + [steps] * (4 - first)
+            assert epochs[1] != epochs[2]  # each epoch its own order
+            over_epochs = keys(inputs.epochs_dataset(ctx, manifest, config, validation, first, done,
+                                                     steps, False))
+            assert over_epochs == [b for e in epochs for b in e]
 
 
 def test_mixed_precision_trains_float32_variables_to_a_loss_near_float32(dataset, tmp_path):

@@ -1,6 +1,7 @@
 """The tf.data reader on a real Digits build: shapes, dtypes, value ranges, seeds, sharding."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from bmvae_tf import schema
@@ -39,6 +40,18 @@ def test_shuffle_is_seeded(built):
 
     np.testing.assert_array_equal(first_labels(3), first_labels(3))
     assert not np.array_equal(first_labels(3), first_labels(4))
+
+
+@pytest.mark.parametrize("global_seed", [0, 5])
+def test_shuffle_with_a_tensor_seed_gives_the_order_of_the_same_int_seed(global_seed):
+    tf.random.set_seed(global_seed)
+    numbers = tf.data.Dataset.range(200)
+    by_int = [int(x) for x in input_pipeline.shuffle(numbers, 50, 4)]
+    # Traced inside a dataset function, where the seed is symbolic (the loop's epochs).
+    by_tensor = tf.data.Dataset.range(4, 6).flat_map(lambda seed: input_pipeline.shuffle(numbers, 50, seed))
+    by_tensor = [int(x) for x in by_tensor]
+    assert by_tensor[:200] == by_int and sorted(by_int) == list(range(200)) and by_int != sorted(by_int)
+    assert by_tensor[200:] == [int(x) for x in input_pipeline.shuffle(numbers, 50, 5)] != by_int
 
 
 def test_input_context_shards_partition_the_records(built):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from typing import Callable
@@ -141,6 +142,7 @@ class Controller:
         # before the progress clock starts): TensorBoard's `train/<term>`, history's "terms".
         self.epoch_terms, self.step_terms = summaries.TermMeans(), {}
         self._terms_traced = False
+        self._batches = None  # the iterator over the epochs' batches, opened by the first epoch
         self.images = self._model_images() if self.chief else None
 
     def _model_images(self) -> summaries.ModelImages:
@@ -156,13 +158,16 @@ class Controller:
     def run(self) -> list[dict]:
         """Trains the epochs not yet done; returns the whole history."""
         # A damaged shard: one error naming it (only train and validation are read, and checked).
-        with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
-                no_empty_rows(self.config.data.dir):
-            for epoch in range(self.finished + 1, self.config.train.epochs + 1):
-                if self.early_stopping.stopped:
-                    break
-                loss, seconds, progress = self._train_epoch(epoch)
-                self._end_epoch(epoch, loss, seconds, progress)
+        try:
+            with input_pipeline.reading(self.manifest, inputs.splits_read(self.validation)), \
+                    no_empty_rows(self.config.data.dir):
+                for epoch in range(self.finished + 1, self.config.train.epochs + 1):
+                    if self.early_stopping.stopped:
+                        break
+                    loss, seconds, progress = self._train_epoch(epoch)
+                    self._end_epoch(epoch, loss, seconds, progress)
+        finally:
+            self._batches = None  # stops reading ahead (after early stopping, or an error)
         if len(self.history.epochs) == self.finished:
             log.info("%s is already trained (%d epochs%s)", self.workdir, self.finished,
                      ", stopped early" if self.early_stopping.stopped else "")
@@ -174,16 +179,15 @@ class Controller:
         t, trainer = self.config.train, self.trainer
         done = int(trainer.epoch_step.numpy())
         resumed_steps, resumed_loss_sum = done, float(trainer.epoch_loss_sum.numpy())
-        dataset = self.strategy.distribute_datasets_from_function(functools.partial(
-            inputs.epoch_dataset, manifest=self.manifest, config=self.config,
-            validation=self.validation, epoch=epoch, done=done, steps=self.steps,
-            dynamic_text_padding=self.repad))
         started = time.perf_counter()
+        if self._batches is None:
+            self._batches = self._open_batches(epoch, done)
         progress = Progress(self.steps, t.batch_size, epoch, t.epochs, done)
         losses = []
         step = trainer.global_step  # counted on the host after this: no sync per step
         self.epoch_terms.clear()
-        for batch in dataset:
+        # Exactly this epoch's batches: the iterator goes on into the next epoch.
+        for batch in itertools.islice(self._batches, self.steps - done):
             if self._logs_terms(done + 1):
                 self.step_terms = trainer.terms_step(batch)  # before the step: the step's noise
                 self.epoch_terms.add(self.step_terms)
@@ -205,6 +209,15 @@ class Controller:
         seconds = time.perf_counter() - started
         progress.finish(done, loss)
         return loss, seconds, progress
+
+    def _open_batches(self, epoch: int, done: int):
+        """One iterator over the batches of every epoch left, from step `done` of `epoch` (the
+        first one this run trains) on; the loop takes each epoch's steps from it in turn, so the
+        next epoch's reading starts before the current one ends (`inputs.epochs_dataset`)."""
+        return iter(self.strategy.distribute_datasets_from_function(functools.partial(
+            inputs.epochs_dataset, manifest=self.manifest, config=self.config,
+            validation=self.validation, first_epoch=epoch, done=done, steps=self.steps,
+            dynamic_text_padding=self.repad)))
 
     def _logs_terms(self, done: int) -> bool:
         """Whether step `done` of the epoch computes the loss terms."""
