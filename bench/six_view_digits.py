@@ -22,28 +22,13 @@ decoders rarely see a latent drawn from one expert alone (README, "Modality drop
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
 import numpy as np
 
-from four_view_digits import SPLITS, profile  # bench/
-from missing_digits import export_digits  # bench/: the digits export, in stored order
+from four_view_digits import arguments, exported_rows, profile, shifted, write_npz  # bench/
 
 PIXEL_NOISE = 0.3
-
-
-def shifted(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """[N, 8, 8] -> [N, 8, 8]: each image shifted by its own (dy, dx) in {-1, 0, 1}^2, zero fill."""
-    out = np.zeros_like(images)
-    for i, (dy, dx) in enumerate(rng.integers(-1, 2, size=(len(images), 2))):
-        out[i] = np.roll(np.roll(images[i], dy, axis=0), dx, axis=1)
-        if dy:
-            out[i, (0 if dy > 0 else -1), :] = 0.0
-        if dx:
-            out[i, :, (0 if dx > 0 else -1)] = 0.0
-    return out
 
 
 def views(digit: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -59,31 +44,13 @@ def views(digit: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="a built digits dataset directory")
-    parser.add_argument("--output", required=True, help="the .npz to write")
-    parser.add_argument("--max-train", type=int, default=0, help="keep the first N train rows (0: all)")
-    parser.add_argument("--max-test", type=int, default=0, help="keep the first N test rows (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    exported = export_digits(args.data)
-    limits = {"train": args.max_train, "test": args.max_test}
-    keep = np.zeros(len(exported["split"]), bool)
-    for split in SPLITS:
-        rows = np.flatnonzero(exported["split"] == split)
-        keep[rows[:limits.get(split) or len(rows)]] = True
-    out = views(exported["digit"][keep], rng)
-    out["label"] = exported["label"][keep].astype(np.int64)
-    out["split"] = exported["split"][keep]
-    counts = {split: int(np.sum(out["split"] == split)) for split in SPLITS}
-    tmp = args.output + ".tmp.npz"
-    np.savez(tmp, **out)
-    os.replace(tmp, args.output)
-    print(f"{args.output}: " + ", ".join(f"{s} {counts[s]}" for s in SPLITS)
-          + "; " + ", ".join(f"{k} {out[k].dtype}{list(out[k].shape[1:])}" for k in sorted(out)))
+    args = arguments(__doc__.split("\n\n")[0], argv)
+    exported = exported_rows(args)
+    out = views(exported["digit"], np.random.default_rng(args.seed))
+    out["label"] = exported["label"].astype(np.int64)
+    out["split"] = exported["split"]
+    write_npz(args.output, out)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,14 +92,15 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
             else:
                 stage.run(context)
     written = context.paths.metrics_for(split)
-    if split == schema.TEST:
-        _write_plots(context)
+    if split != schema.TEST:  # scores for a choice of settings: the run's record stays as it is
+        context.metrics.write(written)
+        logger.info("wrote %s in %.1f s", written, time.perf_counter() - started)
+        return context.metrics.to_json()
+    _write_plots(context)
     context.metrics.write(written)
-    if split == schema.TEST:
-        summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table
+    summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table
     logger.info("wrote %s in %.1f s", written, time.perf_counter() - started)
-    if split == schema.TEST:
-        logger.info("wrote %s", report.write_run_report(workdir))
+    logger.info("wrote %s", report.write_run_report(workdir))
     return context.metrics.to_json()
 
 
