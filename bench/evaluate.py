@@ -1,8 +1,10 @@
 """Where `bmvae evaluate`'s time goes: seconds per stage, against the time of training epochs.
 
 Every round runs one whole evaluation of a trained run in a fresh process (as `bmvae evaluate`
-does: the graphs are traced anew, the classifiers trained anew unless --cached-classifiers), and
-times each stage of trainers/evaluation/evaluate.py's flow:
+does: the graphs are traced anew), and times each stage of trainers/evaluation/evaluate.py's flow.
+`current` is the first evaluation on a dataset (an empty dataset cache: the classifiers and the
+robustness baseline computed; RUN/classifiers deleted unless --cached-classifiers),
+`current_warm` every later one (the dataset cache filled by an untimed evaluation first):
 
 - classifiers: the coherence classifiers trained (or loaded), and their accuracy on real test data;
 - encodings: the train and test splits encoded for every subset (means and cross generations);
@@ -26,6 +28,7 @@ The run is copied (evaluate writes into it); the original is only read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -52,52 +55,63 @@ _STAGE_NAMES = {"classifier_accuracy_stage": "classifiers", "latent_accuracy_sta
 
 
 def worker(run: str, data: str | None, code: str | None, output: str) -> None:
-    """One timed evaluation of `run` in this process: {stage: seconds} and the metrics, to `output`.
+    """One timed `evaluate.evaluate(run, data)` in this process: {stage: seconds} and the metrics,
+    to `output`.
 
+    The stages are timed by wrapping evaluate's own pieces (the classifiers' load_or_train,
+    EvalContext._encode, every STAGES entry), each counted without the pieces it calls, so
+    the stages add up to evaluate's time; `plots_and_report` is the rest of evaluate's time on
+    the calling thread (with the plots drawn in the background, the wait for them, if any).
     code: a staged package directory (see `stage_tree`) imported instead of the installed one."""
     if code:
         sys.path.insert(0, code)
     started = time.perf_counter()
     import tensorflow as tf  # noqa: F401  (imported first, so its cost is counted apart)
-    from bmvae_tf import schema
-    from bmvae_tf.trainers import input_pipeline
+    from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
     from bmvae_tf.trainers.evaluation import evaluate as evaluate_lib
-    from bmvae_tf.trainers.reporting import report
-    from bmvae_tf.trainers.training import summaries
+    from bmvae_tf.trainers.evaluation.context import EvalContext
     imported = time.perf_counter() - started
 
     seconds = {name: 0.0 for name in STAGE_ORDER}
+    cpu_seconds = {name: 0.0 for name in STAGE_ORDER}  # this process's CPU time: > seconds when both cores work
+    stack = []  # [name, wall start, cpu start, wall of nested pieces, cpu of nested pieces]
 
-    def timed(name, fn, *args):
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            stack.append([name, time.perf_counter(), time.process_time(), 0.0, 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _, wall, cpu, nested_wall, nested_cpu = stack.pop()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                seconds[name] += wall - nested_wall
+                cpu_seconds[name] += cpu - nested_cpu
+                if stack:
+                    stack[-1][3] += wall
+                    stack[-1][4] += cpu
+        return wrapper
+
+    classifiers_lib.load_or_train = timed("classifiers", classifiers_lib.load_or_train)
+    EvalContext._encode = timed("encodings", EvalContext._encode)
+    evaluate_lib.STAGES[:] = [dataclasses.replace(stage, run=timed(
+        _STAGE_NAMES.get(stage.run.__name__, stage.run.__name__), stage.run)) for stage in evaluate_lib.STAGES]
+    context_of = evaluate_lib._context
+    load = []
+
+    def context(*args):
         t = time.perf_counter()
-        out = fn(*args)
-        seconds[name] += time.perf_counter() - t
+        out = context_of(*args)
+        load.append(time.perf_counter() - t)
         return out
 
+    evaluate_lib._context = context
     t0 = time.perf_counter()
-    context = evaluate_lib._context(run, data, (), schema.TEST)
-    load = time.perf_counter() - t0
-    unlabelled = context.manifest.label is None
-    with input_pipeline.reading(context.manifest):
-        if not unlabelled:
-            timed("classifiers", lambda: context.classifiers)
-            timed("encodings", lambda: (context.test_latents, context.train_latents))
-        for stage in evaluate_lib.STAGES:
-            if unlabelled and stage.needs_labels:
-                continue
-            timed(_STAGE_NAMES.get(stage.run.__name__, stage.run.__name__), stage.run, context)
-
-    def finish():
-        evaluate_lib._write_plots(context)
-        context.metrics.write(context.paths.metrics)
-        summaries.write_hparams(run, context.metrics.to_json())
-        report.write_run_report(run)
-
-    timed("plots_and_report", finish)
-    total = time.perf_counter() - t0
+    metrics = evaluate_lib.evaluate(run, data)
+    total = time.perf_counter() - t0 - load[0]
+    seconds["plots_and_report"] = total - sum(seconds.values())
     with open(output, "w") as f:
-        json.dump({"seconds": seconds, "total": total, "load_model_and_data": load, "import": imported,
-                   "code": evaluate_lib.__file__, "metrics": context.metrics.to_json()}, f)
+        json.dump({"seconds": seconds, "cpu_seconds": cpu_seconds, "total": total, "load_model_and_data": load[0],
+                   "import": imported, "code": evaluate_lib.__file__, "metrics": metrics}, f)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -115,8 +129,11 @@ def stage_tree(tree: str, directory: str) -> str:
     return directory
 
 
-def timed_evaluation(run: str, data: str | None, code: str | None, scratch: str, cached: bool) -> dict:
-    """Copies `run` into `scratch` and evaluates the copy in a fresh process."""
+def timed_evaluation(run: str, data: str | None, code: str | None, scratch: str, cached: bool,
+                     warm_cache: bool = False) -> dict:
+    """Copies `run` into `scratch` and evaluates the copy in a fresh process, with the dataset
+    cache (trainers/evaluation/dataset_cache.py) at scratch/dataset_cache: emptied first unless
+    `warm_cache`, where what an earlier evaluation there stored is read."""
     copy = os.path.join(scratch, "run")
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(run, copy, ignore=None if cached else shutil.ignore_patterns("classifiers"))
@@ -128,7 +145,10 @@ def timed_evaluation(run: str, data: str | None, code: str | None, scratch: str,
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--run", copy, "--output", out]
     command += ["--data", data] if data else []
     command += ["--code", code] if code else []
-    subprocess.run(command, check=True, cwd=tempfile.gettempdir())
+    cache = os.path.join(scratch, "dataset_cache")
+    if not warm_cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    subprocess.run(command, check=True, cwd=tempfile.gettempdir(), env={**os.environ, "BMVAE_CACHE_DIR": cache})
     with open(out) as f:
         return json.load(f)
 
@@ -235,6 +255,9 @@ def main() -> None:
                         help="also time 5 training epochs of the run's config in every round")
     parser.add_argument("--cached-classifiers", action="store_true",
                         help="keep RUN/classifiers (default: delete them, so they are trained as in a fresh run)")
+    parser.add_argument("--dataset-cache", choices=["cold", "warm", "both"], default="both",
+                        help="time the current code with an empty dataset cache (the first evaluation on a "
+                             "dataset: classifiers trained), a filled one (every later run on it), or both")
     parser.add_argument("--scratch", default=os.path.join(tempfile.gettempdir(), "bench_evaluate"))
     parser.add_argument("--output", default=os.path.join(HERE, "results", "evaluate.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -249,17 +272,23 @@ def main() -> None:
         directory = os.path.join(args.scratch, "sixview")
         args.data = build_sixview(directory)
         args.run = train_sixview(directory, args.data, args.sixview_epochs)
-    variants = {"current": None}
+    # name -> (staged code or None for this checkout, warm dataset cache)
+    variants = {}
     if args.baseline_tree:
-        variants = {"baseline": stage_tree(args.baseline_tree, os.path.join(args.scratch, "baseline_code")),
-                    "current": None}
+        variants["baseline"] = (stage_tree(args.baseline_tree, os.path.join(args.scratch, "baseline_code")), False)
+    if args.dataset_cache in ("cold", "both"):
+        variants["current"] = (None, False)
+    if args.dataset_cache in ("warm", "both"):
+        variants["current_warm"] = (None, True)
+        # Fills the cache the warm rounds read: one untimed evaluation, as the first run on a dataset.
+        timed_evaluation(args.run, args.data, None, os.path.join(args.scratch, "current_warm"), args.cached_classifiers)
     data = args.data or _config_data(args.run)
     timings = {name: [] for name in variants}
     trained = []
     for r in range(args.rounds):
-        for name, code in variants.items():
+        for name, (code, warm) in variants.items():
             result = timed_evaluation(args.run, args.data, code, os.path.join(args.scratch, name),
-                                      args.cached_classifiers)
+                                      args.cached_classifiers, warm)
             timings[name].append(result)
             print(f"round {r + 1}/{args.rounds} {name}: {result['total']:.1f} s "
                   + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()), flush=True)
@@ -284,9 +313,14 @@ def main() -> None:
                      for k, v in summary["stages"].items()], ["stage", "seconds", "fraction"])
     payload = {"command": " ".join(sys.argv), "machine": machine(), "load_average_at_start": load_at_start,
                "run": args.run, "data": data, "rounds": args.rounds, "cached_classifiers": args.cached_classifiers,
+               "dataset_cache": args.dataset_cache,
                "history_median_epoch_seconds": epoch, "measured_median_epoch_seconds": trained,
                "results": results}
-    if args.baseline_tree:
+    for name in ("current", "current_warm"):
+        if args.baseline_tree and name in timings:
+            payload[f"metric_differences_{name}"] = compare_metrics(
+                timings["baseline"][-1]["metrics"], timings[name][-1]["metrics"])
+    if args.baseline_tree and "current" in timings:
         current, baseline = timings["current"], timings["baseline"]
         payload["speedup_per_round"] = [b["total"] / c["total"] for b, c in zip(baseline, current)]
         payload["speedup_median"] = statistics.median(payload["speedup_per_round"])
@@ -296,6 +330,13 @@ def main() -> None:
               f"{len(payload['metric_differences'])} metrics differ")
         for line in payload["metric_differences"]:
             print("  " + line)
+    if args.baseline_tree and "current_warm" in timings:
+        baseline, warm = timings["baseline"], timings["current_warm"]
+        payload["speedup_warm_per_round"] = [b["total"] / c["total"] for b, c in zip(baseline, warm)]
+        payload["speedup_warm_median"] = statistics.median(payload["speedup_warm_per_round"])
+        print(f"speed-up with a warm dataset cache: {payload['speedup_warm_median']:.2f} "
+              f"({min(payload['speedup_warm_per_round']):.2f}-{max(payload['speedup_warm_per_round']):.2f}); "
+              f"{len(payload['metric_differences_current_warm'])} metrics differ")
     write_json(args.output, payload)
 
 

@@ -182,8 +182,10 @@ def evaluate(model, data_dir: str, *, metrics: Sequence[str] | None = None, seed
 
     metrics: the stages to run (`metric_names()`: latent_accuracy, cross_coherence,
       log_likelihood, ...); None runs them all. seed: the base of every evaluation stream, as a
-      run's train.seed. cache_dir: where the coherence classifiers are kept between calls (by
-      default a temporary directory, so they are trained anew each call).
+      run's train.seed. cache_dir: a run-like directory for the coherence classifiers (by
+      default a temporary one). Either way the dataset cache keeps them, and the robustness
+      baseline, for every later call on the same data and seed (`shared_cache=False` turns it
+      off; trainers/evaluation/dataset_cache.py).
     **eval_settings: keys of a config's `eval:` section (batch_size, max_examples,
       classifier_epochs, log_likelihood_samples, ...).
 

@@ -10,6 +10,16 @@ import pytest  # noqa: E402
 from bmvae_tf.pipeline import beam_io, build_digits  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def dataset_cache_dir(tmp_path_factory, monkeypatch) -> str:
+    """Every test gets an empty dataset cache of its own (trainers/evaluation/dataset_cache.py),
+    inherited by the CLI subprocesses it starts: no test reads what another stored, and none
+    writes to the user's ~/.cache."""
+    directory = str(tmp_path_factory.mktemp("dataset_cache"))
+    monkeypatch.setenv("BMVAE_CACHE_DIR", directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def source() -> tuple[np.ndarray, np.ndarray]:
     """images [1797, 8, 8] in 0..16, labels [1797]."""

@@ -111,6 +111,10 @@ class EvalConfig:
     robustness_noise_levels: list[float] = dataclasses.field(
         default_factory=lambda: [i / 10 for i in range(11)])
     robustness_baseline_examples: int = 5000
+    # Keep what depends on the data and the seed alone (the coherence classifiers, the raw-input
+    # robustness baseline) in the dataset cache, $BMVAE_CACHE_DIR or ~/.cache/bmvae, for every
+    # later run evaluated on the same data (trainers/evaluation/dataset_cache.py).
+    shared_cache: bool = True
 
 
 @dataclasses.dataclass

@@ -13,7 +13,9 @@ a network that shares its architecture:
 
 Every classifier outputs logits [batch, num_classes]. Trained classifiers are cached in
 RUN/classifiers/<modality>.keras beside a <modality>.json fingerprint (dataset, shape, classes,
-examples, epochs, seed); a cached classifier is reused only when its fingerprint matches.
+examples, epochs, seed); a cached classifier is reused only when its fingerprint matches. They
+depend on the data and the seed alone, so the dataset cache (`dataset_cache`) also keeps them
+for every later run evaluated on the same data.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import tensorflow as tf
 
 from bmvae_tf import atomic, schema
 from bmvae_tf.errors import UserError
+from bmvae_tf.trainers.evaluation import dataset_cache
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +190,14 @@ def fingerprint(manifest: schema.Manifest, spec: schema.ModalitySpec, *, train_e
 
 def load_or_train(directory: str, manifest: schema.Manifest,
                   make_train_dataset: Callable[[], tf.data.Dataset], *, train_examples: int,
-                  batch_size: int, epochs: int, seed: int) -> dict[str, keras.Model]:
-    """Every modality's classifier: from `directory` when cached and current, else trained.
+                  batch_size: int, epochs: int, seed: int, shared: bool = False) -> dict[str, keras.Model]:
+    """Every modality's classifier: from `directory` when cached and current, else from the
+    dataset cache (with `shared`), else trained.
 
-    Only the missing or stale classifiers are trained (together); new ones are saved to
-    `directory`/<modality>.keras with their fingerprint beside them, both written atomically.
+    Only the classifiers found in neither place are trained (together); they are saved to
+    `directory`/<modality>.keras with their fingerprint beside them, both written atomically,
+    and with `shared` to the dataset cache, where the next run evaluated on the same data finds
+    them (`dataset_cache`: the classifiers depend on the data and the seed, not on the model).
 
     Args:
       directory: RUN/classifiers.
@@ -200,6 +206,7 @@ def load_or_train(directory: str, manifest: schema.Manifest,
         "label": [B]} of `batch_size` examples.
       train_examples: how many train examples one pass holds (goes into the fingerprint).
       epochs, seed: as `train_classifiers`.
+      shared: read and fill the dataset cache (eval.shared_cache).
     """
     if manifest.label is None:
         raise ValueError(f"dataset {manifest.name!r} has no labels to train classifiers on")
@@ -209,11 +216,12 @@ def load_or_train(directory: str, manifest: schema.Manifest,
     for spec in manifest.modalities:
         expected = fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
         model_path, print_path = _paths(directory, spec.name)
-        if _read_fingerprint(print_path) == expected and tf.io.gfile.exists(model_path):
-            classifiers[spec.name] = _load_model(model_path)
-            logger.info("reusing the cached classifier %s", model_path)
-        else:
-            stale.append(spec)
+        if _read_fingerprint(print_path) != expected or not tf.io.gfile.exists(model_path):
+            if not (shared and _copy_from_dataset_cache(manifest, expected, directory, spec.name, batch_size)):
+                stale.append(spec)
+                continue
+        classifiers[spec.name] = _load_model(model_path)
+        logger.info("reusing the cached classifier %s", model_path)
     if stale:
         trained = train_classifiers(stale, manifest.label.num_classes, make_train_dataset,
                                     steps_per_epoch=max(1, math.ceil(train_examples / batch_size)),
@@ -223,8 +231,34 @@ def load_or_train(directory: str, manifest: schema.Manifest,
             _save_model_atomic(trained[spec.name], model_path)
             expected = fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
             atomic.write_text(print_path, json.dumps(expected, indent=2) + "\n")
+            if shared:
+                dataset_cache.store(manifest, _CACHE_KIND, _shared_fingerprint(expected, batch_size), expected,
+                                    files={".keras": model_path})
         classifiers.update(trained)
     return {spec.name: classifiers[spec.name] for spec in manifest.modalities}
+
+
+_CACHE_KIND = "classifiers"
+
+
+def _shared_fingerprint(expected: dict, batch_size: int) -> dict:
+    # Beyond the run cache's fingerprint: the training recipe, which a cache outliving the code
+    # that filled it must also match (a changed network bumps `recipe`).
+    return {**expected, "batch_size": int(batch_size), "learning_rate": _LEARNING_RATE, "recipe": 1}
+
+
+def _copy_from_dataset_cache(manifest: schema.Manifest, expected: dict, directory: str, modality: str,
+                             batch_size: int) -> bool:
+    """Copies the dataset cache's classifier for `expected` into RUN/classifiers; False if absent."""
+    shared = _shared_fingerprint(expected, batch_size)
+    source = dataset_cache.entry_path(manifest, _CACHE_KIND, shared, ".keras")
+    if dataset_cache.lookup(manifest, _CACHE_KIND, shared) is None or not tf.io.gfile.exists(source):
+        return False
+    model_path, print_path = _paths(directory, modality)
+    with atomic.publishing(model_path, keep_suffix=".keras") as tmp:
+        tf.io.gfile.copy(source, tmp, overwrite=True)
+    atomic.write_text(print_path, json.dumps(expected, indent=2) + "\n")
+    return True
 
 
 def _load_model(path: str) -> keras.Model:

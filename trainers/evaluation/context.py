@@ -85,14 +85,15 @@ class EvalContext:
 
     @functools.cached_property
     def classifiers(self) -> dict[str, keras.Model]:
-        """The coherence classifiers: cached in RUN/classifiers, else trained on real data."""
+        """The coherence classifiers: cached in RUN/classifiers or the dataset cache, else trained
+        on real data."""
         started = time.perf_counter()
         classifiers = classifiers_lib.load_or_train(
             self.paths.classifiers, self.manifest,
             lambda: self.batches("train", CLASSIFIER_BATCH_SIZE,
                                  options=input_pipeline.ReadOptions(shuffle=True, seed=self.seed)),
             train_examples=self.train_count, batch_size=CLASSIFIER_BATCH_SIZE,
-            epochs=self.eval.classifier_epochs, seed=self.seed)
+            epochs=self.eval.classifier_epochs, seed=self.seed, shared=self.eval.shared_cache)
         logger.info("classifiers ready: %.1f s", time.perf_counter() - started)
         return classifiers
 

@@ -10,6 +10,7 @@ metric: a module with its maths and a stage, a field in `metrics.Metrics`, a lin
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from threadpoolctl import threadpool_limits
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
@@ -85,18 +87,25 @@ def evaluate(workdir: str, data_dir: str | None = None, overrides: Sequence[str]
     if unlabelled:
         reason = f"dataset {context.manifest.name!r} declares no label"
         logger.warning("%s: skipping the label-based metrics", reason)
-    with input_pipeline.reading(context.manifest):  # a damaged shard: one error naming it
+    scoring_test = split == schema.TEST  # validation scores a choice of settings: no plots, no report
+    # One BLAS/OpenMP thread for the whole evaluation. The probes and t-SNE limit it too, from two
+    # threads at once (the plots draw beside the stages), and threadpoolctl's limit is process-wide:
+    # nested in this one, every limit they leave restores 1, and this one restores the caller's.
+    with input_pipeline.reading(context.manifest), threadpool_limits(limits=probes.SKLEARN_BLAS_THREADS), \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bmvae-plots") as background:
+        plotted = _start_plots(context, background) if scoring_test else None
         for stage in STAGES:
             if unlabelled and stage.needs_labels:
                 context.metrics.skipped.update({key: reason for key in stage.needs_labels})
             else:
                 stage.run(context)
+        written_plots = plotted.result() if plotted else []  # a plotting error is raised here
     written = context.paths.metrics_for(split)
-    if split != schema.TEST:  # scores for a choice of settings: the run's record stays as it is
+    if not scoring_test:  # the run's test record, plots and report stay as they are
         context.metrics.write(written)
         logger.info("wrote %s in %.1f s", written, time.perf_counter() - started)
         return context.metrics.to_json()
-    _write_plots(context)
+    _finish_plots(context, written_plots)
     context.metrics.write(written)
     summaries.write_hparams(workdir, context.metrics.to_json())  # TensorBoard's HPARAMS table
     logger.info("wrote %s in %.1f s", written, time.perf_counter() - started)
@@ -165,9 +174,9 @@ def prior_generations(model, num: int, seed: int) -> dict[str, np.ndarray]:
 
 def _embedding_means(context: EvalContext) -> tuple[dict[str, np.ndarray], np.ndarray | None, list | None]:
     """The single-modality posterior means of the first EMBEDDING_EXAMPLES test examples, their
-    labels and the class names: the metrics' cached encodings when a stage made them, else a pass
-    without sampling."""
-    if context.metrics.latent_accuracy is not None:
+    labels and the class names: the metrics' cached encodings on labelled data, where the stages
+    need them anyway, else a pass without sampling."""
+    if context.manifest.label is not None:  # the label-based stages encode the test split anyway
         latents = context.test_latents
     else:
         latents = encodings.encode_split(context.model, context.batches("test", limit=EMBEDDING_EXAMPLES))
@@ -179,17 +188,35 @@ def _embedding_means(context: EvalContext) -> tuple[dict[str, np.ndarray], np.nd
 
 def _write_plots(context: EvalContext) -> None:
     """RUN/plots: mixture weights, cross generation, prior samples, the latent embedding, the loss
-    curves and (with labels) robustness."""
+    curves and (with labels) robustness, all drawn here, after the metric stages."""
+    with concurrent.futures.ThreadPoolExecutor(1) as background:
+        written = _start_plots(context, background).result()
+    _finish_plots(context, written)
+
+
+def _start_plots(context: EvalContext, background: concurrent.futures.Executor) -> concurrent.futures.Future:
+    """Starts RUN/plots' figures that need no metric (all but robustness) on `background`.
+
+    What they need from TensorFlow is computed here, on the calling thread: a batch of test
+    examples, their cross generations, decoded prior samples and the embedding's posterior means
+    (with labels, the stages' cached test encodings, made now if no stage has yet). The drawing
+    (t-SNE, matplotlib, PNG encoding) takes no TensorFlow and mostly runs outside the GIL, so it
+    overlaps the metric stages on a second core. Returns the future of the paths written."""
     examples = next(iter(context.batches("test", PLOT_EXAMPLES, PLOT_EXAMPLES)))
     inputs = {n: examples[n] for n in context.names}
     weights = context.model.mixture_weights()
-    written = plots.write_plots(
-        context.paths.plots, context.manifest.modalities,
+    return background.submit(
+        plots.write_plots, context.paths.plots, context.manifest.modalities,
         weights=None if weights is None else np.asarray(weights), history=context.history,
         inputs={n: v.numpy() for n, v in inputs.items()},
         generated=cross_generations(context.model, inputs, context.seed),
         prior_generated=prior_generations(context.model, PLOT_EXAMPLES, context.seed),
         embedding=_embedding_means(context))
+
+
+def _finish_plots(context: EvalContext, written: list[str]) -> None:
+    """Adds the robustness figure, which needs the metrics, to the figures `_start_plots` wrote."""
+    written = list(written)
     if context.metrics.robustness is not None:
         written.append(os.path.join(context.paths.plots, plots.ROBUSTNESS))
         plots.save_figure(plots.robustness_figure(context.metrics.robustness), written[-1])

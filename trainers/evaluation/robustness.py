@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from bmvae_tf import schema
 from bmvae_tf.random_streams import EvalStream
-from bmvae_tf.trainers.evaluation import batched
+from bmvae_tf.trainers.evaluation import batched, dataset_cache
 from bmvae_tf.trainers.evaluation import subsets as subsets_lib
 from bmvae_tf.trainers.evaluation.classifiers import batch_signature
 from bmvae_tf.trainers.evaluation.context import EvalContext
@@ -274,22 +274,50 @@ def _noisy_means_step(model, scales: Mapping[str, float], subsets, seed: int):
 
 def robustness_stage(context: EvalContext) -> None:
     """metrics.robustness: every subset's latent probe (fitted on clean train latents) scored on
-    noisy test inputs, against the raw-input baseline."""
+    noisy test inputs, against the raw-input baseline.
+
+    The baseline's curves depend on the data, the seed and the eval settings in
+    `_baseline_fingerprint`, not on the model: with eval.shared_cache they are computed by the
+    first evaluation on a dataset and read from the dataset cache by the later ones."""
     started = time.perf_counter()
     config, names = context.eval, context.names
-    baselines, baseline_examples = {}, config.robustness_baseline_examples
-    if baseline_examples:
+    scales = noise_scales(context.manifest.modalities, context.batches("test"))
+    baselines, baseline_examples, cached = {}, config.robustness_baseline_examples, None
+    fingerprint = _baseline_fingerprint(context, scales)
+    if baseline_examples and config.shared_cache:
+        cached = dataset_cache.lookup(context.manifest, _CACHE_KIND, fingerprint)
+    if baseline_examples and cached is None:
         features, labels = collect_features(context.manifest.modalities, context.batches(
             "train", limit=min(baseline_examples, config.max_examples or baseline_examples)))
         baselines = fit_probes({schema.subset_key(s): (subset_features(features, s), labels)
                                 for s in schema.subset_names(names)})
         baseline_examples = len(labels)
-    scales = noise_scales(context.manifest.modalities, context.batches("test"))
     result = noisy_accuracy(context.model, context.batches("test"), latent_probes(context), baselines,
                             levels=config.robustness_noise_levels, scales=scales, seed=context.seed)
+    if cached is not None:
+        result.baseline_accuracy, baseline_examples = cached["accuracy"], cached["train_examples"]
+    elif baselines and config.shared_cache:
+        dataset_cache.store(context.manifest, _CACHE_KIND, fingerprint,
+                            {"accuracy": result.baseline_accuracy, "train_examples": baseline_examples})
     context.metrics.robustness = result.to_json()
     context.metrics.num_examples["robustness"] = {
         "train": context.train_latents.num_examples, "test": result.num_test,
         "baseline_train": baseline_examples, "levels": len(result.levels)}
     logger.info("robustness at %d noise levels: %.1f s", len(config.robustness_noise_levels),
                 time.perf_counter() - started)
+
+
+_CACHE_KIND = "robustness_baseline"
+
+
+def _baseline_fingerprint(context: EvalContext, scales: Mapping[str, float]) -> dict:
+    """What decides the baseline's curves besides the data: the scored split, the seed (the noise
+    stream), the levels and scales, how many train examples it is fitted on and the batching of
+    the test split (the noise is seeded per batch)."""
+    config = context.eval
+    return {"split": context.resolve("test"), "seed": int(context.seed),
+            "levels": [float(v) for v in config.robustness_noise_levels],
+            "scales": {k: float(v) for k, v in sorted(scales.items())},
+            "baseline_examples": int(config.robustness_baseline_examples),
+            "max_examples": int(config.max_examples), "batch_size": int(config.batch_size),
+            "noise": NOISE_DESCRIPTION, "recipe": 1}
