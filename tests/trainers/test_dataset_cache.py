@@ -93,16 +93,19 @@ def test_a_second_run_on_the_data_reads_the_cache_and_scores_identically(run, tm
     stored = _cache_files(dataset_cache_dir)
     assert len([f for f in stored if f.endswith(".keras")]) == 3  # a classifier per modality
     assert len([f for f in stored if "robustness_baseline" in f]) == 1
+    assert len([f for f in stored if "classifier_accuracy" in f]) == 1
 
-    # the second evaluation on the same data trains no classifier and fits no baseline
+    # the second evaluation on the same data trains no classifier, scores none on real data and
+    # fits no baseline
     def refuse(*args, **kwargs):
         raise AssertionError("computed again despite the dataset cache")
 
     monkeypatch.setattr(classifiers_lib, "train_classifiers", refuse)
     monkeypatch.setattr(robustness, "fit_probes", refuse)
+    monkeypatch.setattr(classifiers_lib, "accuracy", refuse)
     second_root = _copy_run(paths.root, str(tmp_path / "second"))
     second = evaluate_lib.evaluate(second_root)
-    assert second == first  # bit for bit: the classifiers and the baseline's curves are the same
+    assert second == first  # bit for bit: the classifiers, their accuracy and the baseline's curves
     assert _cache_files(dataset_cache_dir) == stored
     # the run keeps its own copy of the classifiers, with their fingerprint
     for name in first["modalities"]:

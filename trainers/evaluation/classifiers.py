@@ -241,6 +241,15 @@ def load_or_train(directory: str, manifest: schema.Manifest,
 _CACHE_KIND = "classifiers"
 
 
+def shared_fingerprints(manifest: schema.Manifest, *, train_examples: int, batch_size: int, epochs: int,
+                        seed: int) -> dict[str, dict]:
+    """{modality: the dataset cache's fingerprint of its classifier}: what identifies the
+    classifiers, for results computed from them alone (their test accuracy)."""
+    return {spec.name: _shared_fingerprint(fingerprint(manifest, spec, train_examples=train_examples,
+                                                       epochs=epochs, seed=seed), batch_size)
+            for spec in manifest.modalities}
+
+
 def _shared_fingerprint(expected: dict, batch_size: int) -> dict:
     # Beyond the run cache's fingerprint: the training recipe, which a cache outliving the code
     # that filled it must also match (a changed network bumps `recipe`).

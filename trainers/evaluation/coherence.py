@@ -15,9 +15,12 @@ import logging
 import numpy as np
 
 from bmvae_tf.trainers.evaluation import classifiers as classifiers_lib
+from bmvae_tf.trainers.evaluation import dataset_cache
 from bmvae_tf.trainers.evaluation.context import EvalContext
 
 logger = logging.getLogger(__name__)
+
+_CACHE_KIND = "classifier_accuracy"
 
 
 def cross_coherence(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -41,10 +44,21 @@ def joint_coherence(predictions: np.ndarray) -> float:
 
 
 def classifier_accuracy_stage(context: EvalContext) -> None:
-    """metrics.classifier_accuracy: each coherence classifier's accuracy on real test data."""
+    """metrics.classifier_accuracy: each coherence classifier's accuracy on real test data; a
+    function of the data and the classifiers alone, so with eval.shared_cache read from the
+    dataset cache after the first evaluation on a dataset."""
     metrics = context.metrics
-    metrics.classifier_accuracy = classifiers_lib.accuracy(
-        context.classifiers, context.manifest.modalities, context.batches("test"))
+    classifiers = context.classifiers
+    fingerprint = {"classifiers": context.classifier_fingerprints, "split": context.resolve("test"),
+                   "max_examples": int(context.eval.max_examples)}
+    cached = dataset_cache.lookup(context.manifest, _CACHE_KIND, fingerprint) if context.eval.shared_cache else None
+    if cached is not None:
+        metrics.classifier_accuracy = cached
+    else:
+        metrics.classifier_accuracy = classifiers_lib.accuracy(
+            classifiers, context.manifest.modalities, context.batches("test"))
+        if context.eval.shared_cache:
+            dataset_cache.store(context.manifest, _CACHE_KIND, fingerprint, metrics.classifier_accuracy)
     metrics.num_examples["classifier"] = {"train": context.train_count,
                                           "test": context.test_latents.num_examples}
     logger.info("classifier test accuracy %s", metrics.classifier_accuracy)

@@ -97,6 +97,13 @@ class EvalContext:
         logger.info("classifiers ready: %.1f s", time.perf_counter() - started)
         return classifiers
 
+    @property
+    def classifier_fingerprints(self) -> dict[str, dict]:
+        """{modality: what identifies its coherence classifier} (`classifiers.shared_fingerprints`)."""
+        return classifiers_lib.shared_fingerprints(
+            self.manifest, train_examples=self.train_count, batch_size=CLASSIFIER_BATCH_SIZE,
+            epochs=self.eval.classifier_epochs, seed=self.seed)
+
     @functools.cached_property
     def test_latents(self) -> SplitLatents:
         """The scored split's means and cross-generated predictions (one posterior sample each)."""

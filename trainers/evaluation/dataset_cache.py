@@ -1,7 +1,8 @@
 """Evaluation results that depend on the dataset alone, shared by every run evaluated on it.
 
-The coherence classifiers and the raw-input robustness baseline never see the model: they are
-functions of the data, the run's seed and a few `eval` settings. The literature trains its
+The coherence classifiers (and their accuracy on real test data) and the raw-input robustness
+baseline never see the model: they are functions of the data, the run's seed and a few `eval`
+settings. The literature trains its
 coherence classifiers once per dataset (MMVAE's and mmJSD's code load pretrained ones); training
 them in every evaluation made them the largest stage of a small run's evaluation, and a
 comparison of 11 models x 3 seeds trained the same classifiers 11 times per seed. This cache
