@@ -12,7 +12,9 @@ So one epoch of `fit()` on the loop's batches follows the loop's loss trajectory
 
 The loss is `sum(per_example) / global batch + global_term / replicas` on each replica, whose
 gradients the optimizer sums over replicas: the gradient of the mean objective. The logged
-`loss` is the mean objective (as the loop's history reports it). The custom loop stays the CLI's
+`loss` is the mean objective (as the loop's history reports it); beside it fit() and evaluate()
+log each of the model's loss terms (`LossTerms.metrics`: bound, reconstruction, KL terms, ...,
+what the loop writes to TensorBoard), averaged over the examples of the epoch. The custom loop stays the CLI's
 engine: it adds exact mid-epoch resume, run directories and the run's records.
 """
 
@@ -36,6 +38,10 @@ class KerasFit:
         # The mean objective; and how many test batches this evaluation has seen (keys their noise).
         self.objective_tracker = keras.metrics.Mean(name="loss")
         self.test_batches = keras.metrics.Sum(name="test_batches", dtype="float32")
+        # {loss term: its mean}, made by `compile` once the model's terms are known. Set past
+        # Keras's tracking: the model is built (and its state locked) by then, and these are
+        # logs, not state a checkpoint should hold.
+        object.__setattr__(self, "term_trackers", {})
 
     def compile(self, optimizer="adam", *, seed: int = 0, modality_dropout: float = 0.0, loss=None,
                 **kwargs):
@@ -63,6 +69,21 @@ class KerasFit:
         self.build_variables()
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
+        object.__setattr__(self, "term_trackers", {
+            name: keras.metrics.Mean(name=name) for name in self.loss_term_names()})
+
+    @property
+    def metrics(self):
+        # Keras resets, aggregates over replicas and logs what this lists.
+        return [*super().metrics, *self.term_trackers.values()]
+
+    def loss_term_names(self) -> list[str]:
+        """The keys of the model's `LossTerms.metrics`, read from one pass on a zero example
+        (they depend on the model's class and options, not on the data)."""
+        zeros = {m.name: tf.zeros([1, *m.shape], tf.int64 if m.dtype == "int64" else tf.float32)
+                 for m in self.modalities}
+        terms = self.loss_terms(zeros, Noise(tf.constant([0, 0], tf.int32)))
+        return list(terms.metrics)
 
     def build_variables(self) -> None:
         """Creates every variable: checks each network's contract on zeros
@@ -112,7 +133,7 @@ class KerasFit:
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         # Keras averages each replica's result: replica shares times R average to their sum.
         self.objective_tracker.update_state(loss * replicas)
-        return {"loss": self.objective_tracker.result()}
+        return self._logs(terms, tf.shape(inputs[self.modalities[0].name])[0])
 
     def test_step(self, data):
         batch_seed = tf.stack([tf.constant(self.fit_seed, tf.int32),
@@ -122,4 +143,13 @@ class KerasFit:
         # Each example counts once, with the global term once per example (as the loop's eval_step).
         self.objective_tracker.update_state(terms.per_example + terms.global_term)
         self.test_batches.update_state(1.0)
-        return {"loss": self.objective_tracker.result()}
+        return self._logs(terms, tf.shape(inputs[self.modalities[0].name])[0])
+
+    def _logs(self, terms, batch: tf.Tensor) -> dict:
+        """The loss, and each loss term's batch mean weighted by the batch's examples, so that an
+        epoch's value is the mean over its examples, a short last batch included."""
+        weight = tf.cast(batch, tf.float32)
+        for name, value in terms.metrics.items():
+            self.term_trackers[name].update_state(tf.cast(value, tf.float32), sample_weight=weight)
+        return {"loss": self.objective_tracker.result(),
+                **{name: tracker.result() for name, tracker in self.term_trackers.items()}}

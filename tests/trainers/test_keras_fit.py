@@ -96,6 +96,31 @@ def test_fit_noise_is_keyed_by_step_and_seed(dataset):
     assert losses["a"][0] != losses["other"][0]
 
 
+def test_fit_and_evaluate_log_each_loss_term(dataset):
+    """Beside the loss, fit() and evaluate() log every LossTerms.metrics key, averaged over the
+    epoch's examples: evaluate's figure is the example-weighted mean of each batch's terms under
+    that batch's noise (seed, batch index), a short last batch weighted by its size."""
+    model = bmvae_tf.build_model("bmvae_m", dataset, seed=0, **TINY)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), seed=5)
+    test = bmvae_tf.load_dataset(dataset, "test", 24)  # 32 examples: batches of 24 and 8
+    logs = model.evaluate(test, return_dict=True, verbose=0)
+
+    expected, sizes = {}, []
+    for index, batch in enumerate(test):
+        inputs, present, noise, _, _ = model._keyed(batch, tf.constant([5, index], tf.int32))
+        for name, value in model.loss_terms(inputs, noise, present=present).metrics.items():
+            expected.setdefault(name, []).append(float(value))
+        sizes.append(int(tf.shape(batch["label"])[0]))
+    assert sizes == [24, 8]
+    assert set(logs) == {"loss", *expected} and {"bound", "kl_mixture", "reconstruction"} <= set(expected)
+    for name, values in expected.items():
+        np.testing.assert_allclose(logs[name], np.average(values, weights=sizes), rtol=1e-5, err_msg=name)
+
+    fitted = model.fit(bmvae_tf.load_dataset(dataset, "train", 16), validation_data=test, epochs=1, verbose=0)
+    assert {*expected, *(f"val_{name}" for name in expected)} <= set(fitted.history)
+    assert all(np.isfinite(fitted.history[name][0]) for name in expected)
+
+
 def test_compile_refuses_a_loss(dataset):
     model = bmvae_tf.build_model("mvae", dataset, **TINY)
     with pytest.raises(ValueError, match="own objective"):
