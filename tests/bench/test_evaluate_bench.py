@@ -4,7 +4,6 @@ its stages add up to the evaluation's time, with a cold and with a warm dataset 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest

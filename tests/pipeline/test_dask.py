@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import apache_beam as beam
@@ -29,7 +28,6 @@ from tests.source_fixtures import read_bytes
 
 IN_PROCESS = ["--runner=FnApiRunner"]
 START_TIMEOUT_S = 240  # the workers import Beam; on 2 busy cores that can take a while
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -206,53 +204,12 @@ def test_failed_build_on_dask_leaves_no_manifest(dask_cluster, tmp_path, monkeyp
     assert not os.path.exists(schema.manifest_path(str(tmp_path)))
 
 
-# The driver of a killed build: the CLI, with a renderer that announces it has started and then
-# holds its worker until the test releases it (after killing this driver).
-_BLOCKING_DRIVER = textwrap.dedent("""
-    import os, sys, time
-    from bmvae_tf.pipeline import build_digits
-    from bmvae_tf.trainers import cli
-
-    started, release, address, out = sys.argv[1:]
-
-    class BlockingRenderFn(build_digits.RenderPairFn):
-        def process(self, pair):
-            if pair.split == "train" and pair.index == 0:
-                open(started, "w").close()
-                deadline = time.monotonic() + 300
-                while not os.path.exists(release) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-            yield from super().process(pair)
-
-    build_digits.RenderPairFn = BlockingRenderFn
-    sys.exit(cli.main(["data", "build", "digits", "--output", out, "--dm", "1", "--",
-                       "--runner=DaskRunner", "--dask_client_address=" + address]))
-""")
-
-
 @pytest.mark.slow
 def test_killed_build_on_dask_leaves_no_manifest(dask_cluster, tmp_path):
-    script, started, release = tmp_path / "driver.py", tmp_path / "started", tmp_path / "release"
-    out = tmp_path / "out"
-    script.write_text(_BLOCKING_DRIVER)
-    driver = subprocess.Popen([sys.executable, str(script), str(started), str(release), dask_cluster,
-                               str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not started.exists():
-            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the build never reached a worker"
-            time.sleep(0.2)
-        driver.kill()  # SIGKILL: no handler of ours runs
-        driver.wait(60)
-    finally:
-        release.touch()
-        if driver.poll() is None:
-            driver.kill()
-        driver.stdout.close()
+    out = killed_build.kill_mid_build(tmp_path, on_dask(dask_cluster), dataset="digits")
     wait_until_idle(dask_cluster)
-    assert not (out / schema.MANIFEST_FILENAME).exists()
-    assert out.exists()  # the build had started writing there
+    assert os.path.isdir(out)  # the build had started writing there
+    assert not os.path.exists(os.path.join(out, schema.MANIFEST_FILENAME))
 
 
 @pytest.mark.slow
