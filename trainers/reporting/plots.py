@@ -277,22 +277,22 @@ def heatmap_figure(values: np.ndarray, row_labels: Sequence[str], col_labels: Se
 def swap_grid_figure(spec: schema.ModalitySpec, inputs: np.ndarray, reconstructions: np.ndarray,
                      variants: np.ndarray, title: str) -> Figure:
     """Rows: examples. Columns: the input, its reconstruction from the unchanged latent, then
-    each variant decoded from a latent with some dimensions resampled.
+    each variant decoded from a latent with some dimensions resampled (outlined in colour).
+    Drawn on one axes (`draw_cell`).
 
     inputs, reconstructions: [n, *shape]; variants: [n, k, *shape].
     """
     num, count = variants.shape[:2]
     cols = 2 + count
     figure = _new_figure(1.1 * cols + 0.5, 1.1 * num + 0.8)
+    ax = grid_axes(figure, num, cols, top=0.6)
     for i in range(num):
-        cells = [inputs[i], reconstructions[i], *variants[i]]
-        for j, value in enumerate(cells):
-            ax = figure.add_subplot(num, cols, i * cols + j + 1)
-            _draw(ax, spec, value)
-            if i == 0:
-                ax.set_title(("input", "recon.")[j] if j < 2 else f"#{j - 1}", fontsize=8)
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+        for j, value in enumerate([inputs[i], reconstructions[i], *variants[i]]):
+            draw_cell(ax, i, j, spec, value, fontsize=8, edgecolor="black" if j < 2 else "C0")
+    for j in range(cols):
+        ax.text(j + 0.5, -0.05, ("input", "recon.")[j] if j < 2 else f"#{j - 1}", ha="center", va="bottom",
+                fontsize=8)
+    figure.suptitle(title, fontsize=9, y=0.995)
     return figure
 
 
@@ -319,23 +319,6 @@ def decode_tokens(tokens: Sequence[int], vocab: Sequence[str]) -> str:
 
 def _is_special(symbol: str) -> bool:
     return len(symbol) > 2 and symbol.startswith("<") and symbol.endswith(">")
-
-
-def _draw(ax, spec: schema.ModalitySpec, value: np.ndarray, fontsize: float = 8) -> None:
-    """One example of a modality in one grid cell."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if spec.kind == "image":
-        image = np.clip(np.asarray(value, np.float32), 0.0, 1.0)
-        if image.shape[-1] == 1:
-            ax.imshow(image[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-        else:
-            ax.imshow(image[..., :3])
-    elif spec.kind == "sequence":
-        ax.text(0.5, 0.5, repr(decode_tokens(value, spec.vocab)), ha="center", va="center",
-                family="monospace", fontsize=fontsize, wrap=True, transform=ax.transAxes)
-    else:
-        ax.plot(np.asarray(value).ravel(), linewidth=0.8)
 
 
 _GAP = 0.08  # between the cells of a grid, in cell widths
