@@ -258,11 +258,12 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "loss": 
 """
 
 
-def training_peak_rss(data_dir: str, workdir: str, model: str, batch: int, shuffle_buffer: int) -> dict:
+def training_peak_rss(data_dir: str, workdir: str, model: str, batch: int, shuffle_buffer: int,
+                      epochs: int = 1) -> dict:
     from bmvae_tf.trainers import config as config_lib
     config = model_config("digits", model, 1, batch_size=batch)
     config.data.dir = data_dir
-    config.train.epochs = 1
+    config.train.epochs = epochs
     config.train.shuffle_buffer = shuffle_buffer
     data = config_lib.to_dict(config)
     script = workdir + ".py"
@@ -338,11 +339,23 @@ def run_memory(results: dict, args, small: str, large: str, tmp: str) -> None:
         memory_rows.append({"data": scale, "train records": records, "seconds": run["seconds"],
                             "peak rss MB": run["peak_rss_mb"],
                             "peak rss before training MB": run["peak_rss_before_training_mb"]})
+    if args.memory_epochs > 1:
+        # The loop reads one dataset over all epochs (inputs.epochs_dataset): its iterator lives
+        # for the whole run, so what it holds must not grow with the epochs either.
+        print(f"training {args.memory_epochs} epochs on 1x data in a subprocess ...", flush=True)
+        run = training_peak_rss(small, os.path.join(tmp, "run-1x-epochs"), args.model, args.batch,
+                                args.shuffle_buffer, epochs=args.memory_epochs)
+        memory_rows.append({"data": f"1x, {args.memory_epochs} epochs", "train records": memory_rows[0]["train records"],
+                            "seconds": run["seconds"], "peak rss MB": run["peak_rss_mb"],
+                            "peak rss before training MB": run["peak_rss_before_training_mb"]})
+        results["peak_rss_epochs_over_one"] = memory_rows[-1]["peak rss MB"] / memory_rows[0]["peak rss MB"]
     results["training_memory"] = memory_rows
     results["peak_rss_10x_over_1x"] = memory_rows[1]["peak rss MB"] / memory_rows[0]["peak rss MB"]
     print_table(memory_rows, ["data", "train records", "seconds", "peak rss before training MB",
                               "peak rss MB"])
     print(f"peak RSS 10x / 1x: {results['peak_rss_10x_over_1x']:.3f}")
+    if args.memory_epochs > 1:
+        print(f"peak RSS {args.memory_epochs} epochs / 1 epoch: {results['peak_rss_epochs_over_one']:.3f}")
 
 
 def main(argv=None) -> dict:
@@ -353,6 +366,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="bmvae_m")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--reader-epochs", type=int, default=3)
+    parser.add_argument("--memory-epochs", type=int, default=1,
+                        help="part memory: also train this many epochs on the 1x data (peak RSS against one)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=0,
                         help="part sizes: steps per round (default: one epoch of the small build)")
