@@ -324,7 +324,7 @@ def main() -> None:
         current, baseline = timings["current"], timings["baseline"]
         payload["speedup_per_round"] = [b["total"] / c["total"] for b, c in zip(baseline, current)]
         payload["speedup_median"] = statistics.median(payload["speedup_per_round"])
-        payload["metric_differences"] = compare_metrics(baseline[-1]["metrics"], current[-1]["metrics"])
+        payload["metric_differences"] = payload["metric_differences_current"]
         print(f"\nspeed-up (baseline / current, per round): {payload['speedup_median']:.2f} "
               f"({min(payload['speedup_per_round']):.2f}-{max(payload['speedup_per_round']):.2f}); "
               f"{len(payload['metric_differences'])} metrics differ")

@@ -45,6 +45,7 @@ import zlib
 import numpy as np
 
 import common
+from bmvae_tf.pipeline.sources import IMAGE_SHAPES as SHAPES, MNIST_FILES, SVHN_FILES  # the names the readers expect
 
 # The published class frequencies (digits 0..9).
 COUNTS = {
@@ -53,10 +54,6 @@ COUNTS = {
     ("svhn", "train"): (4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659),
     ("svhn", "test"): (1744, 5099, 4149, 2882, 2523, 2384, 1977, 2019, 1660, 1595),
 }
-SHAPES = {"mnist": (28, 28, 1), "svhn": (32, 32, 3)}
-MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-               "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 CHUNK = 4096  # images generated and written at a time
 DEFAULT_DM = {"mnist-svhn": 30, "mnist-svhn-text": 20}
 ENGINES = {
@@ -186,15 +183,18 @@ def write_sources(directory: str, scale: float = 1.0, seed: int = 0) -> dict[str
 # ------------------------------------------------------------------------------ measuring
 
 
-def _status_kb(pid: int, key: str) -> int | None:
+def _status_kb(pid: int, *keys: str) -> list[int | None]:
+    """The values in kB of `keys` in /proc/PID/status, read once (None: absent, or the process is gone)."""
+    found: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    found[key] = int(line.split()[1])
     except OSError:
-        return None
-    return None
+        pass
+    return [found.get(key) for key in keys]
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -254,7 +254,7 @@ class Sampler:
         while not self._stop.is_set():
             total = 0.0
             for pid, role in self._pids().items():
-                hwm, rss = _status_kb(pid, "VmHWM"), _status_kb(pid, "VmRSS")
+                hwm, rss = _status_kb(pid, "VmHWM", "VmRSS")
                 if hwm is None:
                     continue
                 cpu = cpu_seconds(pid) or 0.0
@@ -331,8 +331,7 @@ def run_build(scratch: str, source_dir: str, dataset: str, dm: int, beam_args: l
     row["worker_cpu_s"] = [p.get("cpu_s") for p in shown if p["role"] != "driver"]
     row["driver_peak_rss_mb"] = max([p["peak_rss_mb"] for p in row["processes"] if p["role"] == "driver"] or [0])
     # (a few MB: the shell wrappers Beam starts its SDK workers through)
-    row["worker_peak_rss_mb"] = [round(p["peak_rss_mb"], 1) for p in row["processes"]
-                                 if p["role"] != "driver" and p["peak_rss_mb"] > 20]
+    row["worker_peak_rss_mb"] = [round(p["peak_rss_mb"], 1) for p in shown if p["role"] != "driver"]
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -482,7 +481,7 @@ def main(argv=None) -> dict:
                     if cluster is None:
                         cluster = stack.enter_context(dask_cluster(os.path.join(scratch, "dask")))
                     address, workers = cluster
-                    beam_args = [f"--runner={'DaskRunner'}", f"--dask_client_address={address}",
+                    beam_args = ["--runner=DaskRunner", f"--dask_client_address={address}",
                                  f"--dask_npartitions={args.dask_npartitions}"]
                 print(f"{engine}: {dataset} dm {dm} ...", flush=True)
                 row = run_build(scratch, source_dir, dataset, dm, beam_args, workers=workers, cap_mb=args.cap_mb)

@@ -80,9 +80,7 @@ class KerasFit:
     def loss_term_names(self) -> list[str]:
         """The keys of the model's `LossTerms.metrics`, read from one pass on a zero example
         (they depend on the model's class and options, not on the data)."""
-        zeros = {m.name: tf.zeros([1, *m.shape], tf.int64 if m.dtype == "int64" else tf.float32)
-                 for m in self.modalities}
-        terms = self.loss_terms(zeros, Noise(tf.constant([0, 0], tf.int32)))
+        terms = self.loss_terms(self._zero_example(), Noise(tf.constant([0, 0], tf.int32)))
         return list(terms.metrics)
 
     def build_variables(self) -> None:
@@ -93,10 +91,13 @@ class KerasFit:
         z = tf.zeros([1, self.latent_dim])
         widths = [int(self.decoder_latents(i, z).shape[-1]) for i in range(len(self.modalities))]
         custom_networks.check_networks(self.modalities, self.encoders, self.decoders, widths, widths)
-        zeros = {m.name: tf.zeros([1, *m.shape], tf.int64 if m.dtype == "int64" else tf.float32)
-                 for m in self.modalities}
-        self(zeros)
+        self(self._zero_example())
         self.generate(tf.zeros([1, self.latent_dim]))
+
+    def _zero_example(self) -> dict:
+        """One all-zero example {modality: [1, *shape]} in the dtypes the model takes."""
+        return {m.name: tf.zeros([1, *m.shape], tf.int64 if m.dtype == "int64" else tf.float32)
+                for m in self.modalities}
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Under a strategy, Keras averages the first batch over the replicas to trace an unbuilt
@@ -133,7 +134,7 @@ class KerasFit:
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         # Keras averages each replica's result: replica shares times R average to their sum.
         self.objective_tracker.update_state(loss * replicas)
-        return self._logs(terms, tf.shape(inputs[self.modalities[0].name])[0])
+        return self._logs(terms, inputs)
 
     def test_step(self, data):
         batch_seed = tf.stack([tf.constant(self.fit_seed, tf.int32),
@@ -143,12 +144,12 @@ class KerasFit:
         # Each example counts once, with the global term once per example (as the loop's eval_step).
         self.objective_tracker.update_state(terms.per_example + terms.global_term)
         self.test_batches.update_state(1.0)
-        return self._logs(terms, tf.shape(inputs[self.modalities[0].name])[0])
+        return self._logs(terms, inputs)
 
-    def _logs(self, terms, batch: tf.Tensor) -> dict:
+    def _logs(self, terms, inputs) -> dict:
         """The loss, and each loss term's batch mean weighted by the batch's examples, so that an
         epoch's value is the mean over its examples, a short last batch included."""
-        weight = tf.cast(batch, tf.float32)
+        weight = tf.cast(tf.shape(inputs[self.modalities[0].name])[0], tf.float32)
         for name, value in terms.metrics.items():
             self.term_trackers[name].update_state(tf.cast(value, tf.float32), sample_weight=weight)
         return {"loss": self.objective_tracker.result(),

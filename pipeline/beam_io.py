@@ -235,11 +235,19 @@ class _WriteShardFn(beam.DoFn):
         (split, shard), values = element
         # Sorting by (index, bytes) fixes the order however the runner delivered the group.
         records = sorted(v for v in values if v is not None)
-        name = schema.shard_name(split, shard, self._num_shards[split])
-        write_tfrecords(os.path.join(self._output_dir, name), [r for _, r in records])
-        Metrics.counter(self._namespace, f"{split}_records").inc(len(records))
-        Metrics.counter(self._namespace, "shards_written").inc()
-        yield split, name, len(records)
+        yield write_shard(self._output_dir, split, shard, self._num_shards[split], [r for _, r in records],
+                          len(records), self._namespace)
+
+
+def write_shard(output_dir: str, split: str, shard: int, num_shards: int, records: Iterable[bytes],
+                count: int, namespace: str) -> tuple[str, str, int]:
+    """Writes shard `shard` of `split` (`count` encoded records) and counts it in the job's
+    counters; returns (split, file name, count) as WriteManifest takes it."""
+    name = schema.shard_name(split, shard, num_shards)
+    write_tfrecords(os.path.join(output_dir, name), records)
+    Metrics.counter(namespace, f"{split}_records").inc(count)
+    Metrics.counter(namespace, "shards_written").inc()
+    return split, name, count
 
 
 def write_tfrecords(path: str, records: Iterable[bytes]) -> None:

@@ -37,13 +37,11 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import threading
 from typing import Any, Iterator
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics.metric import Metrics
 
 from bmvae_tf import schema
 from bmvae_tf.errors import UserError
@@ -116,8 +114,7 @@ def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str 
     _ = (pipeline
          | "Shards" >> beam.Create(shard_list)
          | "WriteShard" >> beam.ParDo(WritePairShardFn(
-             reader, plan.class_plans, shards, template, output_dir, dm=dm, seed=seed, with_text=with_text,
-             source_key=json.dumps(source_record.get("files") or source_record, sort_keys=True, default=str)))
+             reader, plan.class_plans, shards, template, output_dir, dm=dm, seed=seed, with_text=with_text))
          | "WriteManifest" >> beam_io.WriteManifest(output_dir, template, plan.counts, shards))
 
     # Only now that every argument and source file has been checked, so bad input never
@@ -131,12 +128,11 @@ def run_mnist_svhn_job(output_dir: str, *, with_text: bool = False, source: str 
 class PairPlan:
     """The driver's plan of every split, from the labels alone.
 
-    class_plans: {split: [ClassPlan]}; paired: {split: {dataset: sorted source indices the
-    split pairs}}; class_counts: {split: [n_c per class]}; counts: {split: pairs = dm * sum(n_c)}.
+    class_plans: {split: [ClassPlan]}; class_counts: {split: [n_c per class]}; counts: {split:
+    pairs = dm * sum(n_c)}.
     """
 
     class_plans: dict[str, list[mnist_svhn.ClassPlan]]
-    paired: dict[str, dict[str, np.ndarray]]
     class_counts: dict[str, list[int]]
     counts: dict[str, int]
 
@@ -154,23 +150,19 @@ def plan_pairs(reader, *, dm: int, max_d: int, where: str,
             for dataset in sources.DATASETS}
     pools = {"train": {d: np.setdiff1d(np.arange(len(labels["train"][d])), held[d]) for d in held},
              "validation": held, "test": None}
-    class_plans, paired, class_counts = {}, {}, {}
+    class_plans, class_counts = {}, {}
     for split in schema.SPLITS:
         split_labels = labels[mnist_svhn.SOURCE_SPLIT[split]]
         class_plans[split] = mnist_svhn.class_plans(split_labels["mnist"], split_labels["svhn"], split=split,
                                                     dm=dm, max_d=max_d, pools=pools[split])
         class_counts[split] = mnist_svhn.class_counts(split_labels["mnist"], split_labels["svhn"], max_d,
                                                       pools[split])
-        # Source images past a class's first n are never paired; the readers drop them early.
-        paired[split] = {dataset: np.sort(np.concatenate(
-            [getattr(p, dataset) for p in class_plans[split]] or [np.zeros([0], np.int64)]))
-            for dataset in sources.DATASETS}
     counts = {split: dm * sum(class_counts[split]) for split in schema.SPLITS}
     for split, count in counts.items():
         if count == 0:
             raise UserError(f"the {split} split pairs nothing: no class has images in both "
                             f"MNIST and SVHN ({where})")
-    return PairPlan(class_plans, paired, class_counts, counts)
+    return PairPlan(class_plans, class_counts, counts)
 
 
 def _run_from_args(args: argparse.Namespace, beam_args: list[str], *, with_text: bool) -> beam_io.BuildResult:
@@ -239,11 +231,12 @@ class WritePairShardFn(beam.DoFn):
     """
 
     def __init__(self, reader, class_plans: dict[str, list[mnist_svhn.ClassPlan]], num_shards: dict[str, int],
-                 template: schema.Manifest, output_dir: str, *, dm: int, seed: int, with_text: bool,
-                 source_key: str):
+                 template: schema.Manifest, output_dir: str, *, dm: int, seed: int, with_text: bool):
         self._reader, self._class_plans, self._num_shards = reader, class_plans, dict(num_shards)
         self._template, self._output_dir = template, output_dir
         self._dm, self._seed, self._with_text = dm, seed, with_text
+        # The source files (or the whole source record) name the images the workers cache.
+        source_key = json.dumps(template.source.get("files") or template.source, sort_keys=True, default=str)
         digest = hashlib.sha256(source_key.encode())
         for split in sorted(class_plans):
             for plan in class_plans[split]:
@@ -263,15 +256,12 @@ class WritePairShardFn(beam.DoFn):
         mine = {key: values[shard::n] for key, values in pairs.items()}
         for dataset in sources.DATASETS:
             _check_labels(images[dataset][1], mine[dataset], mine["label"], dataset)
-        name = schema.shard_name(split, shard, n)
-        beam_io.write_tfrecords(os.path.join(self._output_dir, name), (
+        yield beam_io.write_shard(self._output_dir, split, shard, n, (
             schema.encode_example(self._template, pair_record(
-                label, m, images["mnist"][0][m].tobytes(), s, images["svhn"][0][s].tobytes(), start))
+                label, m, images["mnist"][0][m], s, images["svhn"][0][s], start))
             for label, m, s, start in zip(mine["label"].tolist(), mine["mnist"].tolist(),
-                                          mine["svhn"].tolist(), mine["text_start"].tolist())))
-        Metrics.counter(NAMESPACE, f"{split}_records").inc(len(mine["label"]))
-        Metrics.counter(NAMESPACE, "shards_written").inc()
-        yield split, name, len(mine["label"])
+                                          mine["svhn"].tolist(), mine["text_start"].tolist())),
+            len(mine["label"]), NAMESPACE)
 
 
 def split_pairs(class_plans: list[mnist_svhn.ClassPlan], *, dm: int, seed: int, with_text: bool
@@ -293,8 +283,7 @@ def split_pairs(class_plans: list[mnist_svhn.ClassPlan], *, dm: int, seed: int, 
 def read_source_split(reader, dataset: str, source_split: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [N, H, W, C], int64 labels [N]) of one source split, streamed into one array."""
     labels = reader.labels(dataset, source_split)
-    shape = mnist_svhn.MNIST_SHAPE if dataset == "mnist" else mnist_svhn.SVHN_SHAPE
-    images = np.zeros((len(labels), *shape), np.uint8)
+    images = np.zeros((len(labels), *sources.IMAGE_SHAPES[dataset]), np.uint8)
     count = 0
     for start, chunk, _ in reader.iter_images(dataset, source_split):
         if start + len(chunk) > len(labels):
@@ -344,12 +333,13 @@ _PAIRS = _LruCache(3)  # the three splits of one build
 _IMAGES = _LruCache(4)  # MNIST and SVHN, train and test: about 360 MB at full size
 
 
-def pair_record(label: int, mnist_index: int, mnist_image: bytes, svhn_index: int,
-                svhn_image: bytes, text_start: int) -> dict[str, Any]:
-    """One pair as a record for `schema.encode_example` (text only when text_start >= 0)."""
+def pair_record(label: int, mnist_index: int, mnist_image: np.ndarray, svhn_index: int,
+                svhn_image: np.ndarray, text_start: int) -> dict[str, Any]:
+    """One pair as a record for `schema.encode_example` (text only when text_start >= 0); the
+    images are uint8 rows of the source arrays."""
     record = {
-        "mnist": np.frombuffer(mnist_image, np.uint8).reshape(mnist_svhn.MNIST_SHAPE),
-        "svhn": np.frombuffer(svhn_image, np.uint8).reshape(mnist_svhn.SVHN_SHAPE),
+        "mnist": np.asarray(mnist_image, np.uint8),
+        "svhn": np.asarray(svhn_image, np.uint8),
         "label": label,
         "mnist_index": np.array([mnist_index], np.float32),
         "svhn_index": np.array([svhn_index], np.float32),

@@ -193,9 +193,6 @@ def handle(request, contestants):
                 "build_seconds": time.perf_counter() - started}
     if cmd == "time":
         return contestants[request["name"]].steps(request["steps"])
-    if cmd == "drop":
-        contestants.pop(request["name"], None)
-        return {}
     raise ValueError(f"unknown command {cmd!r}")
 
 

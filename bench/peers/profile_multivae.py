@@ -37,16 +37,17 @@ def main():
         contestant.steps(args.steps)
     print(f"MultiVae {args.model} K={args.K} batch {args.batch}, {args.steps} step(s), "
           f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=45))
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=35, max_shapes_column_width=80))
+    by_operator, by_shape = prof.key_averages(), prof.key_averages(group_by_input_shape=True)
+    print(by_operator.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=45))
+    print(by_shape.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=35,
+                         max_shapes_column_width=80))
     if args.output:
-        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        total = sum(e.self_cpu_time_total for e in by_operator)
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                        "self_cpu_seconds_total": total / 1e6,
-                       "by_operator": top(prof.key_averages(), total, 20),
-                       "by_operator_and_shape": top(prof.key_averages(group_by_input_shape=True), total, 12)},
+                       "by_operator": top(by_operator, total, 20),
+                       "by_operator_and_shape": top(by_shape, total, 12)},
                       f, indent=2)
             f.write("\n")
 

@@ -57,7 +57,7 @@ def parse_args(argv=None):
                         help="OMP_WAIT_POLICY of the torch worker: PASSIVE (default) stops its OpenMP threads "
                              "spin-waiting, which on a shared, oversubscribed machine made MultiVae 3-4x slower; "
                              "unset keeps the environment's")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(BENCH), "bench", "results", "peers.json"))
+    parser.add_argument("--output", default=os.path.join(BENCH, "results", "peers.json"))
     return parser.parse_args(argv)
 
 

@@ -47,7 +47,7 @@ def run(tmp_path_factory):
 def likelihoods_only(monkeypatch):
     """`evaluate` with only the likelihood stage and no plots: the rest is tested in test_evaluate."""
     monkeypatch.setattr(evaluate_lib, "STAGES", [evaluate_lib.Stage(likelihood.log_likelihood_stage)])
-    monkeypatch.setattr(evaluate_lib, "_write_plots", lambda context: None)
+    monkeypatch.setattr(evaluate_lib, "_start_plots", lambda context, background: None)
 
 
 def _set_likelihood_weights(paths, weights: dict) -> None:

@@ -213,8 +213,10 @@ def load_or_train(directory: str, manifest: schema.Manifest,
     tf.io.gfile.makedirs(directory)
     classifiers: dict[str, keras.Model] = {}
     stale = []
+    expected_of = {spec.name: fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
+                   for spec in manifest.modalities}
     for spec in manifest.modalities:
-        expected = fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
+        expected = expected_of[spec.name]
         model_path, print_path = _paths(directory, spec.name)
         if _read_fingerprint(print_path) != expected or not tf.io.gfile.exists(model_path):
             if not (shared and _copy_from_dataset_cache(manifest, expected, directory, spec.name, batch_size)):
@@ -229,11 +231,10 @@ def load_or_train(directory: str, manifest: schema.Manifest,
         for spec in stale:
             model_path, print_path = _paths(directory, spec.name)
             _save_model_atomic(trained[spec.name], model_path)
-            expected = fingerprint(manifest, spec, train_examples=train_examples, epochs=epochs, seed=seed)
-            atomic.write_text(print_path, json.dumps(expected, indent=2) + "\n")
+            _write_fingerprint(print_path, expected_of[spec.name])
             if shared:
-                dataset_cache.store(manifest, _CACHE_KIND, _shared_fingerprint(expected, batch_size), expected,
-                                    files={".keras": model_path})
+                dataset_cache.store(manifest, _CACHE_KIND, _shared_fingerprint(expected_of[spec.name], batch_size),
+                                    expected_of[spec.name], files={".keras": model_path})
         classifiers.update(trained)
     return {spec.name: classifiers[spec.name] for spec in manifest.modalities}
 
@@ -266,7 +267,7 @@ def _copy_from_dataset_cache(manifest: schema.Manifest, expected: dict, director
     model_path, print_path = _paths(directory, modality)
     with atomic.publishing(model_path, keep_suffix=".keras") as tmp:
         tf.io.gfile.copy(source, tmp, overwrite=True)
-    atomic.write_text(print_path, json.dumps(expected, indent=2) + "\n")
+    _write_fingerprint(print_path, expected)
     return True
 
 
@@ -285,6 +286,10 @@ def _load_model(path: str) -> keras.Model:
 
 def _paths(directory: str, modality: str) -> tuple[str, str]:
     return os.path.join(directory, f"{modality}.keras"), os.path.join(directory, f"{modality}.json")
+
+
+def _write_fingerprint(path: str, expected: dict) -> None:
+    atomic.write_text(path, json.dumps(expected, indent=2) + "\n")
 
 
 def _read_fingerprint(path: str) -> dict | None:

@@ -49,17 +49,16 @@ def dataset_digest(manifest: schema.Manifest) -> str:
     """A digest of what a dataset holds: its manifest (modalities, splits, counts, build options)
     and the byte size of every shard it names, so that shards replaced under an unchanged
     manifest do not match."""
-    return _dataset_digest(manifest.directory, json.dumps(manifest.to_json(), sort_keys=True))
+    shards = tuple(path for split in sorted(manifest.splits) for path in manifest.split_paths(split))
+    return _dataset_digest(json.dumps(manifest.to_json(), sort_keys=True), shards)
 
 
-@functools.lru_cache(maxsize=8)
-def _dataset_digest(directory: str, manifest_json: str) -> str:
+@functools.lru_cache(maxsize=8)  # the shards are stat'ed once per dataset and process
+def _dataset_digest(manifest_json: str, shards: tuple[str, ...]) -> str:
     digest = hashlib.sha256(manifest_json.encode())
-    manifest = schema.Manifest.from_json(json.loads(manifest_json), directory)
-    for split in sorted(manifest.splits):
-        for path in manifest.split_paths(split):
-            size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else -1
-            digest.update(f"\n{os.path.basename(path)} {size}".encode())
+    for path in shards:
+        size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else -1
+        digest.update(f"\n{os.path.basename(path)} {size}".encode())
     return digest.hexdigest()[:32]
 
 

@@ -186,14 +186,6 @@ def _embedding_means(context: EvalContext) -> tuple[dict[str, np.ndarray], np.nd
     return means, labels, (list(label.names) if label is not None and label.names else None)
 
 
-def _write_plots(context: EvalContext) -> None:
-    """RUN/plots: mixture weights, cross generation, prior samples, the latent embedding, the loss
-    curves and (with labels) robustness, all drawn here, after the metric stages."""
-    with concurrent.futures.ThreadPoolExecutor(1) as background:
-        written = _start_plots(context, background).result()
-    _finish_plots(context, written)
-
-
 def _start_plots(context: EvalContext, background: concurrent.futures.Executor) -> concurrent.futures.Future:
     """Starts RUN/plots' figures that need no metric (all but robustness) on `background`.
 
